@@ -1,0 +1,261 @@
+//! Per-device actors: one actix actor per active device, spread over a fixed set of arbiters
+//! (threads) by a hash of the device id.
+//!
+//! The [`Router`] owns the map of running actors. Messages are enqueued in call order, so one
+//! device's readings are handled in the order they were submitted; different devices run in
+//! parallel on all arbiters. Mailboxes are bounded as a whole: every queued reading holds a permit
+//! of the engine's in-flight semaphore until its events are durable, so an overloaded engine makes
+//! ingest wait instead of growing memory.
+//!
+//! An actor restores its device from the store when it starts (latest snapshot, then the events
+//! after it) and stops itself after `idle_timeout` without work; a device that is not active
+//! costs nothing but its rows in the store.
+
+mod device;
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use fleetwatch_domain::{Device, DeviceEvent, DeviceId, Reading};
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
+
+use crate::rules::RuleBook;
+use crate::store::{EventStore, StoreError};
+
+use device::{DeviceActor, GetState, Ingest};
+
+/// The version of the device snapshot format (the serde shape of [`Device`]).
+pub const DEVICE_SNAPSHOT_VERSION: u16 = 1;
+
+/// What became of one reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestOutcome {
+    /// Its events (`events` of them, `alarms` raising an alarm) are durable.
+    Applied { events: usize, alarms: usize },
+    /// Not newer than the device's last applied reading: nothing changed.
+    Duplicate,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stored event {stream}@{version} is unreadable: {reason}")]
+    Corrupt {
+        stream: String,
+        version: u64,
+        reason: String,
+    },
+    #[error("the device actor stopped before answering; retry")]
+    ActorGone,
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+}
+
+#[derive(Clone)]
+pub struct ActorSettings {
+    pub snapshot_every: u64,
+    pub idle_timeout: Duration,
+}
+
+struct Entry {
+    addr: Addr<DeviceActor>,
+    /// Messages sent to the actor and not yet handled; passivation waits for zero.
+    queued: Arc<AtomicUsize>,
+}
+
+type ShardMap = Arc<Mutex<HashMap<DeviceId, Entry>>>;
+
+struct Shard {
+    arbiter: ArbiterHandle,
+    devices: ShardMap,
+}
+
+#[derive(Clone)]
+pub struct Router {
+    inner: Arc<RouterInner>,
+}
+
+struct RouterInner {
+    shards: Vec<Shard>,
+    arbiters: Mutex<Vec<Arbiter>>,
+    hasher: std::collections::hash_map::RandomState,
+    store: Arc<dyn EventStore>,
+    rules: RuleBook,
+    settings: ActorSettings,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding a shard lock cannot leave the map half-updated: recover it.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Router {
+    /// Starts `threads` arbiters. Must be called inside an actix system.
+    pub fn new(
+        threads: usize,
+        store: Arc<dyn EventStore>,
+        rules: RuleBook,
+        settings: ActorSettings,
+    ) -> Self {
+        let mut arbiters = Vec::with_capacity(threads);
+        let mut shards = Vec::with_capacity(threads);
+        for _ in 0..threads.max(1) {
+            let arbiter = Arbiter::new();
+            shards.push(Shard {
+                arbiter: arbiter.handle(),
+                devices: Arc::default(),
+            });
+            arbiters.push(arbiter);
+        }
+        Self {
+            inner: Arc::new(RouterInner {
+                shards,
+                arbiters: Mutex::new(arbiters),
+                hasher: Default::default(),
+                store,
+                rules,
+                settings,
+            }),
+        }
+    }
+
+    fn shard(&self, id: &DeviceId) -> &Shard {
+        let hash = self.inner.hasher.hash_one(id) as usize;
+        &self.inner.shards[hash % self.inner.shards.len()]
+    }
+
+    /// Runs `send` against the device's actor, starting it if needed, under the shard lock so the
+    /// actor cannot passivate in between.
+    fn with_actor(&self, id: &DeviceId, send: impl FnOnce(&Addr<DeviceActor>)) {
+        let shard = self.shard(id);
+        let mut devices = lock(&shard.devices);
+        let entry = match devices.get(id) {
+            Some(entry) if entry.addr.connected() => entry,
+            _ => {
+                let queued = Arc::new(AtomicUsize::new(0));
+                let actor = DeviceActor::new(
+                    id.clone(),
+                    self.inner.store.clone(),
+                    self.inner.rules.clone(),
+                    self.inner.settings.clone(),
+                    queued.clone(),
+                    shard.devices.clone(),
+                );
+                let addr = DeviceActor::start_in_arbiter(&shard.arbiter, move |_| actor);
+                devices.insert(id.clone(), Entry { addr, queued });
+                metrics::gauge!("fleetwatch_active_devices").increment(1.0);
+                &devices[id]
+            }
+        };
+        entry.queued.fetch_add(1, Ordering::SeqCst);
+        send(&entry.addr);
+    }
+
+    /// Hands `reading` to its device's actor. The reply arrives once its events are durable.
+    pub fn route(
+        &self,
+        reading: Reading,
+        permit: OwnedSemaphorePermit,
+    ) -> oneshot::Receiver<Result<IngestOutcome, EngineError>> {
+        let (reply, rx) = oneshot::channel();
+        let id = reading.device_id.clone();
+        self.with_actor(&id, |addr| {
+            addr.do_send(Ingest {
+                reading,
+                reply,
+                permit,
+            })
+        });
+        rx
+    }
+
+    /// The device's current state: from its actor if it is active, else straight from the store
+    /// (without starting an actor). `None` if the device is unknown.
+    pub async fn device(&self, id: &DeviceId) -> Result<Option<Device>, EngineError> {
+        let live = {
+            let shard = self.shard(id);
+            let devices = lock(&shard.devices);
+            devices.get(id).filter(|e| e.addr.connected()).map(|entry| {
+                let (reply, rx) = oneshot::channel();
+                entry.queued.fetch_add(1, Ordering::SeqCst);
+                entry.addr.do_send(GetState { reply });
+                rx
+            })
+        };
+        if let Some(rx) = live {
+            if let Ok(device) = rx.await {
+                return Ok(Some(device));
+            }
+        }
+        if self
+            .inner
+            .store
+            .stream_version(id.as_str())
+            .await?
+            .is_none()
+        {
+            return Ok(None);
+        }
+        load_device(self.inner.store.as_ref(), id.clone())
+            .await
+            .map(Some)
+    }
+
+    pub fn active_devices(&self) -> usize {
+        self.inner
+            .shards
+            .iter()
+            .map(|s| lock(&s.devices).len())
+            .sum()
+    }
+
+    /// Stops the arbiters (and with them every actor).
+    pub fn stop(&self) {
+        for arbiter in lock(&self.inner.arbiters).drain(..) {
+            arbiter.stop();
+            let _ = arbiter.join();
+        }
+    }
+}
+
+/// Rebuilds a device from the store: its latest snapshot, then every event after it.
+pub async fn load_device(store: &dyn EventStore, id: DeviceId) -> Result<Device, EngineError> {
+    const PAGE: usize = 512;
+    let snapshot = store.load_snapshot(id.as_str()).await?;
+    let mut device = snapshot
+        .filter(|s| s.schema_version == DEVICE_SNAPSHOT_VERSION)
+        .and_then(|s| match serde_json::from_str::<Device>(&s.data) {
+            Ok(device) if device.id() == &id => Some(device),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(device = %id, error = %e, "unreadable snapshot; replaying the full history");
+                None
+            }
+        })
+        .unwrap_or_else(|| Device::new(id.clone()));
+    loop {
+        let batch = store
+            .read_stream(id.as_str(), device.version() + 1, PAGE)
+            .await?;
+        let done = batch.len() < PAGE;
+        for recorded in batch {
+            let event =
+                DeviceEvent::decode(recorded.schema_version, &recorded.data).map_err(|e| {
+                    EngineError::Corrupt {
+                        stream: recorded.stream.clone(),
+                        version: recorded.version,
+                        reason: e.to_string(),
+                    }
+                })?;
+            device.apply(&event);
+        }
+        if done {
+            return Ok(device);
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Startup: builds the engine and its adapters from the [`Config`] and runs them until a shutdown
+//! signal (SIGINT/SIGTERM), then shuts down in order: stop taking readings, let every accepted
+//! one become durable, stop the actors, close the store.
+
+use std::sync::Arc;
+
+use actix_web::{web, App, HttpServer};
+use fleetwatch_domain::Thresholds;
+use tokio_util::sync::CancellationToken;
+
+use crate::actors::ActorSettings;
+use crate::config::Config;
+use crate::engine::{Engine, EngineSettings};
+use crate::http::{self, AppState};
+use crate::ingest::amqp::{BrokerState, BrokerStatus};
+use crate::ingest::failed::FailedMessages;
+use crate::rules::RulesError;
+use crate::store::{EventStore, SqliteStore, SqliteStoreOptions, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("invalid setting: {0}")]
+    Config(String),
+    #[error("opening the event store: {0}")]
+    Store(#[from] StoreError),
+    #[error("loading zones and ranges: {0}")]
+    Rules(#[from] RulesError),
+    #[error("HTTP server: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// Runs fleetwatch until it is told to stop.
+pub async fn run(config: Config) -> Result<(), StartupError> {
+    let metrics = crate::telemetry::init_metrics();
+    let thresholds = Thresholds::new(config.min_move_m, config.min_temperature_delta)
+        .map_err(|e| StartupError::Config(e.to_string()))?;
+    let sqlite = Arc::new(SqliteStore::open(
+        &config.data_dir,
+        SqliteStoreOptions {
+            max_batch: config.store_max_batch,
+            queue_capacity: config.max_in_flight as usize * 2 + 1024,
+            ..SqliteStoreOptions::default()
+        },
+    )?);
+    let store: Arc<dyn EventStore> = sqlite.clone();
+    let engine = Engine::start(
+        store,
+        EngineSettings {
+            actor_threads: config.actor_threads(),
+            max_in_flight: config.max_in_flight,
+            thresholds,
+            actors: ActorSettings {
+                snapshot_every: config.snapshot_every,
+                idle_timeout: config.idle_timeout,
+            },
+        },
+    )
+    .await?;
+
+    let shutdown = CancellationToken::new();
+    let broker = BrokerStatus::new(BrokerState::Disabled);
+    let failed = FailedMessages::new(1000);
+    let consumer = (!config.amqp_disabled).then(|| {
+        crate::ingest::amqp::spawn(
+            crate::ingest::amqp::AmqpSettings::from_config(&config),
+            engine.clone(),
+            broker.clone(),
+            failed.clone(),
+            shutdown.clone(),
+        )
+    });
+
+    let state = AppState {
+        engine: engine.clone(),
+        max_body_bytes: config.max_body_bytes,
+        tile_url: config.tile_url.clone(),
+        broker,
+        failed,
+        metrics,
+    };
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(web::Data::new(state.clone()))
+            .wrap(tracing_actix_web::TracingLogger::default())
+            .configure(http::configure)
+    })
+    .shutdown_timeout(5)
+    .bind(config.http_addr)?;
+    for addr in server.addrs() {
+        tracing::info!(%addr, data_dir = %config.data_dir.display(), "fleetwatch listening");
+    }
+    // actix-web stops on SIGINT/SIGTERM and returns here once its connections are done.
+    server.run().await?;
+
+    tracing::info!("shutting down: finishing in-flight readings");
+    shutdown.cancel();
+    if let Some(consumer) = consumer {
+        let _ = consumer.await;
+    }
+    engine.shutdown().await;
+    sqlite.close();
+    tracing::info!("stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! Settings: every one a command-line flag and a `FLEETWATCH_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "fleetwatch",
+    version,
+    about = "Live state and alarms for a fleet of devices"
+)]
+pub struct Config {
+    /// Address the HTTP API and the map page listen on.
+    #[arg(long, env = "FLEETWATCH_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Directory of the embedded event store.
+    #[arg(long, env = "FLEETWATCH_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// A device snapshot is saved every this many events.
+    #[arg(long, env = "FLEETWATCH_SNAPSHOT_EVERY", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub snapshot_every: u64,
+
+    /// A device actor that handled nothing for this long is stopped (its state stays in the store).
+    #[arg(long, env = "FLEETWATCH_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Readings accepted but not yet durable, across all devices; ingest waits beyond this.
+    #[arg(long, env = "FLEETWATCH_MAX_IN_FLIGHT", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+
+    /// Actor threads (arbiters); devices are spread over them by a hash of their id. 0 = one per core.
+    #[arg(long, env = "FLEETWATCH_ACTOR_THREADS", default_value_t = 0)]
+    pub actor_threads: usize,
+
+    /// A device must move at least this many metres from its last reported location to raise LocationChanged.
+    #[arg(long, env = "FLEETWATCH_MIN_MOVE_M", default_value_t = 25.0)]
+    pub min_move_m: f64,
+
+    /// The temperature must change at least this many °C to raise TemperatureChanged.
+    #[arg(long, env = "FLEETWATCH_MIN_TEMPERATURE_DELTA", default_value_t = 0.5)]
+    pub min_temperature_delta: f64,
+
+    /// Largest accepted HTTP request body, in bytes.
+    #[arg(long, env = "FLEETWATCH_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Most appends and snapshots the store writes in one transaction.
+    #[arg(long, env = "FLEETWATCH_STORE_MAX_BATCH", default_value_t = 4096)]
+    pub store_max_batch: usize,
+
+    /// RabbitMQ connection URL.
+    #[arg(
+        long,
+        env = "FLEETWATCH_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+
+    /// Do not consume from RabbitMQ (HTTP ingest only).
+    #[arg(long, env = "FLEETWATCH_AMQP_DISABLED", default_value_t = false)]
+    pub amqp_disabled: bool,
+
+    /// Exchange devices publish readings to (routing key = device id).
+    #[arg(
+        long,
+        env = "FLEETWATCH_AMQP_EXCHANGE",
+        default_value = "fleetwatch.readings"
+    )]
+    pub amqp_exchange: String,
+
+    /// Queue the engine consumes; its dead-letter exchange and queue are named `<queue>.dead`.
+    #[arg(
+        long,
+        env = "FLEETWATCH_AMQP_QUEUE",
+        default_value = "fleetwatch.readings"
+    )]
+    pub amqp_queue: String,
+
+    /// Unacknowledged deliveries per consumer.
+    #[arg(long, env = "FLEETWATCH_AMQP_PREFETCH", default_value_t = 1000)]
+    pub amqp_prefetch: u16,
+
+    /// Consumer tasks (each on its own channel). Per-device order is kept across them.
+    #[arg(long, env = "FLEETWATCH_AMQP_CONSUMERS", default_value_t = 2)]
+    pub amqp_consumers: usize,
+
+    /// Times a reading that makes the engine fail is retried before it is dead-lettered.
+    #[arg(long, env = "FLEETWATCH_AMQP_MAX_RETRIES", default_value_t = 3)]
+    pub amqp_max_retries: u32,
+
+    /// Tile URL template for the map page's base layer (e.g. https://tile.openstreetmap.org/{z}/{x}/{y}.png); unset = offline world outline.
+    #[arg(long, env = "FLEETWATCH_TILE_URL")]
+    pub tile_url: Option<String>,
+
+    /// Log format.
+    #[arg(long, env = "FLEETWATCH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    pub fn actor_threads(&self) -> usize {
+        if self.actor_threads == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            self.actor_threads
+        }
+    }
+}

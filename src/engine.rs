@@ -1,0 +1,162 @@
+//! The engine handle: what the ingest adapters and the HTTP API talk to.
+//!
+//! It ties the store, the rule book and the actor router together and owns the in-flight bound.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use fleetwatch_domain::{Device, DeviceId, Reading, Thresholds};
+use tokio::sync::{oneshot, Semaphore};
+
+use crate::actors::{ActorSettings, Router};
+pub use crate::actors::{EngineError, IngestOutcome};
+use crate::rules::{RuleBook, RulesError};
+use crate::store::{EventStore, RecordedEvent, StoreError, StreamInfo};
+
+#[derive(Clone)]
+pub struct EngineSettings {
+    pub actor_threads: usize,
+    pub max_in_flight: u32,
+    pub thresholds: Thresholds,
+    pub actors: ActorSettings,
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn EventStore>,
+    rules: RuleBook,
+    router: Router,
+    in_flight: Arc<Semaphore>,
+    max_in_flight: u32,
+}
+
+/// A submitted reading; resolves once its events are durable.
+pub struct Ticket {
+    rx: oneshot::Receiver<Result<IngestOutcome, EngineError>>,
+}
+
+impl Future for Ticket {
+    type Output = Result<IngestOutcome, EngineError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(EngineError::ActorGone)))
+    }
+}
+
+impl Engine {
+    /// Loads the rules and starts the actor threads. Must be called inside an actix system.
+    pub async fn start(
+        store: Arc<dyn EventStore>,
+        settings: EngineSettings,
+    ) -> Result<Self, RulesError> {
+        let rules = RuleBook::load(store.clone(), settings.thresholds).await?;
+        let router = Router::new(
+            settings.actor_threads,
+            store.clone(),
+            rules.clone(),
+            settings.actors,
+        );
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                rules,
+                router,
+                in_flight: Arc::new(Semaphore::new(settings.max_in_flight as usize)),
+                max_in_flight: settings.max_in_flight,
+            }),
+        })
+    }
+
+    /// Routes `reading` to its device. Waits only while the engine is at its in-flight bound;
+    /// readings submitted one after another are handled in that order.
+    pub async fn submit(&self, reading: Reading) -> Result<Ticket, EngineError> {
+        let permit = self
+            .inner
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| EngineError::ShuttingDown)?;
+        Ok(Ticket {
+            rx: self.inner.router.route(reading, permit),
+        })
+    }
+
+    /// Submits and waits until durable.
+    pub async fn ingest(&self, reading: Reading) -> Result<IngestOutcome, EngineError> {
+        self.submit(reading).await?.await
+    }
+
+    pub fn rules(&self) -> &RuleBook {
+        &self.inner.rules
+    }
+
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.inner.store
+    }
+
+    pub async fn device(&self, id: &DeviceId) -> Result<Option<Device>, EngineError> {
+        self.inner.router.device(id).await
+    }
+
+    pub async fn devices(
+        &self,
+        after: Option<&DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<Device>, EngineError> {
+        let streams: Vec<StreamInfo> = self
+            .inner
+            .store
+            .list_streams(after.map(DeviceId::as_str), limit)
+            .await?;
+        let mut devices = Vec::with_capacity(streams.len());
+        for stream in streams {
+            let Ok(id) = DeviceId::parse(stream.stream) else {
+                continue;
+            };
+            if let Some(device) = self.device(&id).await? {
+                devices.push(device);
+            }
+        }
+        Ok(devices)
+    }
+
+    pub async fn device_events(
+        &self,
+        id: &DeviceId,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner
+            .store
+            .read_stream(id.as_str(), from_version, limit)
+            .await
+    }
+
+    pub fn active_devices(&self) -> usize {
+        self.inner.router.active_devices()
+    }
+
+    /// Refuses new readings, waits for every accepted one to be durable, then stops the actors.
+    pub async fn shutdown(&self) {
+        // Holding every permit means nothing is in flight any more.
+        let _ = self
+            .inner
+            .in_flight
+            .acquire_many(self.inner.max_in_flight)
+            .await;
+        self.inner.in_flight.close();
+        if let Err(e) = self.inner.store.flush().await {
+            tracing::warn!(error = %e, "final store flush failed");
+        }
+        self.inner.router.stop();
+    }
+}

@@ -1,0 +1,104 @@
+//! The live map page and its libraries, embedded in the binary at build time (`build.rs` installs
+//! the libraries from the npm registry), so the page needs nothing but the engine.
+
+use actix_web::http::header;
+use actix_web::{web, HttpResponse};
+
+struct Asset {
+    path: &'static str,
+    content_type: &'static str,
+    body: &'static [u8],
+}
+
+macro_rules! asset {
+    ($path:literal, $type:literal, $file:literal) => {
+        Asset {
+            path: $path,
+            content_type: $type,
+            body: include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/web/", $file)),
+        }
+    };
+}
+
+static ASSETS: &[Asset] = &[
+    asset!("/", "text/html; charset=utf-8", "static/index.html"),
+    asset!(
+        "/static/app.js",
+        "text/javascript; charset=utf-8",
+        "static/app.js"
+    ),
+    asset!(
+        "/static/app.css",
+        "text/css; charset=utf-8",
+        "static/app.css"
+    ),
+    asset!(
+        "/vendor/leaflet/leaflet.js",
+        "text/javascript; charset=utf-8",
+        "node_modules/leaflet/dist/leaflet.js"
+    ),
+    asset!(
+        "/vendor/leaflet/leaflet.css",
+        "text/css; charset=utf-8",
+        "node_modules/leaflet/dist/leaflet.css"
+    ),
+    asset!(
+        "/vendor/leaflet/images/layers.png",
+        "image/png",
+        "node_modules/leaflet/dist/images/layers.png"
+    ),
+    asset!(
+        "/vendor/leaflet/images/layers-2x.png",
+        "image/png",
+        "node_modules/leaflet/dist/images/layers-2x.png"
+    ),
+    asset!(
+        "/vendor/leaflet/images/marker-icon.png",
+        "image/png",
+        "node_modules/leaflet/dist/images/marker-icon.png"
+    ),
+    asset!(
+        "/vendor/leaflet/images/marker-icon-2x.png",
+        "image/png",
+        "node_modules/leaflet/dist/images/marker-icon-2x.png"
+    ),
+    asset!(
+        "/vendor/leaflet/images/marker-shadow.png",
+        "image/png",
+        "node_modules/leaflet/dist/images/marker-shadow.png"
+    ),
+    asset!(
+        "/vendor/geoman/leaflet-geoman.js",
+        "text/javascript; charset=utf-8",
+        "node_modules/@geoman-io/leaflet-geoman-free/dist/leaflet-geoman.js"
+    ),
+    asset!(
+        "/vendor/geoman/leaflet-geoman.css",
+        "text/css; charset=utf-8",
+        "node_modules/@geoman-io/leaflet-geoman-free/dist/leaflet-geoman.css"
+    ),
+    asset!(
+        "/vendor/topojson-client/topojson-client.min.js",
+        "text/javascript; charset=utf-8",
+        "node_modules/topojson-client/dist/topojson-client.min.js"
+    ),
+    asset!(
+        "/vendor/world-atlas/countries-110m.json",
+        "application/json",
+        "node_modules/world-atlas/countries-110m.json"
+    ),
+];
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    for asset in ASSETS {
+        cfg.route(
+            asset.path,
+            web::get().to(move || async move {
+                HttpResponse::Ok()
+                    .insert_header((header::CONTENT_TYPE, asset.content_type))
+                    .insert_header((header::CACHE_CONTROL, "no-cache"))
+                    .body(asset.body)
+            }),
+        );
+    }
+}

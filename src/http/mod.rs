@@ -1,0 +1,167 @@
+//! The HTTP API (actix-web): readings, zones, temperature ranges, devices, the live stream, the
+//! map page and operations endpoints. Routes are thin: they parse, call the engine, and map
+//! errors to JSON responses in one place ([`ApiError`]).
+
+mod assets;
+mod devices;
+mod ops;
+mod readings;
+mod rules;
+
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpResponse, ResponseError};
+use serde::Serialize;
+
+use crate::engine::{Engine, EngineError};
+use crate::ingest::amqp::BrokerStatus;
+use crate::ingest::failed::FailedMessages;
+use crate::rules::RulesError;
+use crate::store::StoreError;
+
+/// Everything the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Engine,
+    pub max_body_bytes: usize,
+    pub tile_url: Option<String>,
+    pub broker: BrokerStatus,
+    pub failed: FailedMessages,
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+/// Mounts every route.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/api")
+            .configure(readings::routes)
+            .configure(rules::routes)
+            .configure(devices::routes)
+            .configure(ops::routes)
+            .route("/stream", web::get().to(crate::live::stream)),
+    )
+    .route("/metrics", web::get().to(ops::metrics))
+    .configure(assets::routes);
+}
+
+/// An error response: `{"error": "...", "field": "...", "index": n}`.
+#[derive(Debug, Serialize)]
+pub struct ApiError {
+    #[serde(skip)]
+    status: StatusCode,
+    error: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<usize>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, error: impl Into<String>) -> Self {
+        Self {
+            status,
+            error: error.into(),
+            field: None,
+            index: None,
+        }
+    }
+
+    pub fn bad_request(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, error)
+    }
+
+    pub fn not_found(what: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::NOT_FOUND, format!("{what} not found"))
+    }
+
+    pub fn with_field(mut self, field: Option<String>, index: Option<usize>) -> Self {
+        self.field = field;
+        self.index = index;
+        self
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.error)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.status).json(self)
+    }
+}
+
+impl From<fleetwatch_domain::ValidationError> for ApiError {
+    fn from(e: fleetwatch_domain::ValidationError) -> Self {
+        ApiError::bad_request(format!("{}: {}", e.field, e.reason))
+            .with_field(Some(e.field.to_owned()), None)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "store error");
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        tracing::error!(error = %e, "engine error");
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+}
+
+impl From<RulesError> for ApiError {
+    fn from(e: RulesError) -> Self {
+        let status = match &e {
+            RulesError::AlreadyExists { .. } => StatusCode::CONFLICT,
+            RulesError::NotFound { .. } => StatusCode::NOT_FOUND,
+            RulesError::Store(_) | RulesError::Corrupt { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+/// Reads a request body up to `limit` bytes; larger bodies are refused with 413.
+pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::Bytes, ApiError> {
+    use futures_util::StreamExt;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than {limit} bytes"),
+        )
+    };
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| match e {
+            actix_web::error::PayloadError::Overflow => too_large(),
+            other => ApiError::bad_request(format!("reading the request body failed: {other}")),
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// Parses a JSON body into `T`, naming the offending field on error.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let field = (!path.is_empty() && path != ".").then_some(path);
+        let message = match &field {
+            Some(f) => format!("{f}: {inner}"),
+            None => format!("invalid JSON body: {inner}"),
+        };
+        ApiError::bad_request(message).with_field(field, None)
+    })
+}

@@ -1,0 +1,71 @@
+//! Operations: health, the page's settings, failed messages, Prometheus metrics.
+
+use actix_web::{web, HttpResponse};
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/health", web::get().to(health))
+        .route("/config", web::get().to(page_config))
+        .route("/failed-messages", web::get().to(failed_messages));
+}
+
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+    store: String,
+    broker: &'static str,
+    devices_active: usize,
+}
+
+async fn health(state: web::Data<AppState>) -> HttpResponse {
+    let store = match state.engine.store().head_position().await {
+        Ok(_) => "ok".to_owned(),
+        Err(e) => format!("error: {e}"),
+    };
+    let healthy = store == "ok";
+    let body = Health {
+        status: if healthy { "ok" } else { "degraded" },
+        store,
+        broker: state.broker.get().as_str(),
+        devices_active: state.engine.active_devices(),
+    };
+    if healthy {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+#[derive(Serialize)]
+struct PageConfig<'a> {
+    tile_url: Option<&'a str>,
+}
+
+async fn page_config(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(PageConfig {
+        tile_url: state.tile_url.as_deref(),
+    })
+}
+
+#[derive(Deserialize)]
+struct FailedQuery {
+    limit: Option<usize>,
+}
+
+async fn failed_messages(
+    state: web::Data<AppState>,
+    query: web::Query<FailedQuery>,
+) -> HttpResponse {
+    HttpResponse::Ok().json(state.failed.newest(query.limit.unwrap_or(100)))
+}
+
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    match &state.metrics {
+        Some(handle) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4")
+            .body(handle.render()),
+        None => HttpResponse::NotFound().body("metrics are not enabled in this process"),
+    }
+}

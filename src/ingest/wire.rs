@@ -1,0 +1,150 @@
+//! The wire format of a reading, and its validation into a domain [`Reading`].
+//!
+//! Errors name the offending field (and, in a batch, the index), whichever way the input is bad:
+//! not JSON, a missing field, a wrong type, or a value the domain refuses.
+
+use fleetwatch_domain::{Reading, ValidationError};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}{}{reason}", index.map(|i| format!("reading {i}: ")).unwrap_or_default(), field.as_ref().map(|f| format!("{f}: ")).unwrap_or_default())]
+pub struct InvalidReading {
+    pub field: Option<String>,
+    pub index: Option<usize>,
+    pub reason: String,
+}
+
+impl InvalidReading {
+    fn body(reason: impl Into<String>) -> Self {
+        Self {
+            field: None,
+            index: None,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<ValidationError> for InvalidReading {
+    fn from(e: ValidationError) -> Self {
+        Self {
+            field: Some(e.field.to_owned()),
+            index: None,
+            reason: e.reason,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct WireReading {
+    device_id: Option<String>,
+    timestamp: Option<String>,
+    lat: Option<f64>,
+    lon: Option<f64>,
+    temperature: Option<f64>,
+}
+
+fn required<T>(value: Option<T>, field: &'static str) -> Result<T, ValidationError> {
+    value.ok_or_else(|| ValidationError::new(field, "is required"))
+}
+
+/// Parses one reading from JSON text.
+pub fn parse_reading(json: &str) -> Result<Reading, InvalidReading> {
+    let de = &mut serde_json::Deserializer::from_str(json);
+    let wire: WireReading = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path.is_empty() || path == "." {
+            InvalidReading::body(format!("not a reading object: {inner}"))
+        } else {
+            InvalidReading {
+                field: Some(path),
+                index: None,
+                reason: inner.to_string(),
+            }
+        }
+    })?;
+    let device_id = required(wire.device_id, "device_id")?;
+    let timestamp = Reading::parse_timestamp(&required(wire.timestamp, "timestamp")?)?;
+    Ok(Reading::new(
+        device_id,
+        timestamp,
+        required(wire.lat, "lat")?,
+        required(wire.lon, "lon")?,
+        required(wire.temperature, "temperature")?,
+    )?)
+}
+
+/// Parses one reading or a JSON array of readings. Every element is validated; the first bad one
+/// is reported with its index.
+pub fn parse_readings(body: &[u8]) -> Result<Vec<Reading>, InvalidReading> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| InvalidReading::body(format!("body is not UTF-8: {e}")))?;
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('[') {
+        let items: Vec<&RawValue> = serde_json::from_str(text)
+            .map_err(|e| InvalidReading::body(format!("body is not a JSON array: {e}")))?;
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, raw)| {
+                parse_reading(raw.get()).map_err(|mut e| {
+                    e.index = Some(i);
+                    e
+                })
+            })
+            .collect()
+    } else {
+        parse_reading(text).map(|r| vec![r])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str =
+        r#"{"device_id":"d1","timestamp":"2026-11-23T18:00:00Z","lat":1,"lon":2,"temperature":3}"#;
+
+    #[test]
+    fn parses_one_or_many() {
+        assert_eq!(parse_readings(OK.as_bytes()).unwrap().len(), 1);
+        let batch = format!("[{OK},{OK}]");
+        assert_eq!(parse_readings(batch.as_bytes()).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn names_the_field_and_index() {
+        let bad = r#"{"device_id":"d1","timestamp":"2026-11-23T18:00:00Z","lat":91,"lon":2,"temperature":3}"#;
+        let err = parse_readings(format!("[{OK},{bad}]").as_bytes()).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("lat"));
+        assert_eq!(err.index, Some(1));
+    }
+
+    #[test]
+    fn wrong_types_and_missing_fields_name_the_field() {
+        let wrong = r#"{"device_id":"d1","timestamp":"2026-11-23T18:00:00Z","lat":"north","lon":2,"temperature":3}"#;
+        assert_eq!(
+            parse_reading(wrong).unwrap_err().field.as_deref(),
+            Some("lat")
+        );
+        let missing = r#"{"device_id":"d1","timestamp":"2026-11-23T18:00:00Z","lat":1,"lon":2}"#;
+        assert_eq!(
+            parse_reading(missing).unwrap_err().field.as_deref(),
+            Some("temperature")
+        );
+        let bad_time = r#"{"device_id":"d1","timestamp":"noon","lat":1,"lon":2,"temperature":3}"#;
+        assert_eq!(
+            parse_reading(bad_time).unwrap_err().field.as_deref(),
+            Some("timestamp")
+        );
+    }
+
+    #[test]
+    fn garbage_is_a_body_error() {
+        let err = parse_readings(b"not json").unwrap_err();
+        assert_eq!(err.field, None);
+        assert!(parse_readings(b"[1,2]").unwrap_err().index == Some(0));
+        assert!(parse_readings(&[0xff, 0xfe]).is_err());
+    }
+}

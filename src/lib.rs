@@ -1,0 +1,18 @@
+//! fleetwatch: keeps the live state of a fleet of devices and raises alarms about them.
+//!
+//! Data flows one way: ingest ([`ingest`]: RabbitMQ; [`http`]: `POST /api/readings`) → the
+//! [`engine`] routes each reading to its device's actor ([`actors`]) → the pure domain model
+//! (`fleetwatch-domain`) decides which events it causes → the [`store`] appends them durably →
+//! [`live`] pushes them to browsers. [`rules`] keeps the zones and ranges; [`config`] the settings;
+//! [`app`] wires it all together.
+
+pub mod actors;
+pub mod app;
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod ingest;
+pub mod live;
+pub mod rules;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,146 @@
+//! The event store: the one place durable state lives.
+//!
+//! The rest of the engine talks to [`EventStore`] only. A stream is a device's history (stream id =
+//! device id) or `$rules` for zones and ranges; names starting with `$` are system streams.
+//! Contract every backend keeps:
+//! * appends are applied in the order they are *called* (not awaited), so an actor can issue its
+//!   next append before the previous one is durable and per-stream order still holds;
+//! * an append's future resolves only once its events are durable;
+//! * an append with the wrong expected version fails with [`StoreError::Conflict`] and writes nothing;
+//! * every committed event gets a global position, strictly increasing in commit order, and is
+//!   published on [`EventStore::subscribe`] after it is durable.
+
+mod sqlite;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+pub use sqlite::{SqliteStore, SqliteStoreOptions};
+
+/// An event to append: its type name, schema version and JSON payload.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event_type: &'static str,
+    pub schema_version: u16,
+    pub data: String,
+}
+
+/// An event as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RecordedEvent {
+    pub position: u64,
+    pub stream: String,
+    pub version: u64,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub schema_version: u16,
+    pub recorded_at: DateTime<Utc>,
+    /// The payload, emitted verbatim as JSON.
+    #[serde(serialize_with = "raw_json")]
+    pub data: String,
+}
+
+fn raw_json<S: serde::Serializer>(data: &str, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::Error;
+    let raw =
+        serde_json::value::RawValue::from_string(data.to_owned()).map_err(S::Error::custom)?;
+    raw.serialize(s)
+}
+
+/// The result of a successful append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The stream's version after the append.
+    pub version: u64,
+    /// Global position of the last appended event.
+    pub last_position: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub stream: String,
+    /// The stream version the snapshot reflects.
+    pub version: u64,
+    pub schema_version: u16,
+    pub data: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StreamInfo {
+    pub stream: String,
+    pub version: u64,
+}
+
+/// Committed events, published once per commit in position order.
+pub type CommittedBatch = Arc<Vec<RecordedEvent>>;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("version conflict on stream {stream}: expected version {expected}, found {actual}")]
+    Conflict {
+        stream: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("event store failure: {0}")]
+    Backend(String),
+    #[error("the event store is shut down")]
+    Closed,
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends `events` to `stream` if its current version is `expected_version` (0: no stream
+    /// yet). The append is queued when this is called; the future resolves once it is durable.
+    fn append(
+        &self,
+        stream: &str,
+        expected_version: u64,
+        events: Vec<NewEvent>,
+    ) -> BoxFuture<'static, StoreResult<Appended>>;
+
+    /// Events of `stream` with version >= `from_version`, in order, at most `limit`.
+    fn read_stream(
+        &self,
+        stream: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> BoxFuture<'static, StoreResult<Vec<RecordedEvent>>>;
+
+    /// Events of all streams with position > `after_position`, in order, at most `limit`.
+    fn read_all(
+        &self,
+        after_position: u64,
+        limit: usize,
+    ) -> BoxFuture<'static, StoreResult<Vec<RecordedEvent>>>;
+
+    /// Saves a snapshot; queued behind earlier appends like an append.
+    fn save_snapshot(&self, snapshot: Snapshot) -> BoxFuture<'static, StoreResult<()>>;
+
+    fn load_snapshot(&self, stream: &str) -> BoxFuture<'static, StoreResult<Option<Snapshot>>>;
+
+    /// Non-system streams (not starting with `$`) in id order, after `after`.
+    fn list_streams(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> BoxFuture<'static, StoreResult<Vec<StreamInfo>>>;
+
+    /// The stream's current version, `None` if it does not exist.
+    fn stream_version(&self, stream: &str) -> BoxFuture<'static, StoreResult<Option<u64>>>;
+
+    /// The position of the last committed event (0 when empty).
+    fn head_position(&self) -> BoxFuture<'static, StoreResult<u64>>;
+
+    /// Live feed of committed events. A receiver that lags is told so and must catch up with
+    /// [`EventStore::read_all`].
+    fn subscribe(&self) -> broadcast::Receiver<CommittedBatch>;
+
+    /// Waits until everything queued so far is durable.
+    fn flush(&self) -> BoxFuture<'static, StoreResult<()>>;
+}

@@ -1,0 +1,649 @@
+//! The embedded backend: SQLite in WAL mode, one writer thread that group-commits, a small pool
+//! of reader connections.
+//!
+//! Every append and snapshot goes through one channel to the writer thread. The writer takes
+//! whatever has queued up (up to `max_batch` commands), writes it in one transaction and commits
+//! with a full fsync; only then does it answer the callers and publish the events. While one
+//! commit is syncing, the next batch queues, so durable throughput grows with concurrency instead
+//! of being one fsync per event.
+
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use tokio::sync::{broadcast, oneshot};
+
+use super::{
+    Appended, CommittedBatch, EventStore, NewEvent, RecordedEvent, Snapshot, StoreError,
+    StoreResult, StreamInfo,
+};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    position       INTEGER PRIMARY KEY,
+    stream_id      TEXT    NOT NULL,
+    version        INTEGER NOT NULL,
+    event_type     TEXT    NOT NULL,
+    schema_version INTEGER NOT NULL,
+    recorded_at    INTEGER NOT NULL,
+    data           TEXT    NOT NULL,
+    UNIQUE (stream_id, version)
+);
+CREATE TABLE IF NOT EXISTS streams (
+    stream_id TEXT PRIMARY KEY,
+    version   INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS snapshots (
+    stream_id      TEXT PRIMARY KEY,
+    version        INTEGER NOT NULL,
+    schema_version INTEGER NOT NULL,
+    data           TEXT    NOT NULL
+) WITHOUT ROWID;
+";
+
+#[derive(Debug, Clone)]
+pub struct SqliteStoreOptions {
+    /// Most commands written in one transaction.
+    pub max_batch: usize,
+    /// Capacity of the writer's queue; callers block when it is full.
+    pub queue_capacity: usize,
+    /// Reader connections.
+    pub readers: u32,
+    /// Capacity of the live feed (in commits) before slow subscribers lag.
+    pub live_capacity: usize,
+}
+
+impl Default for SqliteStoreOptions {
+    fn default() -> Self {
+        Self {
+            max_batch: 4096,
+            queue_capacity: 65_536,
+            readers: 4,
+            live_capacity: 4096,
+        }
+    }
+}
+
+enum WriteCommand {
+    Append {
+        stream: String,
+        expected: u64,
+        events: Vec<NewEvent>,
+        reply: oneshot::Sender<StoreResult<Appended>>,
+    },
+    Snapshot {
+        snapshot: Snapshot,
+        reply: oneshot::Sender<StoreResult<()>>,
+    },
+    Flush {
+        reply: oneshot::Sender<StoreResult<()>>,
+    },
+}
+
+pub struct SqliteStore {
+    writer: Mutex<Option<mpsc::SyncSender<WriteCommand>>>,
+    writer_thread: Mutex<Option<thread::JoinHandle<()>>>,
+    readers: r2d2::Pool<SqliteConnectionManager>,
+    live: broadcast::Sender<CommittedBatch>,
+    path: PathBuf,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: the WAL is fsynced at every commit, so an acknowledged append survives power loss.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store in `dir/events.sqlite3`.
+    pub fn open(dir: &Path, options: SqliteStoreOptions) -> StoreResult<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| backend(format!("creating {}: {e}", dir.display())))?;
+        let path = dir.join("events.sqlite3");
+        let conn = Connection::open(&path).map_err(backend)?;
+        configure(&conn).map_err(backend)?;
+        conn.execute_batch(SCHEMA).map_err(backend)?;
+
+        let manager = SqliteConnectionManager::file(&path).with_init(|c| {
+            c.busy_timeout(Duration::from_secs(10))?;
+            c.pragma_update(None, "query_only", true)
+        });
+        let readers = r2d2::Pool::builder()
+            .max_size(options.readers.max(1))
+            .build(manager)
+            .map_err(backend)?;
+
+        let (live, _) = broadcast::channel(options.live_capacity.max(16));
+        let (tx, rx) = mpsc::sync_channel(options.queue_capacity.max(1));
+        let writer = Writer {
+            conn,
+            live: live.clone(),
+            max_batch: options.max_batch.max(1),
+        };
+        let handle = thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(backend)?;
+        Ok(Self {
+            writer: Mutex::new(Some(tx)),
+            writer_thread: Mutex::new(Some(handle)),
+            readers,
+            live,
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn send(&self, command: WriteCommand) -> StoreResult<()> {
+        let sender = self
+            .writer
+            .lock()
+            .map_err(|_| StoreError::Closed)?
+            .as_ref()
+            .cloned()
+            .ok_or(StoreError::Closed)?;
+        sender.send(command).map_err(|_| StoreError::Closed)
+    }
+
+    /// Stops accepting writes, lets the writer drain its queue and waits for it to finish.
+    pub fn close(&self) {
+        if let Ok(mut sender) = self.writer.lock() {
+            sender.take();
+        }
+        if let Some(handle) = self.writer_thread.lock().ok().and_then(|mut h| h.take()) {
+            let _ = handle.join();
+        }
+    }
+
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> BoxFuture<'static, StoreResult<T>> {
+        let pool = self.readers.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let conn = pool.get().map_err(backend)?;
+                f(&conn).map_err(backend)
+            })
+            .await
+            .map_err(backend)?
+        }
+        .boxed()
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+async fn reply<T>(rx: oneshot::Receiver<StoreResult<T>>) -> StoreResult<T> {
+    rx.await.unwrap_or(Err(StoreError::Closed))
+}
+
+fn row_to_event(stream: Option<&str>, row: &rusqlite::Row<'_>) -> rusqlite::Result<RecordedEvent> {
+    let micros: i64 = row.get("recorded_at")?;
+    Ok(RecordedEvent {
+        position: row.get::<_, i64>("position")? as u64,
+        stream: match stream {
+            Some(s) => s.to_owned(),
+            None => row.get("stream_id")?,
+        },
+        version: row.get::<_, i64>("version")? as u64,
+        event_type: row.get("event_type")?,
+        schema_version: row.get("schema_version")?,
+        recorded_at: DateTime::from_timestamp_micros(micros).unwrap_or_default(),
+        data: row.get("data")?,
+    })
+}
+
+impl EventStore for SqliteStore {
+    fn append(
+        &self,
+        stream: &str,
+        expected_version: u64,
+        events: Vec<NewEvent>,
+    ) -> BoxFuture<'static, StoreResult<Appended>> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.send(WriteCommand::Append {
+            stream: stream.to_owned(),
+            expected: expected_version,
+            events,
+            reply: tx,
+        });
+        async move {
+            sent?;
+            reply(rx).await
+        }
+        .boxed()
+    }
+
+    fn read_stream(
+        &self,
+        stream: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> BoxFuture<'static, StoreResult<Vec<RecordedEvent>>> {
+        let stream = stream.to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT position, version, event_type, schema_version, recorded_at, data
+                 FROM events WHERE stream_id = ?1 AND version >= ?2 ORDER BY version LIMIT ?3",
+            )?;
+            let rows = stmt
+                .query_map(params![stream, from_version as i64, limit as i64], |row| {
+                    row_to_event(Some(&stream), row)
+                })?;
+            rows.collect()
+        })
+    }
+
+    fn read_all(
+        &self,
+        after_position: u64,
+        limit: usize,
+    ) -> BoxFuture<'static, StoreResult<Vec<RecordedEvent>>> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT position, stream_id, version, event_type, schema_version, recorded_at, data
+                 FROM events WHERE position > ?1 ORDER BY position LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after_position as i64, limit as i64], |row| {
+                row_to_event(None, row)
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn save_snapshot(&self, snapshot: Snapshot) -> BoxFuture<'static, StoreResult<()>> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.send(WriteCommand::Snapshot {
+            snapshot,
+            reply: tx,
+        });
+        async move {
+            sent?;
+            reply(rx).await
+        }
+        .boxed()
+    }
+
+    fn load_snapshot(&self, stream: &str) -> BoxFuture<'static, StoreResult<Option<Snapshot>>> {
+        let stream = stream.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT version, schema_version, data FROM snapshots WHERE stream_id = ?1",
+            )?
+            .query_row([&stream], |row| {
+                Ok(Snapshot {
+                    stream: stream.clone(),
+                    version: row.get::<_, i64>(0)? as u64,
+                    schema_version: row.get(1)?,
+                    data: row.get(2)?,
+                })
+            })
+            .optional()
+        })
+    }
+
+    fn list_streams(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> BoxFuture<'static, StoreResult<Vec<StreamInfo>>> {
+        let after = after.unwrap_or("").to_owned();
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT stream_id, version FROM streams
+                 WHERE stream_id > ?1 AND substr(stream_id, 1, 1) <> '$'
+                 ORDER BY stream_id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![after, limit as i64], |row| {
+                Ok(StreamInfo {
+                    stream: row.get(0)?,
+                    version: row.get::<_, i64>(1)? as u64,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    fn stream_version(&self, stream: &str) -> BoxFuture<'static, StoreResult<Option<u64>>> {
+        let stream = stream.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached("SELECT version FROM streams WHERE stream_id = ?1")?
+                .query_row([&stream], |row| row.get::<_, i64>(0))
+                .optional()
+                .map(|v| v.map(|v| v as u64))
+        })
+    }
+
+    fn head_position(&self) -> BoxFuture<'static, StoreResult<u64>> {
+        self.read(|conn| {
+            conn.query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |row| {
+                row.get::<_, i64>(0)
+            })
+            .map(|p| p as u64)
+        })
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<CommittedBatch> {
+        self.live.subscribe()
+    }
+
+    fn flush(&self) -> BoxFuture<'static, StoreResult<()>> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.send(WriteCommand::Flush { reply: tx });
+        async move {
+            sent?;
+            reply(rx).await
+        }
+        .boxed()
+    }
+}
+
+struct Writer {
+    conn: Connection,
+    live: broadcast::Sender<CommittedBatch>,
+    max_batch: usize,
+}
+
+/// What one command in a batch came to, before the commit decides whether it stands.
+enum Staged {
+    Appended(Appended),
+    Conflict(StoreError),
+    Done,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<WriteCommand>) {
+        let mut batch = Vec::with_capacity(self.max_batch);
+        while let Ok(first) = rx.recv() {
+            batch.push(first);
+            while batch.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
+            }
+            self.write_batch(&mut batch);
+        }
+        tracing::debug!("store writer drained and stopped");
+    }
+
+    fn write_batch(&mut self, batch: &mut Vec<WriteCommand>) {
+        let started = std::time::Instant::now();
+        let mut committed = Vec::new();
+        let outcome = self.stage(batch, &mut committed);
+        let event_count = committed.len();
+        match outcome {
+            Ok(staged) => {
+                if !committed.is_empty() {
+                    // Nobody listening is fine: the live feed is best-effort, the store is the truth.
+                    let _ = self.live.send(Arc::new(committed));
+                }
+                for (command, staged) in batch.drain(..).zip(staged) {
+                    match (command, staged) {
+                        (WriteCommand::Append { reply, .. }, Staged::Appended(a)) => {
+                            let _ = reply.send(Ok(a));
+                        }
+                        (WriteCommand::Append { reply, .. }, Staged::Conflict(e)) => {
+                            let _ = reply.send(Err(e));
+                        }
+                        (WriteCommand::Snapshot { reply, .. }, _)
+                        | (WriteCommand::Flush { reply }, _) => {
+                            let _ = reply.send(Ok(()));
+                        }
+                        (WriteCommand::Append { reply, .. }, Staged::Done) => {
+                            let _ = reply
+                                .send(Err(StoreError::Backend("internal: unstaged append".into())));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, commands = batch.len(), "store batch failed; nothing in it was committed");
+                let error = backend(e);
+                for command in batch.drain(..) {
+                    match command {
+                        WriteCommand::Append { reply, .. } => {
+                            let _ = reply.send(Err(error.clone()));
+                        }
+                        WriteCommand::Snapshot { reply, .. } | WriteCommand::Flush { reply } => {
+                            let _ = reply.send(Err(error.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        metrics::histogram!("fleetwatch_store_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("fleetwatch_store_commit_events").record(event_count as f64);
+        metrics::counter!("fleetwatch_store_events_appended_total").increment(event_count as u64);
+    }
+
+    /// Writes every command of the batch in one transaction and commits it.
+    fn stage(
+        &mut self,
+        batch: &[WriteCommand],
+        committed: &mut Vec<RecordedEvent>,
+    ) -> rusqlite::Result<Vec<Staged>> {
+        let now = Utc::now();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut staged = Vec::with_capacity(batch.len());
+        {
+            let mut current_version =
+                tx.prepare_cached("SELECT version FROM streams WHERE stream_id = ?1")?;
+            let mut insert_event = tx.prepare_cached(
+                "INSERT INTO events (stream_id, version, event_type, schema_version, recorded_at, data)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            let mut upsert_stream = tx.prepare_cached(
+                "INSERT INTO streams (stream_id, version) VALUES (?1, ?2)
+                 ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version",
+            )?;
+            let mut upsert_snapshot = tx.prepare_cached(
+                "INSERT INTO snapshots (stream_id, version, schema_version, data) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version,
+                     schema_version = excluded.schema_version, data = excluded.data
+                 WHERE excluded.version >= snapshots.version",
+            )?;
+            for command in batch {
+                match command {
+                    WriteCommand::Append {
+                        stream,
+                        expected,
+                        events,
+                        ..
+                    } => {
+                        let actual = current_version
+                            .query_row([stream], |row| row.get::<_, i64>(0))
+                            .optional()?
+                            .unwrap_or(0) as u64;
+                        if actual != *expected {
+                            staged.push(Staged::Conflict(StoreError::Conflict {
+                                stream: stream.clone(),
+                                expected: *expected,
+                                actual,
+                            }));
+                            continue;
+                        }
+                        let mut version = actual;
+                        let mut position = 0;
+                        for event in events {
+                            version += 1;
+                            insert_event.execute(params![
+                                stream,
+                                version as i64,
+                                event.event_type,
+                                event.schema_version,
+                                now.timestamp_micros(),
+                                event.data,
+                            ])?;
+                            position = tx.last_insert_rowid() as u64;
+                            committed.push(RecordedEvent {
+                                position,
+                                stream: stream.clone(),
+                                version,
+                                event_type: event.event_type.to_owned(),
+                                schema_version: event.schema_version,
+                                recorded_at: now,
+                                data: event.data.clone(),
+                            });
+                        }
+                        if !events.is_empty() {
+                            upsert_stream.execute(params![stream, version as i64])?;
+                        }
+                        staged.push(Staged::Appended(Appended {
+                            version,
+                            last_position: position,
+                        }));
+                    }
+                    WriteCommand::Snapshot { snapshot, .. } => {
+                        upsert_snapshot.execute(params![
+                            snapshot.stream,
+                            snapshot.version as i64,
+                            snapshot.schema_version,
+                            snapshot.data
+                        ])?;
+                        staged.push(Staged::Done);
+                    }
+                    WriteCommand::Flush { .. } => staged.push(Staged::Done),
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(staged)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(n: u32) -> NewEvent {
+        NewEvent {
+            event_type: "Test",
+            schema_version: 1,
+            data: format!(r#"{{"n":{n}}}"#),
+        }
+    }
+
+    fn store(dir: &tempfile::TempDir) -> SqliteStore {
+        SqliteStore::open(dir.path(), SqliteStoreOptions::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn appends_read_back_in_order_with_positions() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let a = s.append("a", 0, vec![event(1), event(2)]).await.unwrap();
+        assert_eq!(
+            a,
+            Appended {
+                version: 2,
+                last_position: 2
+            }
+        );
+        let b = s.append("b", 0, vec![event(3)]).await.unwrap();
+        assert_eq!(b.last_position, 3);
+        let stream = s.read_stream("a", 1, 100).await.unwrap();
+        assert_eq!(stream.iter().map(|e| e.version).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(stream[1].data, r#"{"n":2}"#);
+        let all = s.read_all(1, 100).await.unwrap();
+        assert_eq!(all.iter().map(|e| e.position).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(s.head_position().await.unwrap(), 3);
+        assert_eq!(s.stream_version("a").await.unwrap(), Some(2));
+        assert_eq!(s.stream_version("zzz").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn wrong_expected_version_is_a_conflict_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        s.append("a", 0, vec![event(1)]).await.unwrap();
+        let err = s.append("a", 0, vec![event(2)]).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Conflict {
+                    expected: 0,
+                    actual: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(s.read_stream("a", 1, 10).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_conflict_does_not_fail_the_rest_of_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        // Issued without awaiting: they land in the same batch, in call order.
+        let ok1 = s.append("a", 0, vec![event(1)]);
+        let bad = s.append("a", 0, vec![event(2)]);
+        let ok2 = s.append("a", 1, vec![event(3)]);
+        assert!(ok1.await.is_ok());
+        assert!(bad.await.is_err());
+        assert_eq!(ok2.await.unwrap().version, 2);
+    }
+
+    #[tokio::test]
+    async fn snapshots_keep_the_newest_and_system_streams_are_not_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        s.append("$rules", 0, vec![event(0)]).await.unwrap();
+        s.append("dev-1", 0, vec![event(1)]).await.unwrap();
+        let snap = |v| Snapshot {
+            stream: "dev-1".into(),
+            version: v,
+            schema_version: 1,
+            data: format!("{v}"),
+        };
+        s.save_snapshot(snap(5)).await.unwrap();
+        s.save_snapshot(snap(3)).await.unwrap();
+        assert_eq!(s.load_snapshot("dev-1").await.unwrap().unwrap().version, 5);
+        let streams = s.list_streams(None, 10).await.unwrap();
+        assert_eq!(
+            streams,
+            vec![StreamInfo {
+                stream: "dev-1".into(),
+                version: 1
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn committed_events_are_published_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = store(&dir);
+            let mut live = s.subscribe();
+            s.append("a", 0, vec![event(1)]).await.unwrap();
+            let batch = live.recv().await.unwrap();
+            assert_eq!(batch[0].position, 1);
+        }
+        let s = store(&dir);
+        assert_eq!(s.read_all(0, 10).await.unwrap().len(), 1);
+    }
+}
