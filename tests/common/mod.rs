@@ -1,0 +1,243 @@
+//! Test harness: runs the real `fleetwatch` binary on a free port with its own data directory.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::{json, Value};
+
+pub struct Engine {
+    pub child: Child,
+    pub base: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+    port: u16,
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client")
+}
+
+impl Engine {
+    /// Starts the engine with HTTP ingest only.
+    pub async fn start(data_dir: &Path) -> Engine {
+        Self::start_with(data_dir, &["--amqp-disabled"]).await
+    }
+
+    pub async fn start_with(data_dir: &Path, args: &[&str]) -> Engine {
+        let port = free_port();
+        let mut engine = Engine {
+            child: spawn(data_dir, port, args),
+            base: format!("http://127.0.0.1:{port}"),
+            data_dir: data_dir.to_owned(),
+            log: data_dir.with_extension("log"),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            port,
+        };
+        engine.wait_healthy().await;
+        engine
+    }
+
+    pub async fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let http = client();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!(
+                    "fleetwatch exited early with {status}; log: {}",
+                    self.log_tail()
+                );
+            }
+            if let Ok(r) = http.get(format!("{}/api/health", self.base)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fleetwatch did not become healthy: {}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        self.child.wait().expect("wait")
+    }
+
+    /// Starts a fresh process on the same data directory and port.
+    pub async fn restart(&mut self) {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.child = spawn(&self.data_dir, self.port, &args);
+        self.wait_healthy().await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let start = text.len().saturating_sub(4000);
+        text[start..].to_owned()
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let r = client().get(self.url(path)).send().await.expect("GET");
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.json().await.expect("JSON")
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = client()
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("POST");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Every event of a device, following pagination.
+    pub async fn history(&self, device: &str) -> Vec<Value> {
+        let mut events = Vec::new();
+        let mut from = 1;
+        loop {
+            let page = self
+                .get(&format!(
+                    "/api/devices/{device}/events?from_version={from}&limit=1000"
+                ))
+                .await;
+            events.extend(page["events"].as_array().cloned().unwrap_or_default());
+            match page["next_from_version"].as_u64() {
+                Some(next) => from = next,
+                None => return events,
+            }
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(data_dir: &Path, port: u16, args: &[&str]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data_dir.with_extension("log"))
+        .expect("log file");
+    Command::new(env!("CARGO_BIN_EXE_fleetwatch"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--http-addr")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log.try_clone().expect("log"))
+        .spawn()
+        .expect("spawn fleetwatch")
+}
+
+pub fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap()
+}
+
+pub fn reading(device: &str, secs: i64, lat: f64, lon: f64, temperature: f64) -> Value {
+    json!({
+        "device_id": device,
+        "timestamp": (t0() + chrono::Duration::seconds(secs)).to_rfc3339(),
+        "lat": lat,
+        "lon": lon,
+        "temperature": temperature,
+    })
+}
+
+/// The depot zone used across tests: a 1 km circle around (52.37, 4.89).
+pub const DEPOT: (f64, f64) = (52.37, 4.89);
+
+pub fn depot_zone() -> Value {
+    json!({"id": "depot", "name": "Depot", "shape": {"type": "circle", "center": {"lat": DEPOT.0, "lon": DEPOT.1}, "radius_m": 1000}})
+}
+
+pub fn cold_chain() -> Value {
+    json!({"id": "cold-chain", "name": "Cold chain", "min": 2.0, "max": 8.0})
+}
+
+pub fn types(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e["type"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// Asserts that alarms for one zone/range alternate: raised, cleared, raised, ...
+pub fn assert_alarms_alternate(device: &str, events: &[Value]) {
+    let mut outside = std::collections::HashMap::<String, bool>::new();
+    let mut range = std::collections::HashMap::<String, Option<String>>::new();
+    for e in events {
+        let data = &e["data"];
+        match e["type"].as_str() {
+            Some("LeftZone") => {
+                let zone = data["zone_id"].as_str().unwrap().to_owned();
+                assert!(
+                    !outside.insert(zone.clone(), true).unwrap_or(false),
+                    "{device}: LeftZone {zone} raised twice"
+                );
+            }
+            Some("EnteredZone") => {
+                let zone = data["zone_id"].as_str().unwrap().to_owned();
+                assert!(
+                    outside.insert(zone.clone(), false).unwrap_or(false),
+                    "{device}: EnteredZone {zone} without LeftZone"
+                );
+            }
+            Some("TemperatureOutOfRange") => {
+                let id = data["range_id"].as_str().unwrap().to_owned();
+                let bound = data["bound"].as_str().map(str::to_owned);
+                let before = range.insert(id.clone(), bound.clone()).flatten();
+                assert_ne!(
+                    before, bound,
+                    "{device}: TemperatureOutOfRange {id} raised twice"
+                );
+            }
+            Some("TemperatureBackInRange") => {
+                let id = data["range_id"].as_str().unwrap().to_owned();
+                assert!(
+                    range.insert(id.clone(), None).flatten().is_some(),
+                    "{device}: BackInRange {id} without alarm"
+                );
+            }
+            _ => {}
+        }
+    }
+}
