@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs and starts what fleetwatch's tests need on a Debian machine (run as root, or with sudo):
+# Node.js + npm (the map page's libraries and the browser test), Chromium (headless browser test),
+# RabbitMQ (ingest tests; started if it is not answering), docker-compose (validates the compose file).
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+missing=()
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
+command -v docker-compose >/dev/null || missing+=(docker-compose)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+amqp_up() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
+if ! amqp_up; then
+  echo "starting RabbitMQ"
+  $SUDO rabbitmq-server -detached
+  for _ in $(seq 1 60); do amqp_up && break; sleep 1; done
+fi
+amqp_up || { echo "RabbitMQ is not answering on 127.0.0.1:5672" >&2; exit 1; }
+# Wait until the broker itself is ready, not just the port.
+$SUDO rabbitmqctl await_startup >/dev/null 2>&1 || true
+
+# The browser test's driver (playwright-core drives Debian's chromium; it downloads no browser).
+if [ -f tests/browser/package-lock.json ]; then
+  (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+fi
+echo "test dependencies ready"
