@@ -60,15 +60,17 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     let shutdown = CancellationToken::new();
     let broker = BrokerStatus::new(BrokerState::Disabled);
     let failed = FailedMessages::new(1000);
-    let consumer = (!config.amqp_disabled).then(|| {
-        crate::ingest::amqp::spawn(
+    let consumer = if config.amqp_disabled {
+        None
+    } else {
+        Some(crate::ingest::amqp::spawn(
             crate::ingest::amqp::AmqpSettings::from_config(&config),
             engine.clone(),
             broker.clone(),
             failed.clone(),
             shutdown.clone(),
-        )
-    });
+        )?)
+    };
 
     let state = AppState {
         engine: engine.clone(),
@@ -95,7 +97,8 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     tracing::info!("shutting down: finishing in-flight readings");
     shutdown.cancel();
     if let Some(consumer) = consumer {
-        let _ = consumer.await;
+        // The consumer finishes its in-flight readings (the engine is still running) and acks them.
+        let _ = tokio::task::spawn_blocking(move || consumer.join()).await;
     }
     engine.shutdown().await;
     sqlite.close();

@@ -1,7 +1,51 @@
-//! RabbitMQ ingest.
+//! RabbitMQ ingest: at-least-once, ordered per device, poison messages dead-lettered.
+//!
+//! * Topology, declared idempotently on every connection: a durable topic exchange devices publish
+//!   to (routing key = device id), a durable queue bound to it with `#`, and a dead-letter exchange
+//!   and queue named `<queue>.dead`.
+//! * One consumer on one channel receives deliveries in queue order and hands each to one of
+//!   `consumers` worker tasks chosen by a hash of its routing key, so one device's readings stay in
+//!   order from queue to actor while parsing and submitting run in parallel.
+//! * A delivery is acked only once every event it caused is durable. Workers report settled
+//!   deliveries to one acker, which acks with `multiple` up to the highest tag below which
+//!   everything is settled: acks are batched, never ahead of durability.
+//! * Bad input (not JSON, a missing field, an out-of-range value) is published to the dead-letter
+//!   exchange with the reason in the `x-fleetwatch-reason` header (publisher-confirmed) and only then
+//!   acked; it is counted and listed at `/api/failed-messages`. A reading the engine fails on is
+//!   requeued up to `max_retries` times, then dead-lettered.
+//! * A lost or refused connection is retried with capped exponential backoff; HTTP keeps serving
+//!   meanwhile and `/api/health` reports the broker state. Unacked deliveries are redelivered by
+//!   the broker and recognised as duplicates by the device actors.
 
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::Confirmation;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{Engine, EngineError};
+use crate::ingest::failed::FailedMessages;
+use crate::ingest::wire::parse_reading;
+
+/// Header carrying the reason a message was dead-lettered.
+pub const REASON_HEADER: &str = "x-fleetwatch-reason";
+const CONSUMER_TAG: &str = "fleetwatch";
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerState {
@@ -64,14 +108,412 @@ impl AmqpSettings {
             max_retries: config.amqp_max_retries,
         }
     }
+
+    /// The dead-letter exchange and queue.
+    pub fn dead_letter_name(&self) -> String {
+        format!("{}.dead", self.queue)
+    }
 }
 
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker cancelled the consumer")]
+    Cancelled,
+}
+
+/// Starts the consumer on its own thread and runtime; it runs until `shutdown` is cancelled and
+/// it has finished its in-flight messages.
 pub fn spawn(
-    _settings: AmqpSettings,
-    _engine: crate::engine::Engine,
-    _status: BrokerStatus,
-    _failed: crate::ingest::failed::FailedMessages,
-    _shutdown: tokio_util::sync::CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async {})
+    settings: AmqpSettings,
+    engine: Engine,
+    status: BrokerStatus,
+    failed: FailedMessages,
+    shutdown: CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    status.set(BrokerState::Connecting);
+    std::thread::Builder::new()
+        .name("amqp-ingest".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("amqp-worker")
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the RabbitMQ consumer runtime");
+                    return;
+                }
+            };
+            let consumer = Arc::new(Consumer {
+                settings,
+                engine,
+                status,
+                failed,
+                retries: Mutex::default(),
+            });
+            runtime.block_on(consumer.run(shutdown));
+        })
+}
+
+struct Consumer {
+    settings: AmqpSettings,
+    engine: Engine,
+    status: BrokerStatus,
+    failed: FailedMessages,
+    /// Engine failures per message (by body hash), so a failing reading is retried a bounded
+    /// number of times in place (requeued: its order is kept) before it is dead-lettered.
+    retries: Mutex<HashMap<u64, u32>>,
+}
+
+/// How a delivery was settled.
+enum Settle {
+    /// Done with: processed, a duplicate, or safely dead-lettered.
+    Ack(u64),
+    /// Put back on the queue to be tried again.
+    Requeue(u64),
+}
+
+impl Consumer {
+    async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            self.status.set(BrokerState::Connecting);
+            let mut connected = false;
+            match self.clone().session(&shutdown, &mut connected).await {
+                Ok(()) => break,
+                Err(e) => {
+                    if connected {
+                        backoff = MIN_BACKOFF;
+                    }
+                    tracing::warn!(error = %e, retry_in = ?backoff, "RabbitMQ unavailable; reconnecting");
+                    metrics::counter!("fleetwatch_amqp_reconnects_total").increment(1);
+                }
+            }
+            self.status.set(BrokerState::Connecting);
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.cancelled() => break,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        self.status.set(BrokerState::Disabled);
+        tracing::info!("RabbitMQ consumer stopped");
+    }
+
+    async fn declare_topology(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        let s = &self.settings;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let durable_queue = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let dead = s.dead_letter_name();
+        channel
+            .exchange_declare(
+                s.exchange.as_str().into(),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                dead.as_str().into(),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_declare(dead.as_str().into(), durable_queue, FieldTable::default())
+            .await?;
+        channel
+            .queue_bind(
+                dead.as_str().into(),
+                dead.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut args = FieldTable::default();
+        // A safety net for messages the broker itself rejects; ours are dead-lettered with a reason.
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(dead.as_str().into()),
+        );
+        channel
+            .queue_declare(s.queue.as_str().into(), durable_queue, args)
+            .await?;
+        channel
+            .queue_bind(
+                s.queue.as_str().into(),
+                s.exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// One connection's life: declare, consume, dispatch; returns `Ok` only on shutdown.
+    async fn session(
+        self: Arc<Self>,
+        shutdown: &CancellationToken,
+        connected: &mut bool,
+    ) -> Result<(), SessionError> {
+        let connection =
+            Connection::connect(&self.settings.url, ConnectionProperties::default()).await?;
+        let channel = connection.create_channel().await?;
+        let publisher = connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        self.declare_topology(&channel).await?;
+        channel
+            .basic_qos(self.settings.prefetch, BasicQosOptions::default())
+            .await?;
+        let mut deliveries = channel
+            .basic_consume(
+                self.settings.queue.as_str().into(),
+                CONSUMER_TAG.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        *connected = true;
+        self.status.set(BrokerState::Connected);
+        tracing::info!(queue = %self.settings.queue, exchange = %self.settings.exchange, "consuming from RabbitMQ");
+
+        let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+        let acker = tokio::spawn(acker(channel.clone(), settle_rx));
+        let hasher = std::collections::hash_map::RandomState::new();
+        let mut workers = Vec::with_capacity(self.settings.consumers);
+        let mut worker_tasks = JoinSet::new();
+        for _ in 0..self.settings.consumers {
+            let (tx, rx) = mpsc::channel::<Delivery>(self.settings.prefetch.max(1) as usize);
+            workers.push(tx);
+            worker_tasks.spawn(
+                self.clone()
+                    .worker(rx, publisher.clone(), settle_tx.clone()),
+            );
+        }
+        drop(settle_tx);
+
+        let outcome = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    // Stop new deliveries; what we hold is finished below and acked.
+                    let _ = channel.basic_cancel(CONSUMER_TAG.into(), BasicCancelOptions::default()).await;
+                    break Ok(());
+                }
+                next = deliveries.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let worker = hasher.hash_one(delivery.routing_key.as_str()) as usize % workers.len();
+                        if workers[worker].send(delivery).await.is_err() {
+                            break Err(SessionError::Cancelled);
+                        }
+                    }
+                    Some(Err(e)) => break Err(e.into()),
+                    None => break Err(SessionError::Cancelled),
+                },
+            }
+        };
+        // Workers finish their in-flight readings, then the acker sends the last acks.
+        drop(workers);
+        while worker_tasks.join_next().await.is_some() {}
+        let _ = acker.await;
+        if outcome.is_ok() {
+            let _ = channel.close(200, "shutdown".into()).await;
+            let _ = connection.close(200, "shutdown".into()).await;
+        }
+        outcome
+    }
+
+    async fn worker(
+        self: Arc<Self>,
+        mut deliveries: mpsc::Receiver<Delivery>,
+        publisher: Channel,
+        settle: mpsc::UnboundedSender<Settle>,
+    ) {
+        let mut in_flight = JoinSet::new();
+        while let Some(delivery) = deliveries.recv().await {
+            let tag = delivery.delivery_tag;
+            let reading = parse_reading_bytes(&delivery.data).and_then(|reading| {
+                if reading.device_id.as_str() == delivery.routing_key.as_str() {
+                    Ok(reading)
+                } else {
+                    Err(format!(
+                        "routing key {:?} is not the reading's device_id {:?}",
+                        delivery.routing_key.as_str(),
+                        reading.device_id.as_str()
+                    ))
+                }
+            });
+            match reading {
+                Err(reason) => {
+                    let this = self.clone();
+                    let (publisher, settle) = (publisher.clone(), settle.clone());
+                    in_flight.spawn(async move {
+                        let _ = settle.send(this.dead_letter(&publisher, &delivery, &reason).await);
+                    });
+                }
+                Ok(reading) => match self.engine.submit(reading).await {
+                    Ok(ticket) => {
+                        let this = self.clone();
+                        let (publisher, settle) = (publisher.clone(), settle.clone());
+                        in_flight.spawn(async move {
+                            let settled = match ticket.await {
+                                Ok(_) => {
+                                    metrics::counter!("fleetwatch_amqp_processed_total")
+                                        .increment(1);
+                                    Settle::Ack(tag)
+                                }
+                                Err(e) => this.after_failure(&publisher, &delivery, e).await,
+                            };
+                            let _ = settle.send(settled);
+                        });
+                    }
+                    // Shutting down: leave it unacked; the broker redelivers it.
+                    Err(_) => {}
+                },
+            }
+            while in_flight.try_join_next().is_some() {}
+        }
+        while in_flight.join_next().await.is_some() {}
+    }
+
+    /// The engine failed on a reading: retry it in place a few times, then dead-letter it.
+    async fn after_failure(
+        &self,
+        publisher: &Channel,
+        delivery: &Delivery,
+        error: EngineError,
+    ) -> Settle {
+        if matches!(error, EngineError::ShuttingDown) {
+            return Settle::Requeue(delivery.delivery_tag);
+        }
+        let key = {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            delivery.data.hash(&mut h);
+            h.finish()
+        };
+        let attempts = {
+            let mut retries = self.retries.lock().unwrap_or_else(|p| p.into_inner());
+            if retries.len() > 100_000 {
+                retries.clear();
+            }
+            let n = retries.entry(key).or_insert(0);
+            *n += 1;
+            *n
+        };
+        if attempts <= self.settings.max_retries {
+            tracing::warn!(error = %error, attempts, "engine failed on a reading; requeueing it");
+            metrics::counter!("fleetwatch_amqp_retries_total").increment(1);
+            return Settle::Requeue(delivery.delivery_tag);
+        }
+        self.retries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        let reason = format!("engine failed {attempts} times: {error}");
+        self.dead_letter(publisher, delivery, &reason).await
+    }
+
+    /// Publishes the message to the dead-letter exchange with its reason; acked only once the
+    /// broker confirmed the dead letter, requeued if it did not.
+    async fn dead_letter(&self, publisher: &Channel, delivery: &Delivery, reason: &str) -> Settle {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            REASON_HEADER.into(),
+            AMQPValue::LongString(LongString::from(reason)),
+        );
+        headers.insert(
+            "x-fleetwatch-routing-key".into(),
+            AMQPValue::LongString(LongString::from(delivery.routing_key.as_str())),
+        );
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        let dead = self.settings.dead_letter_name();
+        let confirmed = async {
+            publisher
+                .basic_publish(
+                    ShortString::from(dead.as_str()),
+                    delivery.routing_key.clone(),
+                    BasicPublishOptions::default(),
+                    &delivery.data,
+                    properties,
+                )
+                .await?
+                .await
+        }
+        .await;
+        match confirmed {
+            Ok(Confirmation::Ack(_)) => {
+                metrics::counter!("fleetwatch_amqp_dead_lettered_total").increment(1);
+                self.failed
+                    .record(reason, delivery.routing_key.as_str(), &delivery.data);
+                tracing::debug!(reason, routing_key = %delivery.routing_key, "dead-lettered");
+                Settle::Ack(delivery.delivery_tag)
+            }
+            other => {
+                tracing::warn!(outcome = ?other.map(|c| format!("{c:?}")), "dead letter not confirmed; requeueing the message");
+                Settle::Requeue(delivery.delivery_tag)
+            }
+        }
+    }
+}
+
+fn parse_reading_bytes(body: &[u8]) -> Result<fleetwatch_domain::Reading, String> {
+    let text = std::str::from_utf8(body).map_err(|e| format!("body is not UTF-8: {e}"))?;
+    parse_reading(text).map_err(|e| e.to_string())
+}
+
+/// Acks every delivery once it and all before it are settled, with one `multiple` ack per batch.
+async fn acker(channel: Channel, mut settled: mpsc::UnboundedReceiver<Settle>) {
+    let mut done = BTreeSet::new();
+    let mut watermark = 0u64;
+    let mut acked = 0u64;
+    let mut batch = Vec::new();
+    while settled.recv_many(&mut batch, 4096).await > 0 {
+        for settle in batch.drain(..) {
+            match settle {
+                Settle::Ack(tag) => {
+                    done.insert(tag);
+                }
+                Settle::Requeue(tag) => {
+                    let requeue = BasicNackOptions {
+                        multiple: false,
+                        requeue: true,
+                    };
+                    if let Err(e) = channel.basic_nack(tag, requeue).await {
+                        tracing::debug!(error = %e, "nack failed; the broker redelivers the message anyway");
+                    }
+                    done.insert(tag);
+                }
+            }
+        }
+        while done.remove(&(watermark + 1)) {
+            watermark += 1;
+        }
+        if watermark > acked {
+            match channel
+                .basic_ack(watermark, BasicAckOptions { multiple: true })
+                .await
+            {
+                Ok(()) => acked = watermark,
+                // The channel is gone: its unacked deliveries come back after reconnecting.
+                Err(e) => tracing::debug!(error = %e, "ack failed"),
+            }
+        }
+    }
 }
