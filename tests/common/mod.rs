@@ -1,6 +1,8 @@
 //! Test harness: runs the real `fleetwatch` binary on a free port with its own data directory.
 #![allow(dead_code)]
 
+pub mod amqp;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -238,6 +240,42 @@ pub fn assert_alarms_alternate(device: &str, events: &[Value]) {
                 );
             }
             _ => {}
+        }
+    }
+}
+
+impl Engine {
+    /// Waits until the engine reports the broker connected.
+    pub async fn wait_broker_connected(&self) {
+        amqp::eventually(
+            Duration::from_secs(30),
+            "the engine to connect to RabbitMQ",
+            || async {
+                let health = client()
+                    .get(self.url("/api/health"))
+                    .send()
+                    .await
+                    .ok()?
+                    .json::<Value>()
+                    .await
+                    .ok()?;
+                (health["broker"] == "connected").then_some(())
+            },
+        )
+        .await
+    }
+
+    /// The device's state, or `None` while it is unknown.
+    pub async fn device(&self, id: &str) -> Option<Value> {
+        let r = client()
+            .get(self.url(&format!("/api/devices/{id}")))
+            .send()
+            .await
+            .ok()?;
+        if r.status().is_success() {
+            r.json().await.ok()
+        } else {
+            None
         }
     }
 }

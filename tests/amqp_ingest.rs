@@ -1,0 +1,289 @@
+//! RabbitMQ ingest against a real broker on 127.0.0.1:5672, each test on exchange and queue names
+//! of its own.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::amqp::{eventually, Names, Publisher};
+use common::*;
+use serde_json::{json, Value};
+
+async fn start_engine(data: &std::path::Path, names: &Names, extra: &[&str]) -> Engine {
+    let mut args: Vec<String> = names.engine_args();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let engine = Engine::start_with(data, &args).await;
+    engine.wait_broker_connected().await;
+    engine
+}
+
+fn body(v: &Value) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap()
+}
+
+/// Waits until `device` has applied the reading with timestamp `t0 + last_secs`.
+async fn wait_for_reading(engine: &Engine, device: &str, last_secs: i64) -> Value {
+    let expected = (t0() + chrono::Duration::seconds(last_secs))
+        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+    eventually(
+        Duration::from_secs(60),
+        &format!("{device} to reach reading {last_secs}"),
+        || async {
+            let state = engine.device(device).await?;
+            (state["last_reading"]["timestamp"] == expected.as_str()).then_some(state)
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_published_to_rabbitmq_raise_the_expected_events_and_alarms() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("events");
+    let publisher = Publisher::must_connect(&names.exchange).await;
+    let engine = start_engine(&dir.path().join("data"), &names, &[]).await;
+    assert_eq!(engine.post("/api/zones", &depot_zone()).await.0, 201);
+    assert_eq!(
+        engine
+            .post("/api/temperature-ranges", &cold_chain())
+            .await
+            .0,
+        201
+    );
+
+    let out = DEPOT.0 + 0.05;
+    let path = [
+        reading("van-1", 0, DEPOT.0, DEPOT.1, 5.0), // registered, inside, in range
+        reading("van-1", 1, out, DEPOT.1, 5.0),     // leaves the depot
+        reading("van-1", 2, out, DEPOT.1, 9.5),     // too warm
+        reading("van-1", 3, out, DEPOT.1, 9.6),     // still out, still warm: nothing new
+        reading("van-1", 4, DEPOT.0, DEPOT.1, 9.7), // back in the depot
+        reading("van-1", 5, DEPOT.0, DEPOT.1, 5.0), // back in range
+    ];
+    for r in &path {
+        publisher.publish("van-1", &body(r)).await.unwrap();
+    }
+    let state = wait_for_reading(&engine, "van-1", 5).await;
+    assert_eq!(state["status"], "normal");
+
+    let alarms: Vec<String> = types(&engine.history("van-1").await)
+        .into_iter()
+        .filter(|t| {
+            !matches!(
+                t.as_str(),
+                "ReadingRecorded" | "LocationChanged" | "TemperatureChanged"
+            )
+        })
+        .collect();
+    assert_eq!(
+        alarms,
+        [
+            "DeviceRegistered",
+            "LeftZone",
+            "TemperatureOutOfRange",
+            "EnteredZone",
+            "TemperatureBackInRange"
+        ]
+    );
+    publisher.cleanup(&names).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_are_dead_lettered_with_reasons_and_valid_ones_interleaved_are_processed(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("poison");
+    let publisher = Publisher::must_connect(&names.exchange).await;
+    let engine = start_engine(&dir.path().join("data"), &names, &[]).await;
+
+    const DEVICES: usize = 20;
+    const PER_DEVICE: usize = 50;
+    let malformed = |i: usize| -> (String, Vec<u8>) {
+        let device = format!("dev-{}", i % DEVICES);
+        let good = reading(&device, 10_000 + i as i64, 1.0, 1.0, 5.0);
+        let with = |field: &str, value: Value| {
+            let mut v = good.clone();
+            v[field] = value;
+            body(&v)
+        };
+        let without = |field: &str| {
+            let mut v = good.clone();
+            v.as_object_mut().unwrap().remove(field);
+            body(&v)
+        };
+        let payload = match i % 10 {
+            0 => b"not json at all".to_vec(),
+            1 => Vec::new(),
+            2 => without("lat"),
+            3 => with("lat", json!(123.0)),
+            4 => with("lon", json!("east")),
+            5 => with("temperature", json!(1000.0)),
+            6 => with("timestamp", json!("yesterday")),
+            7 => with("device_id", json!("bad id with spaces")),
+            8 => vec![0xff, 0xfe, 0x00],
+            _ => body(&json!([good])),
+        };
+        (device, payload)
+    };
+    let mut messages = Vec::new();
+    for i in 0..(DEVICES * PER_DEVICE) {
+        let d = i % DEVICES;
+        let secs = (i / DEVICES) as i64;
+        let device = format!("dev-{d}");
+        messages.push((
+            device.clone(),
+            body(&reading(&device, secs, 1.0, 1.0 + secs as f64 * 0.001, 5.0)),
+        ));
+        messages.push(malformed(i));
+    }
+    assert_eq!(messages.len(), 2000);
+    publisher.publish_all(&messages).await.unwrap();
+
+    for d in 0..DEVICES {
+        wait_for_reading(&engine, &format!("dev-{d}"), PER_DEVICE as i64 - 1).await;
+        let history = engine.history(&format!("dev-{d}")).await;
+        let recorded = history
+            .iter()
+            .filter(|e| e["type"] == "ReadingRecorded")
+            .count();
+        assert_eq!(
+            recorded, PER_DEVICE,
+            "dev-{d}: every valid reading applied once"
+        );
+    }
+
+    let mut dead = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while dead.len() < 1000 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} dead letters arrived",
+            dead.len()
+        );
+        dead.extend(publisher.drain(&names.dead()).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Nothing more trickles in.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    dead.extend(publisher.drain(&names.dead()).await);
+    assert_eq!(
+        dead.len(),
+        1000,
+        "exactly the malformed messages are dead-lettered"
+    );
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|(_, r)| r.clone().expect("a reason header"))
+        .collect();
+    for needle in [
+        "lat",
+        "lon",
+        "temperature",
+        "timestamp",
+        "device_id",
+        "UTF-8",
+        "not a reading",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(needle)),
+            "no reason mentions {needle}: {:?}",
+            &reasons[..5]
+        );
+    }
+
+    let failed = engine.get("/api/failed-messages?limit=5").await;
+    let failed = failed.as_array().unwrap();
+    assert_eq!(failed.len(), 5);
+    assert!(failed
+        .iter()
+        .all(|m| !m["reason"].as_str().unwrap().is_empty()));
+    let metrics = client()
+        .get(engine.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("fleetwatch_amqp_dead_lettered_total 1000"),
+        "{metrics}"
+    );
+    publisher.cleanup(&names).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_10000_readings_loses_nothing_and_raises_no_alarm_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("crash");
+    let publisher = Publisher::must_connect(&names.exchange).await;
+    let data = dir.path().join("data");
+    let mut engine = start_engine(&data, &names, &["--snapshot-every", "25"]).await;
+    assert_eq!(engine.post("/api/zones", &depot_zone()).await.0, 201);
+    assert_eq!(
+        engine
+            .post("/api/temperature-ranges", &cold_chain())
+            .await
+            .0,
+        201
+    );
+
+    const DEVICES: usize = 100;
+    const PER_DEVICE: usize = 100;
+    let mut messages = Vec::with_capacity(DEVICES * PER_DEVICE);
+    for i in 0..PER_DEVICE {
+        for d in 0..DEVICES {
+            let device = format!("unit-{d}");
+            let outside = (i / 10) % 2 == 1;
+            let lat = if outside { DEPOT.0 + 0.05 } else { DEPOT.0 };
+            let temperature = if (i / 15) % 2 == 1 { 9.0 } else { 5.0 };
+            messages.push((
+                device.clone(),
+                body(&reading(&device, i as i64, lat, DEPOT.1, temperature)),
+            ));
+        }
+    }
+    publisher.publish_all(&messages).await.unwrap();
+
+    // Kill it once a part of the stream is through.
+    eventually(
+        Duration::from_secs(60),
+        "some readings processed",
+        || async {
+            let state = engine.device("unit-0").await?;
+            (state["version"].as_u64()? > 40).then_some(())
+        },
+    )
+    .await;
+    engine.kill();
+    engine.restart().await;
+    engine.wait_broker_connected().await;
+
+    for d in 0..DEVICES {
+        let device = format!("unit-{d}");
+        wait_for_reading(&engine, &device, PER_DEVICE as i64 - 1).await;
+        let history = engine.history(&device).await;
+        let recorded: Vec<&str> = history
+            .iter()
+            .filter(|e| e["type"] == "ReadingRecorded")
+            .map(|e| e["data"]["at"].as_str().unwrap())
+            .collect();
+        let unique: HashSet<&&str> = recorded.iter().collect();
+        assert_eq!(
+            recorded.len(),
+            PER_DEVICE,
+            "{device}: every reading applied exactly once"
+        );
+        assert_eq!(unique.len(), PER_DEVICE);
+        assert_alarms_alternate(&device, &history);
+        let left = history.iter().filter(|e| e["type"] == "LeftZone").count();
+        assert_eq!(
+            left,
+            PER_DEVICE / 20,
+            "{device}: one LeftZone per excursion"
+        );
+    }
+    publisher.cleanup(&names).await;
+}
