@@ -444,7 +444,9 @@ impl Writer {
         batch: &[WriteCommand],
         committed: &mut Vec<RecordedEvent>,
     ) -> rusqlite::Result<Vec<Staged>> {
-        let now = Utc::now();
+        // Stored at microsecond precision; published events must read exactly as stored ones.
+        let micros = Utc::now().timestamp_micros();
+        let now = DateTime::from_timestamp_micros(micros).unwrap_or_default();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -495,7 +497,7 @@ impl Writer {
                                 version as i64,
                                 event.event_type,
                                 event.schema_version,
-                                now.timestamp_micros(),
+                                micros,
                                 event.data,
                             ])?;
                             position = tx.last_insert_rowid() as u64;
