@@ -8,12 +8,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use fleetwatch_domain::{Device, DeviceId, Reading, Thresholds};
+use futures_util::StreamExt;
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::actors::{ActorSettings, Router};
 pub use crate::actors::{EngineError, IngestOutcome};
 use crate::rules::{RuleBook, RulesError};
 use crate::store::{EventStore, RecordedEvent, StoreError, StreamInfo};
+
+/// How long shutdown waits for accepted readings to become durable.
+const SHUTDOWN_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Devices loaded at once for a page of `GET /api/devices`.
+const PAGE_LOAD_CONCURRENCY: usize = 16;
 
 #[derive(Clone)]
 pub struct EngineSettings {
@@ -117,16 +123,15 @@ impl Engine {
             .store
             .list_streams(after.map(DeviceId::as_str), limit)
             .await?;
-        let mut devices = Vec::with_capacity(streams.len());
-        for stream in streams {
-            let Ok(id) = DeviceId::parse(stream.stream) else {
-                continue;
-            };
-            if let Some(device) = self.device(&id).await? {
-                devices.push(device);
-            }
-        }
-        Ok(devices)
+        let ids = streams
+            .into_iter()
+            .filter_map(|s| DeviceId::parse(s.stream).ok());
+        let loaded: Vec<Result<Option<Device>, EngineError>> = futures_util::stream::iter(ids)
+            .map(|id| async move { self.device(&id).await })
+            .buffered(PAGE_LOAD_CONCURRENCY)
+            .collect()
+            .await;
+        loaded.into_iter().filter_map(Result::transpose).collect()
     }
 
     pub async fn device_events(
@@ -148,11 +153,14 @@ impl Engine {
     /// Refuses new readings, waits for every accepted one to be durable, then stops the actors.
     pub async fn shutdown(&self) {
         // Holding every permit means nothing is in flight any more.
-        let _ = self
-            .inner
-            .in_flight
-            .acquire_many(self.inner.max_in_flight)
-            .await;
+        let drained = tokio::time::timeout(
+            SHUTDOWN_DRAIN_TIMEOUT,
+            self.inner.in_flight.acquire_many(self.inner.max_in_flight),
+        )
+        .await;
+        if drained.is_err() {
+            tracing::warn!(timeout = ?SHUTDOWN_DRAIN_TIMEOUT, "readings still in flight at shutdown were not acknowledged");
+        }
         self.inner.in_flight.close();
         if let Err(e) = self.inner.store.flush().await {
             tracing::warn!(error = %e, "final store flush failed");

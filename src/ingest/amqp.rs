@@ -366,8 +366,10 @@ impl Consumer {
                         let _ = settle.send(this.dead_letter(&publisher, &delivery, &reason).await);
                     });
                 }
-                Ok(reading) => match self.engine.submit(reading).await {
-                    Ok(ticket) => {
+                Ok(reading) => {
+                    // `submit` fails only when shutting down: the delivery stays unacked and the
+                    // broker redelivers it.
+                    if let Ok(ticket) = self.engine.submit(reading).await {
                         let this = self.clone();
                         let (publisher, settle) = (publisher.clone(), settle.clone());
                         in_flight.spawn(async move {
@@ -382,9 +384,7 @@ impl Consumer {
                             let _ = settle.send(settled);
                         });
                     }
-                    // Shutting down: leave it unacked; the broker redelivers it.
-                    Err(_) => {}
-                },
+                }
             }
             while in_flight.try_join_next().is_some() {}
         }
