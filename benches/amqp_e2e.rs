@@ -1,1 +1,763 @@
-fn main() {}
+//! End-to-end benchmark: RabbitMQ → fleetwatch → event store → SSE, against a real broker.
+//!
+//! Run with `cargo bench --bench amqp_e2e` (RabbitMQ on 127.0.0.1:5672, guest/guest; the bench
+//! fails loudly without it). It prints a Markdown table for `docs/benchmarks.md`.
+//!
+//! What it measures, and why:
+//!
+//! 1. **Bare consumer**: N persistent readings are published (with confirms) into a fresh queue,
+//!    then a lapin consumer that does nothing but ack (prefetch 1000, a `multiple` ack every 100
+//!    deliveries, as the engine does) drains it. That is the broker's own delivery limit on this
+//!    machine, the ceiling for any consumer.
+//! 2. **fleetwatch end to end**: the same N readings are queued before the engine starts; then the
+//!    release engine is started and timed until every reading is durable in its event store and
+//!    acked (`fleetwatch_amqp_processed_total` = N and the queue is empty). Its ratio to (1) says
+//!    how much of the broker's limit the engine uses. (1) and (2) alternate twice (A B A B) on
+//!    fresh queues and data directories because the machine is noisy.
+//! 3. **Latency**: on the caught-up engine, readings are published at a steady 10,000/s (10,000
+//!    devices, one reading per second each) for 20 s, stamped with their publish time; each
+//!    `ReadingRecorded` received on `GET /api/stream` gives receive time − reading time. An event
+//!    reaches SSE only after its commit, so this is publish → durable → visible.
+//!
+//! Every run uses exchange and queue names of its own (`bench.<uuid8>`), deleted at the end.
+//! `FW_BENCH_N` overrides N (default 100,000), `FW_BENCH_RATE` the latency test's readings/s
+//! (default 10,000).
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    PublisherConfirm,
+};
+use serde_json::{json, Value};
+
+const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const DEFAULT_N: usize = 100_000;
+const DEVICES: usize = 10_000;
+/// The engine's default `--amqp-prefetch`.
+const PREFETCH: u16 = 1_000;
+/// The bare consumer acks with `multiple` this often, like the engine's batched acks.
+const ACK_EVERY: u64 = 100;
+/// Published readings awaiting their confirm; publishing waits beyond this.
+const CONFIRM_WINDOW: usize = 4_096;
+const ROUNDS: usize = 2;
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+const POLL: Duration = Duration::from_millis(20);
+const DEFAULT_RATE: usize = 10_000;
+const LATENCY_SECONDS: usize = 20;
+const TICK: Duration = Duration::from_millis(10);
+/// Publishing channels of the latency test; must divide `DEVICES`.
+const PUBLISH_LANES: usize = 2;
+/// How long the SSE reader waits for the last events after publishing has ended.
+const LATENCY_GRACE: Duration = Duration::from_secs(15);
+
+fn main() -> Result<()> {
+    let n = env_or("FW_BENCH_N", DEFAULT_N)?;
+    let latency_rate = env_or("FW_BENCH_RATE", DEFAULT_RATE)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(n, latency_rate))
+}
+
+fn env_or(name: &str, default: usize) -> Result<usize> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("{name} must be a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+async fn run(n: usize, latency_rate: usize) -> Result<()> {
+    let broker = Broker::connect().await.context(
+        "RabbitMQ must run on 127.0.0.1:5672 (guest/guest) for this bench; scripts/test-deps.sh starts it",
+    )?;
+    let backlog = backlog(n, Utc::now() - TimeDelta::hours(1));
+    let mut used = Vec::new();
+    let outcome = measure(&broker, &backlog, latency_rate, &mut used).await;
+    for topology in &used {
+        broker.delete(topology).await;
+    }
+    print_report(n, &backlog, &outcome?);
+    Ok(())
+}
+
+/// Runs bare and engine drains alternately, then the latency test on the last engine.
+async fn measure(
+    broker: &Broker,
+    backlog: &[Message],
+    latency_rate: usize,
+    used: &mut Vec<Topology>,
+) -> Result<Report> {
+    let mut rounds = Vec::new();
+    let mut latency = None;
+    for round in 1..=ROUNDS {
+        eprintln!("round {round}: bare consumer");
+        let bare = Topology::new();
+        used.push(bare.clone());
+        let (bare_publish, bare_drain) = bare_run(broker, &bare, backlog).await?;
+
+        eprintln!("round {round}: fleetwatch");
+        let topology = Topology::new();
+        used.push(topology.clone());
+        let (engine, engine_publish, engine_drain) = engine_run(broker, &topology, backlog).await?;
+        if round == ROUNDS {
+            eprintln!("latency at {latency_rate} readings/s for {LATENCY_SECONDS} s");
+            latency = Some(measure_latency(broker, &topology, &engine, latency_rate).await?);
+        }
+        engine.stop()?;
+        let left = broker.depth(&topology).await?;
+        ensure!(
+            left == 0,
+            "{left} readings were left unacked after the engine stopped"
+        );
+        rounds.push(Round {
+            bare_publish: rate(backlog.len(), bare_publish),
+            engine_publish: rate(backlog.len(), engine_publish),
+            bare: rate(backlog.len(), bare_drain),
+            engine: rate(backlog.len(), engine_drain),
+        });
+    }
+    Ok(Report {
+        rounds,
+        latency: latency.expect("ROUNDS > 0"),
+    })
+}
+
+/// Publishes the backlog into a fresh queue, then drains it with a consumer that only acks.
+async fn bare_run(
+    broker: &Broker,
+    topology: &Topology,
+    backlog: &[Message],
+) -> Result<(Duration, Duration)> {
+    broker.declare(topology).await?;
+    let publish = broker.publish_backlog(topology, backlog).await?;
+    let drain = bare_consume(topology, backlog.len() as u64).await?;
+    Ok((publish, drain))
+}
+
+async fn bare_consume(topology: &Topology, n: u64) -> Result<Duration> {
+    let connection = Connection::connect(URL, ConnectionProperties::default()).await?;
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await?;
+    let started = Instant::now();
+    let mut deliveries = channel
+        .basic_consume(
+            topology.queue.as_str().into(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut received = 0u64;
+    while received < n {
+        let delivery = deliveries
+            .next()
+            .await
+            .context("the broker cancelled the consumer")??;
+        received += 1;
+        if received % ACK_EVERY == 0 || received == n {
+            channel
+                .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
+                .await?;
+        }
+    }
+    let elapsed = started.elapsed();
+    connection.close(200, "done".into()).await?;
+    Ok(elapsed)
+}
+
+/// Queues the backlog while no engine runs, then starts one and times it until all is durable
+/// and acked. Returns the running engine, the publish time and the drain time.
+async fn engine_run(
+    broker: &Broker,
+    topology: &Topology,
+    backlog: &[Message],
+) -> Result<(Engine, Duration, Duration)> {
+    broker.declare(topology).await?;
+    let publish = broker.publish_backlog(topology, backlog).await?;
+    let started = Instant::now();
+    let mut engine = Engine::start(topology)?;
+    let http = reqwest::Client::new();
+    loop {
+        if engine.processed(&http).await >= backlog.len() as u64
+            && broker.depth(topology).await? == 0
+        {
+            return Ok((engine, publish, started.elapsed()));
+        }
+        engine.check_alive()?;
+        if started.elapsed() > DRAIN_TIMEOUT {
+            bail!(
+                "the engine did not drain the queue in {DRAIN_TIMEOUT:?}; {}",
+                engine.log_tail()
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Publishes readings at a steady rate, stamped with their publish time, and reads them back
+/// from the SSE stream.
+async fn measure_latency(
+    broker: &Broker,
+    topology: &Topology,
+    engine: &Engine,
+    rate_per_s: usize,
+) -> Result<Latency> {
+    let planned = rate_per_s * LATENCY_SECONDS;
+    let stream = reqwest::get(engine.url("/api/stream?types=ReadingRecorded"))
+        .await?
+        .error_for_status()?;
+    // The response has started: the stream is subscribed to the commit feed before publishing.
+    let reader = tokio::spawn(read_latencies(stream, planned));
+    let publish_time = publish_paced(broker, topology, rate_per_s, planned).await?;
+    let latencies_ms = reader.await??;
+    Ok(Latency {
+        planned_rate: rate_per_s,
+        planned,
+        publish_rate: rate(planned, publish_time),
+        latencies_ms,
+    })
+}
+
+/// Publishes `planned` readings in ticks of `TICK`, round-robin over the devices, on
+/// `PUBLISH_LANES` channels at once (so one channel's sequential publishes are not the bound);
+/// a device always publishes on the same lane, so its readings stay in order.
+async fn publish_paced(
+    broker: &Broker,
+    topology: &Topology,
+    rate_per_s: usize,
+    planned: usize,
+) -> Result<Duration> {
+    let started = Instant::now();
+    let mut lanes = tokio::task::JoinSet::new();
+    for lane in 0..PUBLISH_LANES {
+        let publisher = broker.publisher(topology).await?;
+        lanes.spawn(publish_lane(publisher, lane, rate_per_s, planned));
+    }
+    while let Some(lane) = lanes.join_next().await {
+        lane??;
+    }
+    Ok(started.elapsed())
+}
+
+/// This lane's share of the paced readings: those with index ≡ `lane` (mod `PUBLISH_LANES`).
+async fn publish_lane(
+    mut publisher: Publisher,
+    lane: usize,
+    rate_per_s: usize,
+    planned: usize,
+) -> Result<()> {
+    let per_tick = (rate_per_s * TICK.as_millis() as usize / 1_000).max(1);
+    let mut ticks = tokio::time::interval(TICK);
+    for first in (0..planned).step_by(per_tick) {
+        ticks.tick().await;
+        let tick = first..(first + per_tick).min(planned);
+        for i in tick.filter(|i| i % PUBLISH_LANES == lane) {
+            let step = (i / DEVICES) as u64;
+            publisher
+                .send(&reading(i % DEVICES, step, Utc::now()))
+                .await?;
+        }
+    }
+    publisher.flush().await
+}
+
+/// Collects receive time − reading time, in ms, of up to `planned` `ReadingRecorded` events.
+async fn read_latencies(stream: reqwest::Response, planned: usize) -> Result<Vec<f64>> {
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(LATENCY_SECONDS as u64) + LATENCY_GRACE;
+    let mut chunks = stream.bytes_stream();
+    let mut pending = Vec::new();
+    let mut latencies = Vec::with_capacity(planned);
+    while latencies.len() < planned {
+        let chunk = match tokio::time::timeout_at(deadline, chunks.next()).await {
+            Ok(Some(chunk)) => chunk?,
+            Ok(None) => bail!("the engine closed the SSE stream"),
+            Err(_) => break, // Report what arrived; the table shows how much was missing.
+        };
+        let received = Utc::now();
+        pending.extend_from_slice(&chunk);
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            if let Some(at) = reading_time(&line)? {
+                latencies.push((received - at).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e3);
+            }
+        }
+    }
+    Ok(latencies)
+}
+
+/// The reading time (`data.at`) of an SSE `data:` line; `None` for other lines.
+fn reading_time(line: &[u8]) -> Result<Option<DateTime<Utc>>> {
+    let Some(json) = line.strip_prefix(b"data:") else {
+        return Ok(None);
+    };
+    let event: Value = serde_json::from_slice(json)?;
+    let at = event["data"]["at"]
+        .as_str()
+        .context("a ReadingRecorded event without data.at")?;
+    Ok(Some(DateTime::parse_from_rfc3339(at)?.to_utc()))
+}
+
+/// One reading to publish: routing key (the device id) and JSON body.
+struct Message {
+    device: String,
+    body: Vec<u8>,
+}
+
+/// `n` readings round-robin over the devices, one second apart per device from `start`.
+fn backlog(n: usize, start: DateTime<Utc>) -> Vec<Message> {
+    (0..n)
+        .map(|i| {
+            let step = (i / DEVICES) as u64;
+            reading(i % DEVICES, step, start + TimeDelta::seconds(step as i64))
+        })
+        .collect()
+}
+
+/// A realistic reading: each device circles Amsterdam on its own ring; its cargo is 3–7 °C.
+fn reading(device: usize, step: u64, at: DateTime<Utc>) -> Message {
+    let id = format!("bench-{device:06}");
+    let ring = 0.005 + 0.04 * (device as f64 / DEVICES as f64);
+    let angle = device as f64 + step as f64 * 0.001;
+    let body = json!({
+        "device_id": id,
+        "timestamp": at.to_rfc3339_opts(SecondsFormat::Micros, true),
+        "lat": 52.3676 + ring * angle.sin(),
+        "lon": 4.9041 + ring * 1.6 * angle.cos(),
+        "temperature": 5.0 + 2.0 * (angle * 0.7).sin(),
+    });
+    Message {
+        device: id,
+        body: serde_json::to_vec(&body).expect("a reading serializes"),
+    }
+}
+
+/// Exchange and queue names of one run, declared exactly as `src/ingest/amqp.rs` does.
+#[derive(Clone)]
+struct Topology {
+    exchange: String,
+    queue: String,
+}
+
+impl Topology {
+    fn new() -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let name = format!("bench.{}", &id[..8]);
+        Self {
+            exchange: name.clone(),
+            queue: name,
+        }
+    }
+
+    fn dead(&self) -> String {
+        format!("{}.dead", self.queue)
+    }
+}
+
+/// The bench's broker connection: one channel for topology and queue depth; publishers get their
+/// own (with confirms).
+struct Broker {
+    connection: Connection,
+    channel: Channel,
+}
+
+impl Broker {
+    async fn connect() -> Result<Self> {
+        let connection = Connection::connect(URL, ConnectionProperties::default()).await?;
+        let channel = connection.create_channel().await?;
+        Ok(Self {
+            connection,
+            channel,
+        })
+    }
+
+    /// The engine's topology; any difference in arguments would make the engine's declare fail.
+    async fn declare(&self, t: &Topology) -> Result<()> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let durable_queue = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let dead = t.dead();
+        let ch = &self.channel;
+        let none = FieldTable::default;
+        ch.exchange_declare(
+            t.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            none(),
+        )
+        .await?;
+        ch.exchange_declare(dead.as_str().into(), ExchangeKind::Fanout, durable, none())
+            .await?;
+        ch.queue_declare(dead.as_str().into(), durable_queue, none())
+            .await?;
+        ch.queue_bind(
+            dead.as_str().into(),
+            dead.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            none(),
+        )
+        .await?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(dead.as_str().into()),
+        );
+        ch.queue_declare(t.queue.as_str().into(), durable_queue, args)
+            .await?;
+        ch.queue_bind(
+            t.queue.as_str().into(),
+            t.exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            none(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Messages ready in the queue (not counting delivered, unacked ones).
+    async fn depth(&self, t: &Topology) -> Result<u32> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let queue = self
+            .channel
+            .queue_declare(t.queue.as_str().into(), passive, FieldTable::default())
+            .await?;
+        Ok(queue.message_count())
+    }
+
+    /// A publisher on a channel of its own.
+    async fn publisher(&self, t: &Topology) -> Result<Publisher> {
+        let channel = self.connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Publisher {
+            channel,
+            exchange: t.exchange.clone(),
+            unconfirmed: VecDeque::new(),
+        })
+    }
+
+    /// Publishes every message and waits for all confirms; returns how long that took.
+    async fn publish_backlog(&self, t: &Topology, backlog: &[Message]) -> Result<Duration> {
+        let started = Instant::now();
+        let mut publisher = self.publisher(t).await?;
+        for message in backlog {
+            publisher.send(message).await?;
+        }
+        publisher.flush().await?;
+        Ok(started.elapsed())
+    }
+
+    /// Best effort: a failure here must not hide the bench's own outcome.
+    async fn delete(&self, t: &Topology) {
+        for queue in [t.queue.clone(), t.dead()] {
+            if let Err(e) = self
+                .channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await
+            {
+                eprintln!("cannot delete queue {queue}: {e}");
+            }
+        }
+        for exchange in [t.exchange.clone(), t.dead()] {
+            if let Err(e) = self
+                .channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await
+            {
+                eprintln!("cannot delete exchange {exchange}: {e}");
+            }
+        }
+    }
+}
+
+/// Publishes persistent messages with at most `CONFIRM_WINDOW` confirms outstanding.
+struct Publisher {
+    channel: Channel,
+    exchange: String,
+    unconfirmed: VecDeque<PublisherConfirm>,
+}
+
+impl Publisher {
+    async fn send(&mut self, message: &Message) -> Result<()> {
+        if self.unconfirmed.len() >= CONFIRM_WINDOW {
+            self.await_oldest().await?;
+        }
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                message.device.as_str().into(),
+                BasicPublishOptions::default(),
+                &message.body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+        self.unconfirmed.push_back(confirm);
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        while !self.unconfirmed.is_empty() {
+            self.await_oldest().await?;
+        }
+        Ok(())
+    }
+
+    async fn await_oldest(&mut self) -> Result<()> {
+        if let Some(confirm) = self.unconfirmed.pop_front() {
+            let confirmation = confirm.await?;
+            ensure!(
+                matches!(confirmation, Confirmation::Ack(_)),
+                "the broker refused a reading: {confirmation:?}"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The release engine on a free port, a temporary data directory and the run's topology.
+struct Engine {
+    child: Child,
+    base: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Engine {
+    fn start(t: &Topology) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let log = dir.path().join("engine.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_fleetwatch"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--http-addr", &format!("127.0.0.1:{port}")])
+            .args(["--amqp-url", URL, "--amqp-exchange", &t.exchange])
+            .args(["--amqp-queue", &t.queue])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("cannot start the fleetwatch binary")?;
+        Ok(Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+            _dir: dir,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// `fleetwatch_amqp_processed_total`: readings durable and settled; 0 until HTTP is up.
+    async fn processed(&self, http: &reqwest::Client) -> u64 {
+        let Ok(response) = http.get(self.url("/metrics")).send().await else {
+            return 0;
+        };
+        let text = response.text().await.unwrap_or_default();
+        text.lines()
+            .find(|l| l.starts_with("fleetwatch_amqp_processed_total"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        match self.child.try_wait()? {
+            Some(status) => bail!("the engine exited with {status}; {}", self.log_tail()),
+            None => Ok(()),
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        format!(
+            "engine log tail:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    }
+
+    /// SIGTERM: the engine finishes and acks what it holds, then exits.
+    fn stop(mut self) -> Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let status = self.child.wait()?;
+        ensure!(
+            status.success(),
+            "the engine exited with {status}; {}",
+            self.log_tail()
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Readings per second of one round.
+struct Round {
+    bare_publish: f64,
+    engine_publish: f64,
+    bare: f64,
+    engine: f64,
+}
+
+struct Latency {
+    planned_rate: usize,
+    planned: usize,
+    publish_rate: f64,
+    latencies_ms: Vec<f64>,
+}
+
+struct Report {
+    rounds: Vec<Round>,
+    latency: Latency,
+}
+
+fn rate(n: usize, elapsed: Duration) -> f64 {
+    n as f64 / elapsed.as_secs_f64()
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 0 {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    }
+}
+
+/// The value below which a share `q` of the sorted `values` lie (nearest rank).
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn print_report(n: usize, backlog: &[Message], report: &Report) {
+    let body_bytes = backlog.iter().map(|m| m.body.len()).sum::<usize>() / backlog.len().max(1);
+    println!("\n{}\n", machine());
+    println!(
+        "N = {n} persistent readings (mean body {body_bytes} B), {DEVICES} devices, prefetch {PREFETCH}\n"
+    );
+    let header: Vec<String> = (1..=report.rounds.len())
+        .map(|i| format!("run {i}"))
+        .collect();
+    println!("| readings/s | {} | median |", header.join(" | "));
+    println!("|---|{}---|", "---|".repeat(header.len()));
+    let row = |name: &str, value: &dyn Fn(&Round) -> f64, unit: &dyn Fn(f64) -> String| {
+        let values: Vec<f64> = report.rounds.iter().map(value).collect();
+        let cells: Vec<String> = values.iter().map(|&v| unit(v)).collect();
+        println!(
+            "| {name} | {} | {} |",
+            cells.join(" | "),
+            unit(median(values))
+        );
+    };
+    let per_second = |v: f64| format!("{v:.0}");
+    row(
+        "publish, persistent + confirms (bare queue)",
+        &|r| r.bare_publish,
+        &per_second,
+    );
+    row(
+        "publish, persistent + confirms (engine queue)",
+        &|r| r.engine_publish,
+        &per_second,
+    );
+    row("bare lapin consumer, ack only", &|r| r.bare, &per_second);
+    row("fleetwatch: durable + acked", &|r| r.engine, &per_second);
+    row("fleetwatch / bare consumer", &|r| r.engine / r.bare, &|v| {
+        format!("{:.0} %", v * 100.0)
+    });
+
+    let latency = &report.latency;
+    let mut sorted = latency.latencies_ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!(
+        "\nLatency publish → durable → SSE, {} readings/s planned for {LATENCY_SECONDS} s:\n",
+        latency.planned_rate
+    );
+    println!("| achieved publish rate | received on SSE | p50 | p90 | p99 | max |");
+    println!("|---|---|---|---|---|---|");
+    if sorted.is_empty() {
+        println!(
+            "| {:.0}/s | 0 / {} | – | – | – | – |",
+            latency.publish_rate, latency.planned
+        );
+        return;
+    }
+    let ms = |q: f64| format!("{:.1} ms", percentile(&sorted, q));
+    println!(
+        "| {:.0}/s | {} / {} | {} | {} | {} | {} |",
+        latency.publish_rate,
+        sorted.len(),
+        latency.planned,
+        ms(0.50),
+        ms(0.90),
+        ms(0.99),
+        ms(1.0),
+    );
+}
+
+/// Date, cores, CPU model and RabbitMQ version, for the record.
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let rabbitmq = Command::new("rabbitmqctl")
+        .arg("version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown (rabbitmqctl failed)".into());
+    format!(
+        "{}, {cores} cores ({cpu}), RabbitMQ {rabbitmq}",
+        Utc::now().format("%Y-%m-%d %H:%M UTC")
+    )
+}
