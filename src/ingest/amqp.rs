@@ -478,13 +478,25 @@ fn parse_reading_bytes(body: &[u8]) -> Result<fleetwatch_domain::Reading, String
     parse_reading(text).map_err(|e| e.to_string())
 }
 
+/// Acks sent as soon as this many more deliveries are settled in order...
+const ACK_EVERY: u64 = 256;
+/// ...or at the latest after this long.
+const ACK_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Acks every delivery once it and all before it are settled, with one `multiple` ack per batch.
+/// Batching matters: every ack is work for the broker, which shares the machine.
 async fn acker(channel: Channel, mut settled: mpsc::UnboundedReceiver<Settle>) {
     let mut done = BTreeSet::new();
     let mut watermark = 0u64;
     let mut acked = 0u64;
     let mut batch = Vec::new();
-    while settled.recv_many(&mut batch, 4096).await > 0 {
+    let mut tick = tokio::time::interval(ACK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let (open, ticked) = tokio::select! {
+            n = settled.recv_many(&mut batch, 4096) => (n > 0, false),
+            _ = tick.tick() => (true, true),
+        };
         for settle in batch.drain(..) {
             match settle {
                 Settle::Ack(tag) => {
@@ -505,7 +517,8 @@ async fn acker(channel: Channel, mut settled: mpsc::UnboundedReceiver<Settle>) {
         while done.remove(&(watermark + 1)) {
             watermark += 1;
         }
-        if watermark > acked {
+        let due = watermark - acked >= ACK_EVERY || ticked || !open;
+        if watermark > acked && due {
             match channel
                 .basic_ack(watermark, BasicAckOptions { multiple: true })
                 .await
@@ -514,6 +527,9 @@ async fn acker(channel: Channel, mut settled: mpsc::UnboundedReceiver<Settle>) {
                 // The channel is gone: its unacked deliveries come back after reconnecting.
                 Err(e) => tracing::debug!(error = %e, "ack failed"),
             }
+        }
+        if !open {
+            return;
         }
     }
 }

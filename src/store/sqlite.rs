@@ -389,9 +389,17 @@ impl Writer {
 
     fn write_batch(&mut self, batch: &mut Vec<WriteCommand>) {
         let started = std::time::Instant::now();
+        // Copies for the live feed are only worth making when someone listens.
+        let publish = self.live.receiver_count() > 0;
         let mut committed = Vec::new();
-        let outcome = self.stage(batch, &mut committed);
-        let event_count = committed.len();
+        let outcome = self.stage(batch, publish.then_some(&mut committed));
+        let event_count: usize = batch
+            .iter()
+            .map(|c| match c {
+                WriteCommand::Append { events, .. } => events.len(),
+                _ => 0,
+            })
+            .sum();
         match outcome {
             Ok(staged) => {
                 if !committed.is_empty() {
@@ -442,7 +450,7 @@ impl Writer {
     fn stage(
         &mut self,
         batch: &[WriteCommand],
-        committed: &mut Vec<RecordedEvent>,
+        mut committed: Option<&mut Vec<RecordedEvent>>,
     ) -> rusqlite::Result<Vec<Staged>> {
         // Stored at microsecond precision; published events must read exactly as stored ones.
         let micros = Utc::now().timestamp_micros();
@@ -501,6 +509,9 @@ impl Writer {
                                 event.data,
                             ])?;
                             position = tx.last_insert_rowid() as u64;
+                            let Some(committed) = committed.as_deref_mut() else {
+                                continue;
+                            };
                             committed.push(RecordedEvent {
                                 position,
                                 stream: stream.clone(),

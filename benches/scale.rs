@@ -1,0 +1,377 @@
+//! Scale and recovery of the real engine binary (run with `cargo bench --bench scale`):
+//!
+//! 1. **Active devices**: resident memory per active device actor, with 100,000 devices active.
+//! 2. **Passivation**: 1,000,000 known devices fed through an engine with a short idle timeout;
+//!    the number of live actors and the resident memory stay bounded.
+//! 3. **Recovery**: a store with 100,000 devices and 10,000,000 events (written through the
+//!    store API with snapshots every 100 events, as the engine writes them); time until a
+//!    restarted engine serves and ingests again, and time to the first event of a cold device —
+//!    with a snapshot it does not depend on the length of the device's history.
+//!
+//! Sizes can be reduced for a quick run: `FW_SCALE=0.1 cargo bench --bench scale`.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{TimeZone, Utc};
+use fleetwatch::store::{EventStore, NewEvent, Snapshot, SqliteStore, SqliteStoreOptions};
+use fleetwatch_domain::{Decision, Device, DeviceId, Reading, Rules, Thresholds, SCHEMA_VERSION};
+use serde_json::{json, Value};
+
+fn scale() -> f64 {
+    std::env::var("FW_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0)
+}
+
+fn scaled(n: usize) -> usize {
+    ((n as f64) * scale()).max(1.0) as usize
+}
+
+struct EngineProcess {
+    child: Child,
+    base: String,
+}
+
+impl EngineProcess {
+    fn start(data: &Path, extra: &[&str]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = Command::new(env!("CARGO_BIN_EXE_fleetwatch"))
+            .arg("--data-dir")
+            .arg(data)
+            .args([
+                "--http-addr",
+                &format!("127.0.0.1:{port}"),
+                "--amqp-disabled",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start fleetwatch");
+        Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// Seconds until `/api/health` answers 200.
+    async fn wait_healthy(&self, http: &reqwest::Client) -> f64 {
+        let started = Instant::now();
+        loop {
+            if let Ok(r) = http.get(format!("{}/api/health", self.base)).send().await {
+                if r.status().is_success() {
+                    return started.elapsed().as_secs_f64();
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(300),
+                "engine never became healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+
+    async fn health(&self, http: &reqwest::Client) -> Value {
+        http.get(format!("{}/api/health", self.base))
+            .send()
+            .await
+            .expect("health")
+            .json()
+            .await
+            .expect("health JSON")
+    }
+
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn reading_json(device: &str, secs: i64, i: usize) -> Value {
+    let t = Utc.with_ymd_and_hms(2026, 11, 23, 0, 0, 0).unwrap() + chrono::Duration::seconds(secs);
+    json!({
+        "device_id": device,
+        "timestamp": t.to_rfc3339(),
+        "lat": 52.0 + (i % 1000) as f64 * 1e-3,
+        "lon": 4.0 + (i / 1000 % 1000) as f64 * 1e-3,
+        "temperature": 5.0,
+    })
+}
+
+/// Posts one reading for each of `devices` devices (ids `prefix-N`), 1,000 per request, 8 requests
+/// in flight. Returns readings per second.
+async fn post_devices(
+    http: &reqwest::Client,
+    base: &str,
+    prefix: &str,
+    devices: usize,
+    secs: i64,
+) -> f64 {
+    use futures_util::StreamExt;
+    let started = Instant::now();
+    let batches = (0..devices).step_by(1000).map(|start| {
+        let batch: Vec<Value> = (start..(start + 1000).min(devices))
+            .map(|i| reading_json(&format!("{prefix}-{i}"), secs, i))
+            .collect();
+        let request = http
+            .post(format!("{base}/api/readings"))
+            .json(&batch)
+            .send();
+        async move {
+            let r = request.await.expect("POST readings");
+            assert_eq!(r.status(), 202, "{}", r.text().await.unwrap_or_default());
+        }
+    });
+    futures_util::stream::iter(batches)
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    devices as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn active_devices(http: &reqwest::Client) {
+    let n = scaled(100_000);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let engine = EngineProcess::start(&dir.path().join("data"), &["--idle-timeout", "1h"]);
+    engine.wait_healthy(http).await;
+    let base_rss = engine.rss_mib();
+    let rate = post_devices(http, &engine.base, "active", n, 0).await;
+    let active = engine.health(http).await["devices_active"]
+        .as_u64()
+        .unwrap_or(0);
+    let rss = engine.rss_mib();
+    println!("| active device actors | {active} |");
+    println!("| resident memory, idle engine | {base_rss:.1} MiB |");
+    println!("| resident memory with {n} active devices | {rss:.1} MiB |");
+    println!(
+        "| resident memory per active device | {:.2} KiB |",
+        (rss - base_rss) * 1024.0 / n as f64
+    );
+    println!("| first readings of {n} new devices, HTTP batches of 1,000 | {rate:.0} readings/s |");
+    engine.stop();
+}
+
+async fn passivation(http: &reqwest::Client) {
+    let n = scaled(1_000_000);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let engine = EngineProcess::start(&dir.path().join("data"), &["--idle-timeout", "5s"]);
+    engine.wait_healthy(http).await;
+    let mut peak_active = 0;
+    let mut peak_rss: f64 = 0.0;
+    let started = Instant::now();
+    for chunk in (0..n).step_by(100_000) {
+        let count = 100_000.min(n - chunk);
+        post_devices(http, &engine.base, &format!("known-{chunk}"), count, 0).await;
+        peak_active = peak_active.max(
+            engine.health(http).await["devices_active"]
+                .as_u64()
+                .unwrap_or(0),
+        );
+        peak_rss = peak_rss.max(engine.rss_mib());
+    }
+    let load_secs = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let after = engine.health(http).await["devices_active"]
+        .as_u64()
+        .unwrap_or(0);
+    println!(
+        "| known devices written | {n} in {load_secs:.0} s ({:.0} readings/s) |",
+        n as f64 / load_secs
+    );
+    println!("| most live actors during the load (idle timeout 5 s) | {peak_active} |");
+    println!("| peak resident memory during the load | {peak_rss:.1} MiB |");
+    println!("| live actors 12 s after the load | {after} |");
+    println!(
+        "| resident memory 12 s after the load | {:.1} MiB |",
+        engine.rss_mib()
+    );
+    engine.stop();
+}
+
+/// Writes one device's history of at least `events_wanted` events through the store, the way its
+/// actor would: appends issued back to back, a snapshot every 100 events if `snapshots`.
+async fn write_device(
+    store: Arc<SqliteStore>,
+    rules: Arc<Rules>,
+    id: String,
+    events_wanted: usize,
+    snapshots: bool,
+) -> usize {
+    let mut device = Device::new(DeviceId::parse(id.as_str()).expect("id"));
+    let mut appends = Vec::new();
+    let mut snapshot_saves = Vec::new();
+    let mut since_snapshot = 0;
+    let mut secs = 0i64;
+    while (device.version() as usize) < events_wanted {
+        secs += 1;
+        let at = Utc.timestamp_opt(1_700_000_000 + secs, 0).unwrap();
+        let reading =
+            Reading::new(id.as_str(), at, 52.0 + secs as f64 * 1e-3, 4.0, 5.0).expect("reading");
+        let Decision::Events(events) = device.handle(&reading, &rules) else {
+            continue;
+        };
+        let expected = device.version();
+        let new: Vec<NewEvent> = events
+            .iter()
+            .map(|e| NewEvent {
+                event_type: e.event_type(),
+                schema_version: SCHEMA_VERSION,
+                data: e.to_json(),
+            })
+            .collect();
+        events.iter().for_each(|e| device.apply(e));
+        appends.push(store.append(&id, expected, new));
+        since_snapshot += events.len();
+        if snapshots && since_snapshot >= 100 {
+            since_snapshot = 0;
+            snapshot_saves.push(store.save_snapshot(Snapshot {
+                stream: id.clone(),
+                version: device.version(),
+                schema_version: 1,
+                data: serde_json::to_string(&device).expect("snapshot"),
+            }));
+        }
+    }
+    for append in appends {
+        append.await.expect("append");
+    }
+    for save in snapshot_saves {
+        save.await.expect("snapshot");
+    }
+    device.version() as usize
+}
+
+/// Seeds a store with `devices` devices of `per_device` events each, plus `long` (with
+/// snapshots) and `long-nosnap` (without) of `long_events` events each.
+async fn seed_store(dir: &Path, devices: usize, per_device: usize, long_events: usize) {
+    use futures_util::StreamExt;
+    let store =
+        Arc::new(SqliteStore::open(dir, SqliteStoreOptions::default()).expect("open store"));
+    let rules = Arc::new(Rules::new(Thresholds::default()));
+    let started = Instant::now();
+    let jobs = (0..devices).map(|d| {
+        write_device(
+            store.clone(),
+            rules.clone(),
+            format!("dev-{d}"),
+            per_device,
+            true,
+        )
+    });
+    let written: Vec<usize> = futures_util::stream::iter(jobs)
+        .buffer_unordered(512)
+        .collect()
+        .await;
+    let mut total: usize = written.iter().sum();
+    total += write_device(
+        store.clone(),
+        rules.clone(),
+        "long".into(),
+        long_events,
+        true,
+    )
+    .await;
+    total += write_device(
+        store.clone(),
+        rules.clone(),
+        "long-nosnap".into(),
+        long_events,
+        false,
+    )
+    .await;
+    store.close();
+    println!(
+        "| events written to seed the store | {total} at {:.0} events/s (store API, snapshots every 100) |",
+        total as f64 / started.elapsed().as_secs_f64()
+    );
+}
+
+async fn time_first_event(http: &reqwest::Client, base: &str, device: &str) -> f64 {
+    let body = json!([{"device_id": device, "timestamp": "2030-01-01T00:00:00Z", "lat": 52.5, "lon": 4.5, "temperature": 6.0}]);
+    let started = Instant::now();
+    let r = http
+        .post(format!("{base}/api/readings"))
+        .json(&body)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 202);
+    started.elapsed().as_secs_f64() * 1000.0
+}
+
+async fn recovery(http: &reqwest::Client) {
+    let devices = scaled(100_000);
+    let per_device = 100;
+    let long_events = scaled(100_000);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    seed_store(&data, devices, per_device, long_events).await;
+    let size: u64 = std::fs::read_dir(&data)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    println!(
+        "| store size on disk | {:.0} MiB |",
+        size as f64 / 1048576.0
+    );
+
+    let engine = EngineProcess::start(&data, &[]);
+    let serve = engine.wait_healthy(http).await;
+    println!(
+        "| restart until `/api/health` answers | {:.0} ms |",
+        serve * 1000.0
+    );
+    let first = time_first_event(http, &engine.base, "brand-new-device").await;
+    println!("| then first reading of a new device durable (HTTP 202) | {first:.1} ms |");
+    let cold = time_first_event(http, &engine.base, "dev-42").await;
+    println!("| cold device with {per_device} events (snapshot + tail) → 202 | {cold:.1} ms |");
+    let long = time_first_event(http, &engine.base, "long").await;
+    println!("| cold device with {long_events} events, with snapshots → 202 | {long:.1} ms |");
+    let nosnap = time_first_event(http, &engine.base, "long-nosnap").await;
+    println!("| cold device with {long_events} events, no snapshot (full replay) → 202 | {nosnap:.1} ms |");
+    engine.stop();
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing to parse.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .expect("client");
+        println!(
+            "scale factor {} (FW_SCALE), {} cores",
+            scale(),
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        println!("\n| measure | value |\n|---|---|");
+        active_devices(&http).await;
+        passivation(&http).await;
+        recovery(&http).await;
+    });
+}
