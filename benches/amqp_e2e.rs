@@ -108,12 +108,16 @@ async fn measure(
         eprintln!("round {round}: bare consumer");
         let bare = Topology::new();
         used.push(bare.clone());
-        let (bare_publish, bare_drain) = bare_run(broker, &bare, backlog).await?;
+        broker.declare(&bare).await?;
+        let bare_publish = broker.publish_backlog(&bare, backlog).await?;
+        let (bare_drain, bare_broker_cpu, bare_consumer_cpu) =
+            with_cpu(bare_consume(&bare, backlog.len() as u64)).await?;
 
         eprintln!("round {round}: fleetwatch");
         let topology = Topology::new();
         used.push(topology.clone());
-        let (engine, engine_publish, engine_drain) = engine_run(broker, &topology, backlog).await?;
+        let (engine, engine_publish, engine_drain, engine_cpu, engine_broker_cpu) =
+            engine_run(broker, &topology, backlog).await?;
         if round == ROUNDS {
             eprintln!("latency at {latency_rate} readings/s for {LATENCY_SECONDS} s");
             latency = Some(measure_latency(broker, &topology, &engine, latency_rate).await?);
@@ -129,6 +133,10 @@ async fn measure(
             engine_publish: rate(backlog.len(), engine_publish),
             bare: rate(backlog.len(), bare_drain),
             engine: rate(backlog.len(), engine_drain),
+            bare_broker_us: per_reading_us(bare_broker_cpu, backlog.len()),
+            bare_consumer_us: per_reading_us(bare_consumer_cpu, backlog.len()),
+            engine_broker_us: per_reading_us(engine_broker_cpu, backlog.len()),
+            engine_us: per_reading_us(engine_cpu, backlog.len()),
         });
     }
     Ok(Report {
@@ -137,18 +145,19 @@ async fn measure(
     })
 }
 
-/// Publishes the backlog into a fresh queue, then drains it with a consumer that only acks.
-async fn bare_run(
-    broker: &Broker,
-    topology: &Topology,
-    backlog: &[Message],
-) -> Result<(Duration, Duration)> {
-    broker.declare(topology).await?;
-    let publish = broker.publish_backlog(topology, backlog).await?;
-    let drain = bare_consume(topology, backlog.len() as u64).await?;
-    Ok((publish, drain))
+/// Runs `drain` and returns its result with the CPU seconds the broker and this process used.
+async fn with_cpu<T>(drain: impl std::future::Future<Output = Result<T>>) -> Result<(T, f64, f64)> {
+    let broker = broker_pid()?;
+    let (broker_before, own_before) = (cpu_seconds(&broker), cpu_seconds("self"));
+    let value = drain.await?;
+    Ok((
+        value,
+        cpu_seconds(&broker) - broker_before,
+        cpu_seconds("self") - own_before,
+    ))
 }
 
+/// Drains `n` deliveries with a consumer that only acks (every `ACK_EVERY`, `multiple`).
 async fn bare_consume(topology: &Topology, n: u64) -> Result<Duration> {
     let connection = Connection::connect(URL, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
@@ -183,14 +192,17 @@ async fn bare_consume(topology: &Topology, n: u64) -> Result<Duration> {
 }
 
 /// Queues the backlog while no engine runs, then starts one and times it until all is durable
-/// and acked. Returns the running engine, the publish time and the drain time.
+/// and acked. Returns the running engine, the publish time, the drain time, and the CPU seconds
+/// the engine and the broker used while draining.
 async fn engine_run(
     broker: &Broker,
     topology: &Topology,
     backlog: &[Message],
-) -> Result<(Engine, Duration, Duration)> {
+) -> Result<(Engine, Duration, Duration, f64, f64)> {
     broker.declare(topology).await?;
     let publish = broker.publish_backlog(topology, backlog).await?;
+    let broker_pid = broker_pid()?;
+    let broker_before = cpu_seconds(&broker_pid);
     let started = Instant::now();
     let mut engine = Engine::start(topology)?;
     let http = reqwest::Client::new();
@@ -198,7 +210,15 @@ async fn engine_run(
         if engine.processed(&http).await >= backlog.len() as u64
             && broker.depth(topology).await? == 0
         {
-            return Ok((engine, publish, started.elapsed()));
+            let elapsed = started.elapsed();
+            let engine_cpu = cpu_seconds(&engine.pid());
+            return Ok((
+                engine,
+                publish,
+                elapsed,
+                engine_cpu,
+                cpu_seconds(&broker_pid()?),
+            ));
         }
         engine.check_alive()?;
         if started.elapsed() > DRAIN_TIMEOUT {
@@ -577,6 +597,10 @@ impl Engine {
         })
     }
 
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -637,6 +661,11 @@ struct Round {
     engine_publish: f64,
     bare: f64,
     engine: f64,
+    /// CPU µs per reading while draining: the broker and the consumer, in each run.
+    bare_broker_us: f64,
+    bare_consumer_us: f64,
+    engine_broker_us: f64,
+    engine_us: f64,
 }
 
 struct Latency {
@@ -649,6 +678,37 @@ struct Latency {
 struct Report {
     rounds: Vec<Round>,
     latency: Latency,
+}
+
+/// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |t| {
+        t.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+    });
+    // Linux reports in clock ticks of 1/100 s on every platform this runs on.
+    ticks / 100.0
+}
+
+/// The RabbitMQ server process (the Erlang VM).
+fn broker_pid() -> Result<String> {
+    let out = Command::new("pgrep").args(["-o", "beam.smp"]).output()?;
+    let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    ensure!(
+        !pid.is_empty(),
+        "cannot find the RabbitMQ process (beam.smp)"
+    );
+    Ok(pid)
+}
+
+/// CPU microseconds per reading.
+fn per_reading_us(cpu_seconds: f64, n: usize) -> f64 {
+    cpu_seconds * 1e6 / n as f64
 }
 
 fn rate(n: usize, elapsed: Duration) -> f64 {
@@ -707,6 +767,23 @@ fn print_report(n: usize, backlog: &[Message], report: &Report) {
     row("fleetwatch / bare consumer", &|r| r.engine / r.bare, &|v| {
         format!("{:.0} %", v * 100.0)
     });
+    let micros = |v: f64| format!("{v:.0} µs");
+    row(
+        "CPU per reading: broker, bare run",
+        &|r| r.bare_broker_us,
+        &micros,
+    );
+    row(
+        "CPU per reading: bare consumer",
+        &|r| r.bare_consumer_us,
+        &micros,
+    );
+    row(
+        "CPU per reading: broker, fleetwatch run",
+        &|r| r.engine_broker_us,
+        &micros,
+    );
+    row("CPU per reading: fleetwatch", &|r| r.engine_us, &micros);
 
     let latency = &report.latency;
     let mut sorted = latency.latencies_ms.clone();

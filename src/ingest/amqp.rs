@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -344,51 +345,64 @@ impl Consumer {
         publisher: Channel,
         settle: mpsc::UnboundedSender<Settle>,
     ) {
-        let mut in_flight = JoinSet::new();
-        while let Some(delivery) = deliveries.recv().await {
-            let tag = delivery.delivery_tag;
-            let reading = parse_reading_bytes(&delivery.data).and_then(|reading| {
-                if reading.device_id.as_str() == delivery.routing_key.as_str() {
-                    Ok(reading)
-                } else {
-                    Err(format!(
-                        "routing key {:?} is not the reading's device_id {:?}",
-                        delivery.routing_key.as_str(),
-                        reading.device_id.as_str()
-                    ))
-                }
-            });
-            match reading {
-                Err(reason) => {
-                    let this = self.clone();
-                    let (publisher, settle) = (publisher.clone(), settle.clone());
-                    in_flight.spawn(async move {
-                        let _ = settle.send(this.dead_letter(&publisher, &delivery, &reason).await);
-                    });
-                }
-                Ok(reading) => {
-                    // `submit` fails only when shutting down: the delivery stays unacked and the
-                    // broker redelivers it.
-                    if let Ok(ticket) = self.engine.submit(reading).await {
-                        let this = self.clone();
-                        let (publisher, settle) = (publisher.clone(), settle.clone());
-                        in_flight.spawn(async move {
-                            let settled = match ticket.await {
-                                Ok(_) => {
-                                    metrics::counter!("fleetwatch_amqp_processed_total")
-                                        .increment(1);
-                                    Settle::Ack(tag)
-                                }
-                                Err(e) => this.after_failure(&publisher, &delivery, e).await,
-                            };
-                            let _ = settle.send(settled);
-                        });
+        // Readings on their way to durability, polled here rather than spawned: one task per
+        // worker, no allocation or scheduling per message.
+        let mut in_flight = FuturesUnordered::new();
+        let mut open = true;
+        while open || !in_flight.is_empty() {
+            tokio::select! {
+                delivery = deliveries.recv(), if open => match delivery {
+                    Some(delivery) => {
+                        if let Some(pending) = self.accept(delivery, &publisher).await {
+                            in_flight.push(pending);
+                        }
                     }
+                    None => open = false,
+                },
+                Some(settled) = in_flight.next(), if !in_flight.is_empty() => {
+                    let _ = settle.send(settled);
                 }
             }
-            while in_flight.try_join_next().is_some() {}
         }
-        while in_flight.join_next().await.is_some() {}
+    }
+
+    /// Validates a delivery and submits its reading; the returned future settles it.
+    async fn accept<'a>(
+        &'a self,
+        delivery: Delivery,
+        publisher: &'a Channel,
+    ) -> Option<futures_util::future::BoxFuture<'a, Settle>> {
+        let reading = parse_reading_bytes(&delivery.data).and_then(|reading| {
+            if reading.device_id.as_str() == delivery.routing_key.as_str() {
+                Ok(reading)
+            } else {
+                Err(format!(
+                    "routing key {:?} is not the reading's device_id {:?}",
+                    delivery.routing_key.as_str(),
+                    reading.device_id.as_str()
+                ))
+            }
+        });
+        let reading = match reading {
+            Ok(reading) => reading,
+            Err(reason) => {
+                return Some(Box::pin(async move {
+                    self.dead_letter(publisher, &delivery, &reason).await
+                }));
+            }
+        };
+        // `submit` fails only when shutting down: the delivery stays unacked and the broker
+        // redelivers it.
+        let ticket = self.engine.submit(reading).await.ok()?;
+        Some(Box::pin(async move {
+            match ticket.await {
+                Ok(_) => {
+                    metrics::counter!("fleetwatch_amqp_processed_total").increment(1);
+                    Settle::Ack(delivery.delivery_tag)
+                }
+                Err(e) => self.after_failure(publisher, &delivery, e).await,
+            }
+        }))
     }
 
     /// The engine failed on a reading: retry it in place a few times, then dead-letter it.

@@ -7,6 +7,7 @@
 //! commit is syncing, the next batch queues, so durable throughput grows with concurrency instead
 //! of being one fsync per event.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
@@ -131,6 +132,7 @@ impl SqliteStore {
             conn,
             live: live.clone(),
             max_batch: options.max_batch.max(1),
+            versions: HashMap::new(),
         };
         let handle = thread::Builder::new()
             .name("store-writer".into())
@@ -362,7 +364,13 @@ struct Writer {
     conn: Connection,
     live: broadcast::Sender<CommittedBatch>,
     max_batch: usize,
+    /// Committed stream versions, so an append need not look its stream up in SQLite. Only the
+    /// writer changes versions, so the cache cannot go stale; it is dropped when it grows large.
+    versions: HashMap<String, u64>,
 }
+
+/// Streams whose versions the writer keeps in memory before it starts over.
+const VERSION_CACHE_LIMIT: usize = 1_000_000;
 
 /// What one command in a batch came to, before the commit decides whether it stands.
 enum Staged {
@@ -459,6 +467,8 @@ impl Writer {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut staged = Vec::with_capacity(batch.len());
+        // Versions this batch moves streams to; they count only once it has committed.
+        let mut pending: HashMap<&str, u64> = HashMap::new();
         {
             let mut current_version =
                 tx.prepare_cached("SELECT version FROM streams WHERE stream_id = ?1")?;
@@ -484,10 +494,16 @@ impl Writer {
                         events,
                         ..
                     } => {
-                        let actual = current_version
-                            .query_row([stream], |row| row.get::<_, i64>(0))
-                            .optional()?
-                            .unwrap_or(0) as u64;
+                        let actual = match pending
+                            .get(stream.as_str())
+                            .or_else(|| self.versions.get(stream))
+                        {
+                            Some(v) => *v,
+                            None => current_version
+                                .query_row([stream], |row| row.get::<_, i64>(0))
+                                .optional()?
+                                .unwrap_or(0) as u64,
+                        };
                         if actual != *expected {
                             staged.push(Staged::Conflict(StoreError::Conflict {
                                 stream: stream.clone(),
@@ -524,6 +540,7 @@ impl Writer {
                         }
                         if !events.is_empty() {
                             upsert_stream.execute(params![stream, version as i64])?;
+                            pending.insert(stream.as_str(), version);
                         }
                         staged.push(Staged::Appended(Appended {
                             version,
@@ -544,6 +561,17 @@ impl Writer {
             }
         }
         tx.commit()?;
+        if self.versions.len() + pending.len() > VERSION_CACHE_LIMIT {
+            self.versions.clear();
+        }
+        for (stream, version) in pending {
+            match self.versions.get_mut(stream) {
+                Some(cached) => *cached = version,
+                None => {
+                    self.versions.insert(stream.to_owned(), version);
+                }
+            }
+        }
         Ok(staged)
     }
 }
