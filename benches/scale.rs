@@ -8,7 +8,8 @@
 //!    restarted engine serves and ingests again, and time to the first event of a cold device —
 //!    with a snapshot it does not depend on the length of the device's history.
 //!
-//! Sizes can be reduced for a quick run: `FW_SCALE=0.1 cargo bench --bench scale`.
+//! Sizes can be reduced for a quick run: `FW_SCALE=0.1 cargo bench --bench scale`; phases can be
+//! picked with `FW_PHASES=recovery` (default `active,passivation,recovery`).
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -224,7 +225,9 @@ async fn write_device(
         secs += 1;
         let at = Utc.timestamp_opt(1_700_000_000 + secs, 0).unwrap();
         let reading =
-            Reading::new(id.as_str(), at, 52.0 + secs as f64 * 1e-3, 4.0, 5.0).expect("reading");
+            // A zigzag of ~111 m steps that stays near 52° N however long the history.
+            Reading::new(id.as_str(), at, 52.0 + ((secs % 2000) - 1000).abs() as f64 * 1e-3, 4.0, 5.0)
+                .expect("reading");
         let Decision::Events(events) = device.handle(&reading, &rules) else {
             continue;
         };
@@ -370,8 +373,17 @@ fn main() {
             std::thread::available_parallelism().map_or(0, |n| n.get())
         );
         println!("\n| measure | value |\n|---|---|");
-        active_devices(&http).await;
-        passivation(&http).await;
-        recovery(&http).await;
+        let phases =
+            std::env::var("FW_PHASES").unwrap_or_else(|_| "active,passivation,recovery".into());
+        for phase in phases.split(',') {
+            match phase.trim() {
+                "active" => active_devices(&http).await,
+                "passivation" => passivation(&http).await,
+                "recovery" => recovery(&http).await,
+                other => {
+                    panic!("unknown phase {other:?} in FW_PHASES (active, passivation, recovery)")
+                }
+            }
+        }
     });
 }

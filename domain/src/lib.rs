@@ -21,4 +21,4 @@ pub use event::{DeviceEvent, EventDecodeError, RulesEvent, TemperatureDirection,
 pub use range::{Bound, TemperatureRange};
 pub use rules::{Rules, Thresholds};
 pub use values::{DeviceId, Location, Reading, RuleId, Temperature, ValidationError};
-pub use zone::{Watched, Zone, ZoneShape};
+pub use zone::{ShapeSpec, Watched, Zone, ZoneShape};

@@ -46,10 +46,11 @@ impl From<Watched> for Option<BTreeSet<DeviceId>> {
     }
 }
 
-/// The wire form of a shape, before validation.
+/// The wire form of a shape, before validation: [`ZoneShape::try_from`] validates it and names
+/// the offending field.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-enum ShapeSpec {
+pub enum ShapeSpec {
     Polygon {
         points: Vec<Location>,
     },

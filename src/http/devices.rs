@@ -92,7 +92,13 @@ async fn list_devices(
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let limit = page_limit(query.limit)?;
-    let after = query.after.as_deref().map(DeviceId::parse).transpose()?;
+    // An empty `after` is the first page, like no `after` at all.
+    let after = query
+        .after
+        .as_deref()
+        .filter(|a| !a.is_empty())
+        .map(DeviceId::parse)
+        .transpose()?;
     let devices = state.engine.devices(after.as_ref(), limit).await?;
     let rules = state.engine.rules().current();
     let page = DevicePage {

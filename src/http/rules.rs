@@ -1,7 +1,9 @@
 //! Zones (`/api/zones`) and temperature ranges (`/api/temperature-ranges`).
 
 use actix_web::{web, HttpResponse};
-use fleetwatch_domain::{RuleId, Temperature, TemperatureRange, Watched, Zone, ZoneShape};
+use fleetwatch_domain::{
+    RuleId, ShapeSpec, Temperature, TemperatureRange, Watched, Zone, ZoneShape,
+};
 use serde::Deserialize;
 
 use super::{parse_json, read_body, ApiError, AppState};
@@ -25,7 +27,8 @@ struct ZoneBody {
     id: Option<String>,
     #[serde(default)]
     name: String,
-    shape: ZoneShape,
+    /// Validated by the domain, so errors name the exact field (`shape.radius_m`, ...).
+    shape: ShapeSpec,
     #[serde(default)]
     devices: Watched,
     /// Accepted so a GET result can be PUT back unchanged; the server assigns it.
@@ -71,7 +74,8 @@ fn new_id(body_id: Option<String>) -> Result<RuleId, ApiError> {
 }
 
 fn zone(id: RuleId, body: ZoneBody) -> Result<Zone, ApiError> {
-    Ok(Zone::new(id, body.name, body.shape, body.devices)?)
+    let shape = ZoneShape::try_from(body.shape)?;
+    Ok(Zone::new(id, body.name, shape, body.devices)?)
 }
 
 fn range(id: RuleId, body: RangeBody) -> Result<TemperatureRange, ApiError> {
