@@ -324,6 +324,7 @@
       marker.on('click', () => openDevicePopup(id));
       marker.addTo(map);
       markers.set(id, marker);
+      if (awaitingFirstDevice) fitToFirstDevices();
     } else {
       const cur = marker.getLatLng();
       if (cur.lat !== ll[0] || cur.lng !== ll[1]) marker.setLatLng(ll);
@@ -1174,6 +1175,13 @@
 
   // The first fit to the fleet must not undo a user who already panned or zoomed.
   let userMovedMap = false;
+  // A page opened on an empty fleet fits to the first devices once they appear.
+  let awaitingFirstDevice = false;
+  function fitToFirstDevices() {
+    awaitingFirstDevice = false;
+    // Give the rest of the first wave a moment to arrive.
+    setTimeout(() => { if (!userMovedMap) fitAll(); }, 1000);
+  }
   map.on('dragstart', () => { userMovedMap = true; });
   map.getContainer().addEventListener('wheel', () => { userMovedMap = true; }, { passive: true });
 
@@ -1186,6 +1194,7 @@
     await connect(null);
     await loadAll();
     if (!userMovedMap && !fitAll()) map.setView([30, 10], 2);
+    awaitingFirstDevice = markers.size === 0;
   }
 
   window.addEventListener('beforeunload', () => { if (source) source.close(); });
