@@ -312,3 +312,76 @@ async fn devices_page_in_id_order_and_report_their_state() {
         (Some("ok"), Some("ok"))
     );
 }
+
+/// Containers configure the engine with environment variables only (see docker-compose.yml):
+/// the same settings, exercised without containers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_setting_can_come_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let log_path = dir.path().join("engine.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fleetwatch"))
+        .env("FLEETWATCH_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("FLEETWATCH_DATA_DIR", dir.path().join("data"))
+        .env("FLEETWATCH_AMQP_DISABLED", "true")
+        .env("FLEETWATCH_LOG_FORMAT", "json")
+        .env("FLEETWATCH_MAX_BODY_BYTES", "1024")
+        .env(
+            "FLEETWATCH_TILE_URL",
+            "https://tiles.example/{z}/{x}/{y}.png",
+        )
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = client();
+    let health = common::amqp::eventually(
+        std::time::Duration::from_secs(30),
+        "the engine to answer",
+        || async {
+            http.get(format!("{base}/api/health"))
+                .send()
+                .await
+                .ok()?
+                .json::<Value>()
+                .await
+                .ok()
+        },
+    )
+    .await;
+    assert_eq!(health["broker"], "disabled");
+    let config: Value = http
+        .get(format!("{base}/api/config"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(config["tile_url"], "https://tiles.example/{z}/{x}/{y}.png");
+    let batch: Vec<Value> = (0..50).map(|i| reading("env", i, 1.0, 1.0, 1.0)).collect();
+    let r = http
+        .post(format!("{base}/api/readings"))
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413, "FLEETWATCH_MAX_BODY_BYTES applies");
+    let _ = child.kill();
+    let _ = child.wait();
+    let first_line = std::fs::read_to_string(&log_path)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        serde_json::from_str::<Value>(&first_line).is_ok(),
+        "JSON logs: {first_line}"
+    );
+    assert!(
+        dir.path().join("data/events.sqlite3").exists(),
+        "FLEETWATCH_DATA_DIR applies"
+    );
+}
