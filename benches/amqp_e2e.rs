@@ -33,13 +33,11 @@ use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-    PublisherConfirm,
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm,
 };
 use serde_json::{json, Value};
 
@@ -403,57 +401,12 @@ impl Broker {
         })
     }
 
-    /// The engine's topology; any difference in arguments would make the engine's declare fail.
+    /// The engine's own topology declaration, so the two cannot drift apart.
     async fn declare(&self, t: &Topology) -> Result<()> {
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        let durable_queue = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        let dead = t.dead();
-        let ch = &self.channel;
-        let none = FieldTable::default;
-        ch.exchange_declare(
-            t.exchange.as_str().into(),
-            ExchangeKind::Topic,
-            durable,
-            none(),
-        )
-        .await?;
-        ch.exchange_declare(dead.as_str().into(), ExchangeKind::Fanout, durable, none())
-            .await?;
-        ch.queue_declare(dead.as_str().into(), durable_queue, none())
-            .await?;
-        ch.queue_bind(
-            dead.as_str().into(),
-            dead.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            none(),
-        )
-        .await?;
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(dead.as_str().into()),
-        );
-        ch.queue_declare(t.queue.as_str().into(), durable_queue, args)
-            .await?;
-        ch.queue_bind(
-            t.queue.as_str().into(),
-            t.exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            none(),
-        )
-        .await?;
+        fleetwatch::ingest::amqp::declare_topology(&self.channel, &t.exchange, &t.queue).await?;
         Ok(())
     }
 
-    /// Messages ready in the queue (not counting delivered, unacked ones).
     async fn depth(&self, t: &Topology) -> Result<u32> {
         let passive = QueueDeclareOptions {
             passive: true,

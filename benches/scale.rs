@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
 use fleetwatch::store::{EventStore, NewEvent, Snapshot, SqliteStore, SqliteStoreOptions};
-use fleetwatch_domain::{Decision, Device, DeviceId, Reading, Rules, Thresholds, SCHEMA_VERSION};
+use fleetwatch_domain::{Decision, Device, DeviceId, Reading, Rules, Thresholds};
 use serde_json::{json, Value};
 
 fn scale() -> f64 {
@@ -232,14 +232,7 @@ async fn write_device(
             continue;
         };
         let expected = device.version();
-        let new: Vec<NewEvent> = events
-            .iter()
-            .map(|e| NewEvent {
-                event_type: e.event_type(),
-                schema_version: SCHEMA_VERSION,
-                data: e.to_json(),
-            })
-            .collect();
+        let new: Vec<NewEvent> = events.iter().map(fleetwatch::actors::encode).collect();
         events.iter().for_each(|e| device.apply(e));
         appends.push(store.append(&id, expected, new));
         since_snapshot += events.len();

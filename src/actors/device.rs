@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use fleetwatch_domain::{Decision, Device, DeviceEvent, DeviceId, Reading, SCHEMA_VERSION};
+use fleetwatch_domain::{Decision, Device, DeviceEvent, DeviceId, Reading};
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use super::{
@@ -172,14 +172,7 @@ impl Handler<Ingest> for DeviceActor {
             Decision::Events(events) => events,
         };
         let expected = self.device.version();
-        let new_events: Vec<NewEvent> = events
-            .iter()
-            .map(|e| NewEvent {
-                event_type: e.event_type(),
-                schema_version: SCHEMA_VERSION,
-                data: e.to_json(),
-            })
-            .collect();
+        let new_events: Vec<NewEvent> = events.iter().map(super::encode).collect();
         for event in &events {
             self.device.apply(event);
         }

@@ -20,11 +20,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
-use fleetwatch_domain::{Device, DeviceEvent, DeviceId, Reading};
+use fleetwatch_domain::{Device, DeviceEvent, DeviceId, Reading, SCHEMA_VERSION};
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use crate::rules::RuleBook;
-use crate::store::{EventStore, StoreError};
+use crate::store::{EventStore, NewEvent, StoreError};
 
 use device::{DeviceActor, GetState, Ingest};
 
@@ -220,6 +220,15 @@ impl Router {
             arbiter.stop();
             let _ = arbiter.join();
         }
+    }
+}
+
+/// A device event as the store keeps it: type name, schema version, JSON payload.
+pub fn encode(event: &DeviceEvent) -> NewEvent {
+    NewEvent {
+        event_type: event.event_type(),
+        schema_version: SCHEMA_VERSION,
+        data: event.to_json(),
     }
 }
 

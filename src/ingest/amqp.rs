@@ -112,8 +112,79 @@ impl AmqpSettings {
 
     /// The dead-letter exchange and queue.
     pub fn dead_letter_name(&self) -> String {
-        format!("{}.dead", self.queue)
+        dead_letter_name(&self.queue)
     }
+}
+
+/// The dead-letter exchange and queue of `queue`.
+pub fn dead_letter_name(queue: &str) -> String {
+    format!("{queue}.dead")
+}
+
+/// Declares the engine's topology, idempotently: the durable topic exchange devices publish to,
+/// the durable queue bound to it with `#`, and the dead-letter exchange and queue. Anyone else
+/// declaring these names must use exactly these arguments, or the broker refuses the declare.
+pub async fn declare_topology(
+    channel: &Channel,
+    exchange: &str,
+    queue: &str,
+) -> Result<(), lapin::Error> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let dead = dead_letter_name(queue);
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            dead.as_str().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(dead.as_str().into(), durable_queue, FieldTable::default())
+        .await?;
+    channel
+        .queue_bind(
+            dead.as_str().into(),
+            dead.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut args = FieldTable::default();
+    // A safety net for messages the broker itself rejects; ours are dead-lettered with a reason.
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(dead.as_str().into()),
+    );
+    channel
+        .queue_declare(queue.into(), durable_queue, args)
+        .await?;
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,66 +276,6 @@ impl Consumer {
         tracing::info!("RabbitMQ consumer stopped");
     }
 
-    async fn declare_topology(&self, channel: &Channel) -> Result<(), lapin::Error> {
-        let s = &self.settings;
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        let durable_queue = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        let dead = s.dead_letter_name();
-        channel
-            .exchange_declare(
-                s.exchange.as_str().into(),
-                ExchangeKind::Topic,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .exchange_declare(
-                dead.as_str().into(),
-                ExchangeKind::Fanout,
-                durable,
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_declare(dead.as_str().into(), durable_queue, FieldTable::default())
-            .await?;
-        channel
-            .queue_bind(
-                dead.as_str().into(),
-                dead.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let mut args = FieldTable::default();
-        // A safety net for messages the broker itself rejects; ours are dead-lettered with a reason.
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(dead.as_str().into()),
-        );
-        channel
-            .queue_declare(s.queue.as_str().into(), durable_queue, args)
-            .await?;
-        channel
-            .queue_bind(
-                s.queue.as_str().into(),
-                s.exchange.as_str().into(),
-                "#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(())
-    }
-
     /// One connection's life: declare, consume, dispatch; returns `Ok` only on shutdown.
     async fn session(
         self: Arc<Self>,
@@ -278,7 +289,7 @@ impl Consumer {
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        self.declare_topology(&channel).await?;
+        declare_topology(&channel, &self.settings.exchange, &self.settings.queue).await?;
         channel
             .basic_qos(self.settings.prefetch, BasicQosOptions::default())
             .await?;
