@@ -17,6 +17,9 @@ use crate::ingest::failed::FailedMessages;
 use crate::rules::RulesError;
 use crate::store::{EventStore, SqliteStore, SqliteStoreOptions, StoreError};
 
+/// How long shutdown waits for the RabbitMQ consumer to finish its in-flight readings.
+const CONSUMER_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
     #[error("invalid setting: {0}")]
@@ -98,7 +101,14 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     shutdown.cancel();
     if let Some(consumer) = consumer {
         // The consumer finishes its in-flight readings (the engine is still running) and acks them.
-        let _ = tokio::task::spawn_blocking(move || consumer.join()).await;
+        let joined = tokio::time::timeout(
+            CONSUMER_STOP_TIMEOUT,
+            tokio::task::spawn_blocking(move || consumer.join()),
+        )
+        .await;
+        if joined.is_err() {
+            tracing::warn!(timeout = ?CONSUMER_STOP_TIMEOUT, "the RabbitMQ consumer did not stop in time; its unacked messages will be redelivered");
+        }
     }
     engine.shutdown().await;
     sqlite.close();

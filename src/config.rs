@@ -87,11 +87,12 @@ pub struct Config {
     )]
     pub amqp_queue: String,
 
-    /// Unacknowledged deliveries per consumer.
+    /// Unacknowledged deliveries the broker may send ahead (the consumer channel's prefetch).
     #[arg(long, env = "FLEETWATCH_AMQP_PREFETCH", default_value_t = 1000)]
     pub amqp_prefetch: u16,
 
-    /// Consumer tasks (each on its own channel). Per-device order is kept across them.
+    /// Worker tasks that parse and submit deliveries; one device always goes to the same one, so
+    /// its order is kept. (One consumer on one channel feeds them.)
     #[arg(long, env = "FLEETWATCH_AMQP_CONSUMERS", default_value_t = 2)]
     pub amqp_consumers: usize,
 

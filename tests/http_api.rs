@@ -288,6 +288,24 @@ async fn devices_page_in_id_order_and_report_their_state() {
         .0,
         400
     );
+    let (status, body) = send(
+        &engine,
+        reqwest::Method::GET,
+        "/api/devices?limit=many",
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"].as_str().unwrap().contains("query"),
+        "JSON error for a bad query: {body}"
+    );
+    let (status, body) = send(&engine, reqwest::Method::GET, "/api/nothing-here", None).await;
+    assert_eq!(status, 404);
+    assert!(
+        body["error"].is_string(),
+        "JSON error for an unknown endpoint: {body}"
+    );
 
     let events = engine.get("/api/devices/d-00/events?limit=2").await;
     assert_eq!(

@@ -1,5 +1,6 @@
 //! The actor that owns one device's state.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +30,11 @@ pub(super) struct GetState {
     pub reply: oneshot::Sender<Device>,
 }
 
+type Reply = oneshot::Sender<Result<IngestOutcome, EngineError>>;
+
+/// A duplicate's reply, held until the appends issued before it (`.0` of them) are durable.
+type WaitingDuplicate = (u64, Reply, OwnedSemaphorePermit);
+
 pub(super) struct DeviceActor {
     device: Device,
     store: Arc<dyn EventStore>,
@@ -37,6 +43,12 @@ pub(super) struct DeviceActor {
     queued: Arc<AtomicUsize>,
     shard: ShardMap,
     pending_appends: usize,
+    /// Appends issued and completed so far; they complete in the order they were issued.
+    appends_issued: u64,
+    appends_done: u64,
+    /// Duplicates waiting for the appends issued before them (`.0`) to be durable, so a duplicate
+    /// is never acknowledged ahead of the original it duplicates.
+    waiting_duplicates: VecDeque<WaitingDuplicate>,
     events_since_snapshot: u64,
     last_active: Instant,
     /// Set when the in-memory state can no longer be trusted; the actor is stopping.
@@ -60,6 +72,9 @@ impl DeviceActor {
             queued,
             shard,
             pending_appends: 0,
+            appends_issued: 0,
+            appends_done: 0,
+            waiting_duplicates: VecDeque::new(),
             events_since_snapshot: 0,
             last_active: Instant::now(),
             broken: false,
@@ -86,6 +101,18 @@ impl DeviceActor {
         }));
     }
 
+    /// Answers the duplicates whose earlier appends are all durable now.
+    fn answer_duplicates(&mut self) {
+        while let Some((after, ..)) = self.waiting_duplicates.front() {
+            if *after > self.appends_done {
+                return;
+            }
+            if let Some((_, reply, _permit)) = self.waiting_duplicates.pop_front() {
+                let _ = reply.send(Ok(IngestOutcome::Duplicate));
+            }
+        }
+    }
+
     /// Leaves the router's map and stops: the next message for this device starts a fresh actor
     /// that restores from the store.
     fn fail(&mut self, ctx: &mut Context<Self>, reason: &EngineError) {
@@ -94,6 +121,9 @@ impl DeviceActor {
         }
         tracing::error!(device = %self.device.id(), error = %reason, "device actor failed; it will be restored from the store");
         self.broken = true;
+        for (_, reply, _permit) in self.waiting_duplicates.drain(..) {
+            let _ = reply.send(Err(reason.clone()));
+        }
         if lock(&self.shard).remove(self.device.id()).is_some() {
             metrics::gauge!("fleetwatch_active_devices").decrement(1.0);
         }
@@ -166,7 +196,12 @@ impl Handler<Ingest> for DeviceActor {
         let events = match self.device.handle(&reading, &rules) {
             Decision::Stale { .. } => {
                 metrics::counter!("fleetwatch_readings_duplicate_total").increment(1);
-                let _ = reply.send(Ok(IngestOutcome::Duplicate));
+                if self.pending_appends == 0 {
+                    let _ = reply.send(Ok(IngestOutcome::Duplicate));
+                } else {
+                    self.waiting_duplicates
+                        .push_back((self.appends_issued, reply, permit));
+                }
                 return;
             }
             Decision::Events(events) => events,
@@ -193,6 +228,7 @@ impl Handler<Ingest> for DeviceActor {
             .store
             .append(self.device.id().as_str(), expected, new_events);
         self.pending_appends += 1;
+        self.appends_issued += 1;
         self.events_since_snapshot += events.len() as u64;
         let snapshot = (self.events_since_snapshot >= self.settings.snapshot_every).then(|| {
             self.events_since_snapshot = 0;
@@ -208,6 +244,8 @@ impl Handler<Ingest> for DeviceActor {
                             act.save_snapshot(snapshot, ctx);
                         }
                         let _ = reply.send(Ok(outcome));
+                        act.appends_done += 1;
+                        act.answer_duplicates();
                     }
                     Err(e) => {
                         let e = EngineError::from(e);

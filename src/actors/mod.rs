@@ -147,8 +147,10 @@ impl Router {
                     shard.devices.clone(),
                 );
                 let addr = DeviceActor::start_in_arbiter(&shard.arbiter, move |_| actor);
-                devices.insert(id.clone(), Entry { addr, queued });
-                metrics::gauge!("fleetwatch_active_devices").increment(1.0);
+                // Replacing a stopped actor's entry leaves the count as it was.
+                if devices.insert(id.clone(), Entry { addr, queued }).is_none() {
+                    metrics::gauge!("fleetwatch_active_devices").increment(1.0);
+                }
                 &devices[id]
             }
         };

@@ -29,9 +29,17 @@ pub struct AppState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
-/// Mounts every route.
+/// Mounts every route; errors from query strings and unknown routes are JSON like all others.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
+    cfg.app_data(
+        web::QueryConfig::default().error_handler(|e, _| {
+            ApiError::bad_request(format!("invalid query string: {e}")).into()
+        }),
+    )
+    .default_service(web::to(|| async {
+        ApiError::new(StatusCode::NOT_FOUND, "no such endpoint (see docs/api.md)").error_response()
+    }))
+    .service(
         web::scope("/api")
             .configure(readings::routes)
             .configure(rules::routes)
@@ -113,7 +121,12 @@ impl From<StoreError> for ApiError {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         tracing::error!(error = %e, "engine error");
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        // A stored event that cannot be read will not get better by retrying.
+        let status = match e {
+            EngineError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, e.to_string())
     }
 }
 

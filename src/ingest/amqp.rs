@@ -17,7 +17,7 @@
 //!   meanwhile and `/api/health` reports the broker state. Unacked deliveries are redelivered by
 //!   the broker and recognised as duplicates by the device actors.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -47,6 +47,8 @@ pub const REASON_HEADER: &str = "x-fleetwatch-reason";
 const CONSUMER_TAG: &str = "fleetwatch";
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// A dead letter the broker has not confirmed by then is given up on and its message requeued.
+const DEAD_LETTER_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerState {
@@ -282,25 +284,37 @@ impl Consumer {
         shutdown: &CancellationToken,
         connected: &mut bool,
     ) -> Result<(), SessionError> {
-        let connection =
-            Connection::connect(&self.settings.url, ConnectionProperties::default()).await?;
-        let channel = connection.create_channel().await?;
-        let publisher = connection.create_channel().await?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        declare_topology(&channel, &self.settings.exchange, &self.settings.queue).await?;
-        channel
-            .basic_qos(self.settings.prefetch, BasicQosOptions::default())
-            .await?;
-        let mut deliveries = channel
-            .basic_consume(
-                self.settings.queue.as_str().into(),
-                CONSUMER_TAG.into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        // Setting up waits on the network: a shutdown must not wait for it.
+        let setup = async {
+            let connection =
+                Connection::connect(&self.settings.url, ConnectionProperties::default()).await?;
+            // Dead letters go out on a connection of their own: under a memory or disk alarm the
+            // broker blocks publishing connections, and this one must keep delivering and acking.
+            let publishing =
+                Connection::connect(&self.settings.url, ConnectionProperties::default()).await?;
+            let channel = connection.create_channel().await?;
+            let publisher = publishing.create_channel().await?;
+            publisher
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            declare_topology(&channel, &self.settings.exchange, &self.settings.queue).await?;
+            channel
+                .basic_qos(self.settings.prefetch, BasicQosOptions::default())
+                .await?;
+            let deliveries = channel
+                .basic_consume(
+                    self.settings.queue.as_str().into(),
+                    CONSUMER_TAG.into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok::<_, lapin::Error>((connection, publishing, channel, publisher, deliveries))
+        };
+        let (connection, publishing, channel, publisher, mut deliveries) = tokio::select! {
+            setup = setup => setup?,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
         *connected = true;
         self.status.set(BrokerState::Connected);
         tracing::info!(queue = %self.settings.queue, exchange = %self.settings.exchange, "consuming from RabbitMQ");
@@ -346,6 +360,7 @@ impl Consumer {
         if outcome.is_ok() {
             let _ = channel.close(200, "shutdown".into()).await;
             let _ = connection.close(200, "shutdown".into()).await;
+            let _ = publishing.close(200, "shutdown".into()).await;
         }
         outcome
     }
@@ -469,7 +484,7 @@ impl Consumer {
             .with_delivery_mode(2)
             .with_headers(headers);
         let dead = self.settings.dead_letter_name();
-        let confirmed = async {
+        let confirmed = tokio::time::timeout(DEAD_LETTER_CONFIRM_TIMEOUT, async {
             publisher
                 .basic_publish(
                     ShortString::from(dead.as_str()),
@@ -480,10 +495,10 @@ impl Consumer {
                 )
                 .await?
                 .await
-        }
+        })
         .await;
         match confirmed {
-            Ok(Confirmation::Ack(_)) => {
+            Ok(Ok(Confirmation::Ack(_))) => {
                 metrics::counter!("fleetwatch_amqp_dead_lettered_total").increment(1);
                 self.failed
                     .record(reason, delivery.routing_key.as_str(), &delivery.data);
@@ -511,8 +526,12 @@ const ACK_INTERVAL: Duration = Duration::from_millis(10);
 /// Acks every delivery once it and all before it are settled, with one `multiple` ack per batch.
 /// Batching matters: every ack is work for the broker, which shares the machine.
 async fn acker(channel: Channel, mut settled: mpsc::UnboundedReceiver<Settle>) {
-    let mut done = BTreeSet::new();
+    // Settled tags above the watermark; `true` if acked, `false` if nacked (requeued).
+    let mut done: BTreeMap<u64, bool> = BTreeMap::new();
     let mut watermark = 0u64;
+    // The highest acked tag at or below the watermark: a `multiple` ack must name a tag the broker
+    // still knows, never one already nacked.
+    let mut ack_target = 0u64;
     let mut acked = 0u64;
     let mut batch = Vec::new();
     let mut tick = tokio::time::interval(ACK_INTERVAL);
@@ -525,7 +544,7 @@ async fn acker(channel: Channel, mut settled: mpsc::UnboundedReceiver<Settle>) {
         for settle in batch.drain(..) {
             match settle {
                 Settle::Ack(tag) => {
-                    done.insert(tag);
+                    done.insert(tag, true);
                 }
                 Settle::Requeue(tag) => {
                     let requeue = BasicNackOptions {
@@ -533,24 +552,27 @@ async fn acker(channel: Channel, mut settled: mpsc::UnboundedReceiver<Settle>) {
                         requeue: true,
                     };
                     if let Err(e) = channel.basic_nack(tag, requeue).await {
-                        tracing::debug!(error = %e, "nack failed; the broker redelivers the message anyway");
+                        tracing::warn!(error = %e, "nack failed; the broker redelivers the message anyway");
                     }
-                    done.insert(tag);
+                    done.insert(tag, false);
                 }
             }
         }
-        while done.remove(&(watermark + 1)) {
+        while let Some(was_acked) = done.remove(&(watermark + 1)) {
             watermark += 1;
+            if was_acked {
+                ack_target = watermark;
+            }
         }
-        let due = watermark - acked >= ACK_EVERY || ticked || !open;
-        if watermark > acked && due {
+        let due = ack_target - acked >= ACK_EVERY || ticked || !open;
+        if ack_target > acked && due {
             match channel
-                .basic_ack(watermark, BasicAckOptions { multiple: true })
+                .basic_ack(ack_target, BasicAckOptions { multiple: true })
                 .await
             {
-                Ok(()) => acked = watermark,
+                Ok(()) => acked = ack_target,
                 // The channel is gone: its unacked deliveries come back after reconnecting.
-                Err(e) => tracing::debug!(error = %e, "ack failed"),
+                Err(e) => tracing::warn!(error = %e, "ack failed; the broker will redeliver"),
             }
         }
         if !open {

@@ -372,6 +372,37 @@ struct Writer {
 /// Streams whose versions the writer keeps in memory before it starts over.
 const VERSION_CACHE_LIMIT: usize = 1_000_000;
 
+/// The events a committed batch appended, as stored. Only this writer inserts and nothing is
+/// deleted, so one append's events have consecutive positions ending at its `last_position`.
+fn committed_events(
+    batch: &[WriteCommand],
+    staged: &[Staged],
+    recorded_at: DateTime<Utc>,
+) -> Vec<RecordedEvent> {
+    let mut committed = Vec::new();
+    for (command, staged) in batch.iter().zip(staged) {
+        let (WriteCommand::Append { stream, events, .. }, Staged::Appended(appended)) =
+            (command, staged)
+        else {
+            continue;
+        };
+        let first_position = appended.last_position + 1 - events.len() as u64;
+        let first_version = appended.version + 1 - events.len() as u64;
+        for (i, event) in events.iter().enumerate() {
+            committed.push(RecordedEvent {
+                position: first_position + i as u64,
+                stream: stream.clone(),
+                version: first_version + i as u64,
+                event_type: event.event_type.to_owned(),
+                schema_version: event.schema_version,
+                recorded_at,
+                data: event.data.clone(),
+            });
+        }
+    }
+    committed
+}
+
 /// What one command in a batch came to, before the commit decides whether it stands.
 enum Staged {
     Appended(Appended),
@@ -397,10 +428,7 @@ impl Writer {
 
     fn write_batch(&mut self, batch: &mut Vec<WriteCommand>) {
         let started = std::time::Instant::now();
-        // Copies for the live feed are only worth making when someone listens.
-        let publish = self.live.receiver_count() > 0;
-        let mut committed = Vec::new();
-        let outcome = self.stage(batch, publish.then_some(&mut committed));
+        let outcome = self.stage(batch);
         let event_count: usize = batch
             .iter()
             .map(|c| match c {
@@ -409,10 +437,14 @@ impl Writer {
             })
             .sum();
         match outcome {
-            Ok(staged) => {
-                if !committed.is_empty() {
-                    // Nobody listening is fine: the live feed is best-effort, the store is the truth.
-                    let _ = self.live.send(Arc::new(committed));
+            Ok((staged, recorded_at)) => {
+                // Copies for the live feed are only worth making when someone listens. Checked
+                // after the commit: a subscriber that arrives later reads this batch from the store.
+                if self.live.receiver_count() > 0 {
+                    let committed = committed_events(batch, &staged, recorded_at);
+                    if !committed.is_empty() {
+                        let _ = self.live.send(Arc::new(committed));
+                    }
                 }
                 for (command, staged) in batch.drain(..).zip(staged) {
                     match (command, staged) {
@@ -455,11 +487,7 @@ impl Writer {
     }
 
     /// Writes every command of the batch in one transaction and commits it.
-    fn stage(
-        &mut self,
-        batch: &[WriteCommand],
-        mut committed: Option<&mut Vec<RecordedEvent>>,
-    ) -> rusqlite::Result<Vec<Staged>> {
+    fn stage(&mut self, batch: &[WriteCommand]) -> rusqlite::Result<(Vec<Staged>, DateTime<Utc>)> {
         // Stored at microsecond precision; published events must read exactly as stored ones.
         let micros = Utc::now().timestamp_micros();
         let now = DateTime::from_timestamp_micros(micros).unwrap_or_default();
@@ -525,18 +553,6 @@ impl Writer {
                                 event.data,
                             ])?;
                             position = tx.last_insert_rowid() as u64;
-                            let Some(committed) = committed.as_deref_mut() else {
-                                continue;
-                            };
-                            committed.push(RecordedEvent {
-                                position,
-                                stream: stream.clone(),
-                                version,
-                                event_type: event.event_type.to_owned(),
-                                schema_version: event.schema_version,
-                                recorded_at: now,
-                                data: event.data.clone(),
-                            });
                         }
                         if !events.is_empty() {
                             upsert_stream.execute(params![stream, version as i64])?;
@@ -572,7 +588,7 @@ impl Writer {
                 }
             }
         }
-        Ok(staged)
+        Ok((staged, now))
     }
 }
 
