@@ -32,6 +32,19 @@ pub(super) struct GetState {
 
 type Reply = oneshot::Sender<Result<IngestOutcome, EngineError>>;
 
+/// A reading whose append is on its way to the store.
+struct InFlight {
+    ingest: Ingest,
+    outcome: IngestOutcome,
+    /// The snapshot to save once this append is durable, if one is due.
+    snapshot: Option<Snapshot>,
+}
+
+/// Recoveries (reload from the store, decide the held readings again) before the actor gives up
+/// and answers them with the error.
+const MAX_RECOVERIES: u32 = 3;
+const RECOVERY_BACKOFF: Duration = Duration::from_millis(50);
+
 /// A duplicate's reply, held until the appends issued before it (`.0` of them) are durable.
 type WaitingDuplicate = (u64, Reply, OwnedSemaphorePermit);
 
@@ -42,7 +55,17 @@ pub(super) struct DeviceActor {
     settings: ActorSettings,
     queued: Arc<AtomicUsize>,
     shard: ShardMap,
-    pending_appends: usize,
+    /// Readings whose appends are issued and not yet settled, in issue order (which is also the
+    /// order the store settles them in).
+    in_flight: VecDeque<InFlight>,
+    /// After a failed append: the readings whose appends failed, in order, to decide again once
+    /// the state is reloaded...
+    held: VecDeque<Ingest>,
+    /// ...and then the readings that arrived meanwhile.
+    arrived: VecDeque<Ingest>,
+    recovering: bool,
+    /// Recoveries since the last successful append.
+    recoveries: u32,
     /// Appends issued and completed so far; they complete in the order they were issued.
     appends_issued: u64,
     appends_done: u64,
@@ -71,7 +94,11 @@ impl DeviceActor {
             settings,
             queued,
             shard,
-            pending_appends: 0,
+            in_flight: VecDeque::new(),
+            held: VecDeque::new(),
+            arrived: VecDeque::new(),
+            recovering: false,
+            recoveries: 0,
             appends_issued: 0,
             appends_done: 0,
             waiting_duplicates: VecDeque::new(),
@@ -124,6 +151,9 @@ impl DeviceActor {
         for (_, reply, _permit) in self.waiting_duplicates.drain(..) {
             let _ = reply.send(Err(reason.clone()));
         }
+        for held in self.held.drain(..).chain(self.arrived.drain(..)) {
+            let _ = held.reply.send(Err(reason.clone()));
+        }
         if lock(&self.shard).remove(self.device.id()).is_some() {
             metrics::gauge!("fleetwatch_active_devices").decrement(1.0);
         }
@@ -132,7 +162,8 @@ impl DeviceActor {
 
     fn passivate_if_idle(&mut self, ctx: &mut Context<Self>) {
         if self.broken
-            || self.pending_appends > 0
+            || self.recovering
+            || !self.in_flight.is_empty()
             || self.last_active.elapsed() < self.settings.idle_timeout
         {
             return;
@@ -177,30 +208,21 @@ impl Actor for DeviceActor {
     }
 }
 
-impl Handler<Ingest> for DeviceActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Ingest, ctx: &mut Context<Self>) {
-        self.queued.fetch_sub(1, Ordering::SeqCst);
-        self.last_active = Instant::now();
-        let Ingest {
-            reading,
-            reply,
-            permit,
-        } = msg;
-        if self.broken {
-            let _ = reply.send(Err(EngineError::ActorGone));
-            return;
-        }
+impl DeviceActor {
+    /// Decides a reading against the current state and issues its append.
+    fn decide(&mut self, ingest: Ingest, ctx: &mut Context<Self>) {
         let rules = self.rules.current();
-        let events = match self.device.handle(&reading, &rules) {
+        let events = match self.device.handle(&ingest.reading, &rules) {
             Decision::Stale { .. } => {
                 metrics::counter!("fleetwatch_readings_duplicate_total").increment(1);
-                if self.pending_appends == 0 {
-                    let _ = reply.send(Ok(IngestOutcome::Duplicate));
+                if self.in_flight.is_empty() {
+                    let _ = ingest.reply.send(Ok(IngestOutcome::Duplicate));
                 } else {
-                    self.waiting_duplicates
-                        .push_back((self.appends_issued, reply, permit));
+                    self.waiting_duplicates.push_back((
+                        self.appends_issued,
+                        ingest.reply,
+                        ingest.permit,
+                    ));
                 }
                 return;
             }
@@ -227,35 +249,112 @@ impl Handler<Ingest> for DeviceActor {
         let append = self
             .store
             .append(self.device.id().as_str(), expected, new_events);
-        self.pending_appends += 1;
         self.appends_issued += 1;
         self.events_since_snapshot += events.len() as u64;
         let snapshot = (self.events_since_snapshot >= self.settings.snapshot_every).then(|| {
             self.events_since_snapshot = 0;
             self.snapshot()
         });
+        self.in_flight.push_back(InFlight {
+            ingest,
+            outcome,
+            snapshot,
+        });
         ctx.spawn(
-            actix::fut::wrap_future(append).map(move |result, act: &mut Self, ctx| {
-                act.pending_appends -= 1;
-                match result {
-                    Ok(_) => {
-                        metrics::counter!("fleetwatch_readings_applied_total").increment(1);
-                        if let Some(snapshot) = snapshot {
-                            act.save_snapshot(snapshot, ctx);
-                        }
-                        let _ = reply.send(Ok(outcome));
-                        act.appends_done += 1;
-                        act.answer_duplicates();
-                    }
-                    Err(e) => {
-                        let e = EngineError::from(e);
-                        act.fail(ctx, &e);
-                        let _ = reply.send(Err(e));
+            actix::fut::wrap_future(append)
+                .map(|result, act: &mut Self, ctx| act.settle(result, ctx)),
+        );
+    }
+
+    /// The oldest in-flight append settled.
+    fn settle(
+        &mut self,
+        result: crate::store::StoreResult<crate::store::Appended>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(done) = self.in_flight.pop_front() else {
+            return;
+        };
+        match result {
+            Ok(_) => {
+                self.recoveries = 0;
+                metrics::counter!("fleetwatch_readings_applied_total").increment(1);
+                if let Some(snapshot) = done.snapshot {
+                    self.save_snapshot(snapshot, ctx);
+                }
+                let _ = done.ingest.reply.send(Ok(done.outcome));
+                self.appends_done += 1;
+                self.answer_duplicates();
+            }
+            Err(e) => {
+                if !self.recovering {
+                    tracing::warn!(device = %self.device.id(), error = %e, "append failed; reloading and deciding again in order");
+                    self.recovering = true;
+                    // Duplicates of readings that will be decided again: their senders retry them.
+                    let error = EngineError::from(e);
+                    for (_, reply, _permit) in self.waiting_duplicates.drain(..) {
+                        let _ = reply.send(Err(error.clone()));
                     }
                 }
-                drop(permit);
+                // Every append after a failed one fails too (its expected version is gone), so
+                // the held readings stay in their original order.
+                self.held.push_back(done.ingest);
+            }
+        }
+        if self.recovering && self.in_flight.is_empty() {
+            self.recover(ctx);
+        }
+    }
+
+    /// Reloads the device from the store, with the mailbox held, and decides the held readings
+    /// again, in order, before anything newer.
+    fn recover(&mut self, ctx: &mut Context<Self>) {
+        self.recoveries += 1;
+        if self.recoveries > MAX_RECOVERIES {
+            let error = EngineError::Store(crate::store::StoreError::Backend(format!(
+                "appends kept failing after {MAX_RECOVERIES} reloads"
+            )));
+            self.fail(ctx, &error);
+            return;
+        }
+        let backoff = RECOVERY_BACKOFF * 2u32.pow(self.recoveries - 1);
+        let store = self.store.clone();
+        let id = self.device.id().clone();
+        ctx.wait(
+            actix::fut::wrap_future(async move {
+                tokio::time::sleep(backoff).await;
+                load_device(store.as_ref(), id).await
+            })
+            .map(|reloaded, act: &mut Self, ctx| match reloaded {
+                Ok(device) => {
+                    act.device = device;
+                    act.recovering = false;
+                    let held = std::mem::take(&mut act.held);
+                    let arrived = std::mem::take(&mut act.arrived);
+                    for ingest in held.into_iter().chain(arrived) {
+                        act.decide(ingest, ctx);
+                    }
+                }
+                Err(e) => act.fail(ctx, &e),
             }),
         );
+    }
+}
+
+impl Handler<Ingest> for DeviceActor {
+    type Result = ();
+
+    fn handle(&mut self, ingest: Ingest, ctx: &mut Context<Self>) {
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        self.last_active = Instant::now();
+        if self.broken {
+            let _ = ingest.reply.send(Err(EngineError::ActorGone));
+        } else if self.recovering {
+            // Behind the readings whose appends failed, in arrival order.
+            self.arrived.push_back(ingest);
+        } else {
+            self.decide(ingest, ctx);
+        }
     }
 }
 
