@@ -23,21 +23,6 @@ fn body(v: &Value) -> Vec<u8> {
     serde_json::to_vec(v).unwrap()
 }
 
-/// Waits until `device` has applied the reading with timestamp `t0 + last_secs`.
-async fn wait_for_reading(engine: &Engine, device: &str, last_secs: i64) -> Value {
-    let expected = (t0() + chrono::Duration::seconds(last_secs))
-        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
-    eventually(
-        Duration::from_secs(60),
-        &format!("{device} to reach reading {last_secs}"),
-        || async {
-            let state = engine.device(device).await?;
-            (state["last_reading"]["timestamp"] == expected.as_str()).then_some(state)
-        },
-    )
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_published_to_rabbitmq_raise_the_expected_events_and_alarms() {
     let dir = tempfile::tempdir().unwrap();
@@ -65,7 +50,7 @@ async fn readings_published_to_rabbitmq_raise_the_expected_events_and_alarms() {
     for r in &path {
         publisher.publish("van-1", &body(r)).await.unwrap();
     }
-    let state = wait_for_reading(&engine, "van-1", 5).await;
+    let state = engine.wait_until_stored("van-1", 5).await;
     assert_eq!(state["status"], "normal");
 
     let alarms: Vec<String> = types(&engine.history("van-1").await)
@@ -142,15 +127,19 @@ async fn malformed_messages_are_dead_lettered_with_reasons_and_valid_ones_interl
     publisher.publish_all(&messages).await.unwrap();
 
     for d in 0..DEVICES {
-        wait_for_reading(&engine, &format!("dev-{d}"), PER_DEVICE as i64 - 1).await;
+        engine
+            .wait_until_stored(&format!("dev-{d}"), PER_DEVICE as i64 - 1)
+            .await;
         let history = engine.history(&format!("dev-{d}")).await;
         let recorded = history
             .iter()
             .filter(|e| e["type"] == "ReadingRecorded")
             .count();
         assert_eq!(
-            recorded, PER_DEVICE,
-            "dev-{d}: every valid reading applied once"
+            recorded,
+            PER_DEVICE,
+            "dev-{d}: every valid reading applied once; engine log:\n{}",
+            engine.log_tail()
         );
     }
 
@@ -263,7 +252,9 @@ async fn sigkill_during_10000_readings_loses_nothing_and_raises_no_alarm_twice()
 
     for d in 0..DEVICES {
         let device = format!("unit-{d}");
-        wait_for_reading(&engine, &device, PER_DEVICE as i64 - 1).await;
+        engine
+            .wait_until_stored(&device, PER_DEVICE as i64 - 1)
+            .await;
         let history = engine.history(&device).await;
         let recorded: Vec<&str> = history
             .iter()

@@ -102,19 +102,11 @@ async fn broker_restart_mid_stream_is_recovered_without_losing_readings() {
         .unwrap();
     assert_eq!(confirmed.load(Ordering::SeqCst), DEVICES * PER_DEVICE);
 
-    let last = (t0() + chrono::Duration::seconds(PER_DEVICE as i64 - 1))
-        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
     for d in 0..DEVICES {
         let device = format!("gw-{d}");
-        eventually(
-            Duration::from_secs(60),
-            &format!("{device} to catch up"),
-            || async {
-                let state = engine.device(&device).await?;
-                (state["last_reading"]["timestamp"] == last.as_str()).then_some(())
-            },
-        )
-        .await;
+        engine
+            .wait_until_stored(&device, PER_DEVICE as i64 - 1)
+            .await;
         let history = engine.history(&device).await;
         let recorded = history
             .iter()

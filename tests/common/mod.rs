@@ -265,6 +265,29 @@ impl Engine {
         .await
     }
 
+    /// Waits until the reading of `device` at `t0 + secs` is durable (its `ReadingRecorded` is in
+    /// the stored history; appends are in order, so everything before it is too), and returns the
+    /// device's state. The state alone is not enough: it includes readings whose appends are
+    /// still being committed.
+    pub async fn wait_until_stored(&self, device: &str, secs: i64) -> Value {
+        let expected = (t0() + chrono::Duration::seconds(secs))
+            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+        amqp::eventually(
+            Duration::from_secs(60),
+            &format!("{device}'s reading {secs} to be stored"),
+            || async {
+                let state = self.device(device).await?;
+                let events = self.history(device).await;
+                let last = events
+                    .iter()
+                    .rev()
+                    .find(|e| e["type"] == "ReadingRecorded")?;
+                (last["data"]["at"] == expected.as_str()).then_some(state)
+            },
+        )
+        .await
+    }
+
     /// The device's state, or `None` while it is unknown.
     pub async fn device(&self, id: &str) -> Option<Value> {
         let r = client()
