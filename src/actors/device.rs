@@ -13,7 +13,7 @@ use super::{
     load_device, lock, ActorSettings, EngineError, IngestOutcome, ShardMap, DEVICE_SNAPSHOT_VERSION,
 };
 use crate::rules::RuleBook;
-use crate::store::{EventStore, NewEvent, Snapshot};
+use crate::store::{Appended, EventStore, NewEvent, Snapshot, StoreResult};
 
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -34,6 +34,10 @@ type Reply = oneshot::Sender<Result<IngestOutcome, EngineError>>;
 
 /// A reading whose append is on its way to the store.
 struct InFlight {
+    /// The append's place in issue order.
+    seq: u64,
+    /// Set when the store answered; settled only once everything before it is settled.
+    result: Option<StoreResult<Appended>>,
     ingest: Ingest,
     outcome: IngestOutcome,
     /// The snapshot to save once this append is durable, if one is due.
@@ -255,26 +259,40 @@ impl DeviceActor {
             self.events_since_snapshot = 0;
             self.snapshot()
         });
+        let seq = self.appends_issued;
         self.in_flight.push_back(InFlight {
+            seq,
+            result: None,
             ingest,
             outcome,
             snapshot,
         });
         ctx.spawn(
             actix::fut::wrap_future(append)
-                .map(|result, act: &mut Self, ctx| act.settle(result, ctx)),
+                .map(move |result, act: &mut Self, ctx| act.answered(seq, result, ctx)),
         );
     }
 
-    /// The oldest in-flight append settled.
-    fn settle(
-        &mut self,
-        result: crate::store::StoreResult<crate::store::Appended>,
-        ctx: &mut Context<Self>,
-    ) {
-        let Some(done) = self.in_flight.pop_front() else {
-            return;
-        };
+    /// The store answered append `seq`. Answers are settled strictly in issue order, whatever
+    /// order the actor happens to poll their futures in.
+    fn answered(&mut self, seq: u64, result: StoreResult<Appended>, ctx: &mut Context<Self>) {
+        if let Some(entry) = self.in_flight.iter_mut().find(|e| e.seq == seq) {
+            entry.result = Some(result);
+        }
+        while self.in_flight.front().is_some_and(|e| e.result.is_some()) {
+            if let Some(mut done) = self.in_flight.pop_front() {
+                if let Some(result) = done.result.take() {
+                    self.settle(done, result, ctx);
+                }
+            }
+        }
+        if self.recovering && self.in_flight.is_empty() {
+            self.recover(ctx);
+        }
+    }
+
+    /// Settles the oldest in-flight append.
+    fn settle(&mut self, done: InFlight, result: StoreResult<Appended>, ctx: &mut Context<Self>) {
         match result {
             Ok(_) => {
                 self.recoveries = 0;
@@ -300,9 +318,6 @@ impl DeviceActor {
                 // the held readings stay in their original order.
                 self.held.push_back(done.ingest);
             }
-        }
-        if self.recovering && self.in_flight.is_empty() {
-            self.recover(ctx);
         }
     }
 
