@@ -29,14 +29,7 @@ async fn readings_published_to_rabbitmq_raise_the_expected_events_and_alarms() {
     let names = Names::new("events");
     let publisher = Publisher::must_connect(&names.exchange).await;
     let engine = start_engine(&dir.path().join("data"), &names, &[]).await;
-    assert_eq!(engine.post("/api/zones", &depot_zone()).await.0, 201);
-    assert_eq!(
-        engine
-            .post("/api/temperature-ranges", &cold_chain())
-            .await
-            .0,
-        201
-    );
+    engine.create_depot_and_cold_chain().await;
 
     let out = DEPOT.0 + 0.05;
     let path = [
@@ -210,14 +203,7 @@ async fn sigkill_during_10000_readings_loses_nothing_and_raises_no_alarm_twice()
     let publisher = Publisher::must_connect(&names.exchange).await;
     let data = dir.path().join("data");
     let mut engine = start_engine(&data, &names, &["--snapshot-every", "25"]).await;
-    assert_eq!(engine.post("/api/zones", &depot_zone()).await.0, 201);
-    assert_eq!(
-        engine
-            .post("/api/temperature-ranges", &cold_chain())
-            .await
-            .0,
-        201
-    );
+    engine.create_depot_and_cold_chain().await;
 
     const DEVICES: usize = 100;
     const PER_DEVICE: usize = 100;

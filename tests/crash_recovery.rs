@@ -112,14 +112,7 @@ async fn sigkill_mid_stream_loses_no_acknowledged_event_and_raises_no_alarm_twic
     // Small snapshot interval: restore goes through snapshots and the events after them.
     let mut engine =
         Engine::start_with(&data, &["--amqp-disabled", "--snapshot-every", "16"]).await;
-    assert_eq!(engine.post("/api/zones", &depot_zone()).await.0, 201);
-    assert_eq!(
-        engine
-            .post("/api/temperature-ranges", &cold_chain())
-            .await
-            .0,
-        201
-    );
+    engine.create_depot_and_cold_chain().await;
 
     // Phase 1: a quiet history, fully acknowledged.
     for d in 0..DEVICES {

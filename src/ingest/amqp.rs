@@ -123,6 +123,23 @@ pub fn dead_letter_name(queue: &str) -> String {
     format!("{queue}.dead")
 }
 
+/// Declares the durable topic exchange devices publish to (routing key = device id). Publishers
+/// declare it with this too, so whoever comes first, the arguments match.
+pub async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), lapin::Error> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+}
+
 /// Declares the engine's topology, idempotently: the durable topic exchange devices publish to,
 /// the durable queue bound to it with `#`, and the dead-letter exchange and queue. Anyone else
 /// declaring these names must use exactly these arguments, or the broker refuses the declare.
@@ -140,14 +157,7 @@ pub async fn declare_topology(
         ..Default::default()
     };
     let dead = dead_letter_name(queue);
-    channel
-        .exchange_declare(
-            exchange.into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
+    declare_exchange(channel, exchange).await?;
     channel
         .exchange_declare(
             dead.as_str().into(),

@@ -265,6 +265,14 @@ impl Engine {
         .await
     }
 
+    /// Creates the tests' depot zone and cold-chain range, both watching every device.
+    pub async fn create_depot_and_cold_chain(&self) {
+        let (status, body) = self.post("/api/zones", &depot_zone()).await;
+        assert_eq!(status, 201, "creating the depot zone: {body}");
+        let (status, body) = self.post("/api/temperature-ranges", &cold_chain()).await;
+        assert_eq!(status, 201, "creating the cold-chain range: {body}");
+    }
+
     /// Waits until the reading of `device` at `t0 + secs` is durable (its `ReadingRecorded` is in
     /// the stored history; appends are in order, so everything before it is too), and returns the
     /// device's state. The state alone is not enough: it includes readings whose appends are

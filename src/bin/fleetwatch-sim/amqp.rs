@@ -12,11 +12,10 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-    PublisherConfirm,
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm,
 };
 
 use crate::fleet::SimReading;
@@ -55,7 +54,7 @@ impl AmqpPublisher {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .context("cannot enable publisher confirms")?;
-        declare_exchange(&channel, exchange)
+        fleetwatch::ingest::amqp::declare_exchange(&channel, exchange)
             .await
             .with_context(|| format!("cannot declare the exchange {exchange:?}"))?;
         tracing::info!(exchange, "publishing to RabbitMQ");
@@ -152,22 +151,6 @@ async fn connect(url: &str, timeout: Duration) -> Result<Connection> {
     .map_err(|_| anyhow!("no answer within {}", humantime::format_duration(timeout)))?
     // lapin's message already includes its cause: chaining it would repeat it.
     .map_err(|e| anyhow!("{e}"))
-}
-
-/// Declares the exchange exactly as the engine does, so either can come first.
-async fn declare_exchange(channel: &Channel, exchange: &str) -> lapin::Result<()> {
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    channel
-        .exchange_declare(
-            exchange.into(),
-            ExchangeKind::Topic,
-            durable,
-            FieldTable::default(),
-        )
-        .await
 }
 
 /// The URL with its password, if any, replaced by `***`, for messages and logs.
