@@ -284,13 +284,17 @@ impl Engine {
             Duration::from_secs(60),
             &format!("{device}'s reading {secs} to be stored"),
             || async {
-                let state = self.device(device).await?;
                 let events = self.history(device).await;
                 let last = events
                     .iter()
                     .rev()
                     .find(|e| e["type"] == "ReadingRecorded")?;
-                (last["data"]["at"] == expected.as_str()).then_some(state)
+                if last["data"]["at"] != expected.as_str() {
+                    return None;
+                }
+                // Read after the history: an actor applies a reading to its state before it
+                // issues the append, so this state includes the stored reading.
+                self.device(device).await
             },
         )
         .await
