@@ -14,18 +14,26 @@
 //!    acked (`fleetwatch_amqp_processed_total` = N and the queue is empty). Its ratio to (1) says
 //!    how much of the broker's limit the engine uses. (1) and (2) alternate twice (A B A B) on
 //!    fresh queues and data directories because the machine is noisy.
-//! 3. **Latency**: on the caught-up engine, readings are published at a steady 10,000/s (10,000
-//!    devices, one reading per second each) for 20 s, stamped with their publish time; each
-//!    `ReadingRecorded` received on `GET /api/stream` gives receive time − reading time. An event
-//!    reaches SSE only after its commit, so this is publish → durable → visible.
+//! 3. **Latency**: on a fresh engine, a warm-up round publishes one reading from each of 10,000
+//!    devices (registering them), then readings are published at a steady 10,000/s (one per device
+//!    per second) for 20 s, stamped with their publish time. Each `ReadingRecorded` received on
+//!    `GET /api/stream` gives two latencies: to its commit stamp (`recorded_at`, taken as the store
+//!    writer stages the commit) and to its receipt on SSE (after the commit's fsync). The moment
+//!    it became durable lies between the two.
 //!
 //! Every run uses exchange and queue names of its own (`bench.<uuid8>`), deleted at the end.
 //! `FW_BENCH_N` overrides N (default 100,000), `FW_BENCH_RATE` the latency test's readings/s
-//! (default 10,000).
+//! (default 10,000), `FW_BENCH_SECONDS` its length (default 20); `FW_PHASES=latency` runs the
+//! latency test alone on a fresh engine (default `drain,latency`). The latency test also reports
+//! the CPU each process used per reading while it ran: the broker, the engine, and the bench itself
+//! (publisher and SSE reader), which share the machine's cores.
 
 use std::collections::VecDeque;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -54,20 +62,43 @@ const ROUNDS: usize = 2;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(20);
 const DEFAULT_RATE: usize = 10_000;
-const LATENCY_SECONDS: usize = 20;
+const DEFAULT_LATENCY_SECONDS: usize = 20;
 const TICK: Duration = Duration::from_millis(10);
 /// Publishing channels of the latency test; must divide `DEVICES`.
 const PUBLISH_LANES: usize = 2;
+/// How long the warm-up round may take to come back on SSE.
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the SSE reader waits for the last events after publishing has ended.
 const LATENCY_GRACE: Duration = Duration::from_secs(15);
 
+/// What to run, from the environment.
+struct Plan {
+    n: usize,
+    drain: bool,
+    latency_rate: usize,
+    latency_seconds: usize,
+}
+
 fn main() -> Result<()> {
-    let n = env_or("FW_BENCH_N", DEFAULT_N)?;
-    let latency_rate = env_or("FW_BENCH_RATE", DEFAULT_RATE)?;
+    let phases = std::env::var("FW_PHASES").unwrap_or_else(|_| "drain,latency".into());
+    let mut drain = false;
+    for phase in phases.split(',') {
+        match phase.trim() {
+            "drain" => drain = true,
+            "latency" => {}
+            other => bail!("unknown phase {other:?} in FW_PHASES (drain, latency)"),
+        }
+    }
+    let plan = Plan {
+        n: env_or("FW_BENCH_N", DEFAULT_N)?,
+        drain,
+        latency_rate: env_or("FW_BENCH_RATE", DEFAULT_RATE)?,
+        latency_seconds: env_or("FW_BENCH_SECONDS", DEFAULT_LATENCY_SECONDS)?,
+    };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run(n, latency_rate))
+        .block_on(run(plan))
 }
 
 fn env_or(name: &str, default: usize) -> Result<usize> {
@@ -79,30 +110,29 @@ fn env_or(name: &str, default: usize) -> Result<usize> {
     }
 }
 
-async fn run(n: usize, latency_rate: usize) -> Result<()> {
+async fn run(plan: Plan) -> Result<()> {
     let broker = Broker::connect().await.context(
         "RabbitMQ must run on 127.0.0.1:5672 (guest/guest) for this bench; scripts/test-deps.sh starts it",
     )?;
-    let backlog = backlog(n, Utc::now() - TimeDelta::hours(1));
+    let backlog = backlog(plan.n, Utc::now() - TimeDelta::hours(1));
     let mut used = Vec::new();
-    let outcome = measure(&broker, &backlog, latency_rate, &mut used).await;
+    let outcome = measure(&broker, &backlog, &plan, &mut used).await;
     for topology in &used {
         broker.delete(topology).await;
     }
-    print_report(n, &backlog, &outcome?);
+    print_report(plan.n, &backlog, &outcome?);
     Ok(())
 }
 
-/// Runs bare and engine drains alternately, then the latency test on the last engine.
+/// Runs bare and engine drains alternately (if asked to), then the latency test on a fresh engine.
 async fn measure(
     broker: &Broker,
     backlog: &[Message],
-    latency_rate: usize,
+    plan: &Plan,
     used: &mut Vec<Topology>,
 ) -> Result<Report> {
     let mut rounds = Vec::new();
-    let mut latency = None;
-    for round in 1..=ROUNDS {
+    for round in (1..=ROUNDS).filter(|_| plan.drain) {
         eprintln!("round {round}: bare consumer");
         let bare = Topology::new();
         used.push(bare.clone());
@@ -116,10 +146,6 @@ async fn measure(
         used.push(topology.clone());
         let (engine, engine_publish, engine_drain, engine_cpu, engine_broker_cpu) =
             engine_run(broker, &topology, backlog).await?;
-        if round == ROUNDS {
-            eprintln!("latency at {latency_rate} readings/s for {LATENCY_SECONDS} s");
-            latency = Some(measure_latency(broker, &topology, &engine, latency_rate).await?);
-        }
         engine.stop()?;
         let left = broker.depth(&topology).await?;
         ensure!(
@@ -137,10 +163,14 @@ async fn measure(
             engine_us: per_reading_us(engine_cpu, backlog.len()),
         });
     }
-    Ok(Report {
-        rounds,
-        latency: latency.expect("ROUNDS > 0"),
-    })
+    let topology = Topology::new();
+    used.push(topology.clone());
+    broker.declare(&topology).await?;
+    let engine = Engine::start(&topology)?;
+    engine.wait_consuming().await?;
+    let latency = measure_latency(broker, &topology, &engine, plan).await?;
+    engine.stop()?;
+    Ok(Report { rounds, latency })
 }
 
 /// Runs `drain` and returns its result with the CPU seconds the broker and this process used.
@@ -225,43 +255,96 @@ async fn engine_run(
 }
 
 /// Publishes readings at a steady rate, stamped with their publish time, and reads them back
-/// from the SSE stream.
+/// from the SSE stream; records the CPU each process used meanwhile.
+///
+/// First a warm-up round: one reading from each device, which on a fresh engine registers it (its
+/// actor starts and looks it up in the store). Once all of them are back on SSE, the steady phase
+/// publishes `rate × seconds` readings from the now active devices; its figures are the steady
+/// state, and the warm-up's are what a fleet of new devices costs.
 async fn measure_latency(
     broker: &Broker,
     topology: &Topology,
     engine: &Engine,
-    rate_per_s: usize,
+    plan: &Plan,
 ) -> Result<Latency> {
-    let planned = rate_per_s * LATENCY_SECONDS;
+    let (rate_per_s, seconds) = (plan.latency_rate, plan.latency_seconds);
+    let planned = rate_per_s * seconds;
     let stream = reqwest::get(engine.url("/api/stream?types=ReadingRecorded"))
         .await?
         .error_for_status()?;
     // The response has started: the stream is subscribed to the commit feed before publishing.
-    let reader = tokio::spawn(read_latencies(stream, planned));
-    let publish_time = publish_paced(broker, topology, rate_per_s, planned).await?;
-    let latencies_ms = reader.await??;
+    let received = Arc::new(AtomicUsize::new(0));
+    let deadline = tokio::time::Instant::now()
+        + WARM_UP_TIMEOUT
+        + Duration::from_secs(seconds as u64)
+        + LATENCY_GRACE;
+    let reader = tokio::spawn(read_latencies(
+        stream,
+        DEVICES + planned,
+        deadline,
+        received.clone(),
+    ));
+
+    eprintln!("warm-up: one reading from each of {DEVICES} devices at {rate_per_s}/s");
+    publish_paced(broker, topology, rate_per_s, 0..DEVICES).await?;
+    let warm_up_started = Instant::now();
+    while received.load(Ordering::Relaxed) < DEVICES {
+        ensure!(
+            warm_up_started.elapsed() < WARM_UP_TIMEOUT,
+            "only {} of {DEVICES} warm-up readings arrived on SSE",
+            received.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(POLL).await;
+    }
+
+    eprintln!("steady: {rate_per_s} readings/s for {seconds} s");
+    let broker_pid = broker_pid()?;
+    let before = [&broker_pid, &engine.pid(), "self"].map(cpu_seconds);
+    let publish_time =
+        publish_paced(broker, topology, rate_per_s, DEVICES..DEVICES + planned).await?;
+    let mut timings = reader.await??;
+    let after = [&broker_pid, &engine.pid(), "self"].map(cpu_seconds);
+    let steady = timings.split_off(DEVICES.min(timings.len()));
+    if let Ok(path) = std::env::var("FW_BENCH_DUMP") {
+        let lines: Vec<String> = timings
+            .iter()
+            .chain(&steady)
+            .map(|t| {
+                format!(
+                    "{:.6} {:.3} {:.3}",
+                    t.published_s, t.to_commit_ms, t.to_sse_ms
+                )
+            })
+            .collect();
+        std::fs::write(path, lines.join("\n"))?;
+    }
+    let cpu_us: [f64; 3] =
+        std::array::from_fn(|i| per_reading_us(after[i] - before[i], steady.len().max(1)));
     Ok(Latency {
         planned_rate: rate_per_s,
+        seconds,
         planned,
         publish_rate: rate(planned, publish_time),
-        latencies_ms,
+        warm_up: timings,
+        steady,
+        cpu_us,
     })
 }
 
-/// Publishes `planned` readings in ticks of `TICK`, round-robin over the devices, on
-/// `PUBLISH_LANES` channels at once (so one channel's sequential publishes are not the bound);
+/// Publishes the readings with indices `range` in ticks of `TICK`, round-robin over the devices,
+/// on `PUBLISH_LANES` channels at once (so one channel's sequential publishes are not the bound);
 /// a device always publishes on the same lane, so its readings stay in order.
 async fn publish_paced(
     broker: &Broker,
     topology: &Topology,
     rate_per_s: usize,
-    planned: usize,
+    range: Range<usize>,
 ) -> Result<Duration> {
     let started = Instant::now();
     let mut lanes = tokio::task::JoinSet::new();
     for lane in 0..PUBLISH_LANES {
         let publisher = broker.publisher(topology).await?;
-        lanes.spawn(publish_lane(publisher, lane, rate_per_s, planned));
+        lanes.spawn(publish_lane(publisher, lane, rate_per_s, range.clone()));
     }
     while let Some(lane) = lanes.join_next().await {
         lane??;
@@ -274,13 +357,13 @@ async fn publish_lane(
     mut publisher: Publisher,
     lane: usize,
     rate_per_s: usize,
-    planned: usize,
+    range: Range<usize>,
 ) -> Result<()> {
     let per_tick = (rate_per_s * TICK.as_millis() as usize / 1_000).max(1);
     let mut ticks = tokio::time::interval(TICK);
-    for first in (0..planned).step_by(per_tick) {
+    for first in range.clone().step_by(per_tick) {
         ticks.tick().await;
-        let tick = first..(first + per_tick).min(planned);
+        let tick = first..(first + per_tick).min(range.end);
         for i in tick.filter(|i| i % PUBLISH_LANES == lane) {
             let step = (i / DEVICES) as u64;
             publisher
@@ -291,14 +374,27 @@ async fn publish_lane(
     publisher.flush().await
 }
 
-/// Collects receive time − reading time, in ms, of up to `planned` `ReadingRecorded` events.
-async fn read_latencies(stream: reqwest::Response, planned: usize) -> Result<Vec<f64>> {
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_secs(LATENCY_SECONDS as u64) + LATENCY_GRACE;
+/// One reading's way through: ms from publish to the store's commit stamp (`recorded_at`, taken
+/// as the writer stages the commit, just before its fsync), and ms from publish to receipt on SSE
+/// (after the fsync). The moment it became durable lies between the two.
+#[derive(Clone, Copy)]
+struct Timing {
+    published_s: f64,
+    to_commit_ms: f64,
+    to_sse_ms: f64,
+}
+
+/// Collects the timings of up to `planned` `ReadingRecorded` events, counting them in `received`.
+async fn read_latencies(
+    stream: reqwest::Response,
+    planned: usize,
+    deadline: tokio::time::Instant,
+    received_count: Arc<AtomicUsize>,
+) -> Result<Vec<Timing>> {
     let mut chunks = stream.bytes_stream();
     let mut pending = Vec::new();
-    let mut latencies = Vec::with_capacity(planned);
-    while latencies.len() < planned {
+    let mut timings = Vec::with_capacity(planned);
+    while timings.len() < planned {
         let chunk = match tokio::time::timeout_at(deadline, chunks.next()).await {
             Ok(Some(chunk)) => chunk?,
             Ok(None) => bail!("the engine closed the SSE stream"),
@@ -308,24 +404,37 @@ async fn read_latencies(stream: reqwest::Response, planned: usize) -> Result<Vec
         pending.extend_from_slice(&chunk);
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
-            if let Some(at) = reading_time(&line)? {
-                latencies.push((received - at).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e3);
+            if let Some((published, committed)) = reading_times(&line)? {
+                let ms = |d: TimeDelta| d.num_microseconds().unwrap_or(i64::MAX) as f64 / 1e3;
+                timings.push(Timing {
+                    published_s: published.timestamp_micros() as f64 / 1e6,
+                    to_commit_ms: ms(committed - published),
+                    to_sse_ms: ms(received - published),
+                });
+                received_count.store(timings.len(), Ordering::Relaxed);
             }
         }
     }
-    Ok(latencies)
+    Ok(timings)
 }
 
-/// The reading time (`data.at`) of an SSE `data:` line; `None` for other lines.
-fn reading_time(line: &[u8]) -> Result<Option<DateTime<Utc>>> {
+/// The reading time (`data.at`, its publish time) and commit stamp (`recorded_at`) of an SSE
+/// `data:` line; `None` for other lines.
+fn reading_times(line: &[u8]) -> Result<Option<(DateTime<Utc>, DateTime<Utc>)>> {
     let Some(json) = line.strip_prefix(b"data:") else {
         return Ok(None);
     };
     let event: Value = serde_json::from_slice(json)?;
-    let at = event["data"]["at"]
-        .as_str()
-        .context("a ReadingRecorded event without data.at")?;
-    Ok(Some(DateTime::parse_from_rfc3339(at)?.to_utc()))
+    let time = |value: &Value, name: &str| -> Result<DateTime<Utc>> {
+        let text = value
+            .as_str()
+            .with_context(|| format!("a ReadingRecorded event without {name}"))?;
+        Ok(DateTime::parse_from_rfc3339(text)?.to_utc())
+    };
+    Ok(Some((
+        time(&event["data"]["at"], "data.at")?,
+        time(&event["recorded_at"], "recorded_at")?,
+    )))
 }
 
 /// One reading to publish: routing key (the device id) and JSON body.
@@ -553,6 +662,26 @@ impl Engine {
         format!("{}{path}", self.base)
     }
 
+    /// Waits until the engine reports its broker connection up (it then consumes).
+    async fn wait_consuming(&self) -> Result<()> {
+        let http = reqwest::Client::new();
+        let started = Instant::now();
+        while started.elapsed() < DRAIN_TIMEOUT {
+            if let Ok(response) = http.get(self.url("/api/health")).send().await {
+                if let Ok(health) = response.json::<Value>().await {
+                    if health["broker"] == "connected" {
+                        return Ok(());
+                    }
+                }
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        bail!(
+            "the engine did not connect to RabbitMQ; {}",
+            self.log_tail()
+        )
+    }
+
     /// `fleetwatch_amqp_processed_total`: readings durable and settled; 0 until HTTP is up.
     async fn processed(&self, http: &reqwest::Client) -> u64 {
         let Ok(response) = http.get(self.url("/metrics")).send().await else {
@@ -618,9 +747,15 @@ struct Round {
 
 struct Latency {
     planned_rate: usize,
+    seconds: usize,
     planned: usize,
+    /// Of the steady phase.
     publish_rate: f64,
-    latencies_ms: Vec<f64>,
+    /// The first reading of each device.
+    warm_up: Vec<Timing>,
+    steady: Vec<Timing>,
+    /// CPU µs per received reading while the test ran: broker, engine, this bench.
+    cpu_us: [f64; 3],
 }
 
 struct Report {
@@ -680,18 +815,23 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 }
 
 fn print_report(n: usize, backlog: &[Message], report: &Report) {
-    let body_bytes = backlog.iter().map(|m| m.body.len()).sum::<usize>() / backlog.len().max(1);
     println!("\n{}\n", machine());
+    if !report.rounds.is_empty() {
+        print_drains(n, backlog, &report.rounds);
+    }
+    print_latency(&report.latency);
+}
+
+fn print_drains(n: usize, backlog: &[Message], rounds: &[Round]) {
+    let body_bytes = backlog.iter().map(|m| m.body.len()).sum::<usize>() / backlog.len().max(1);
     println!(
         "N = {n} persistent readings (mean body {body_bytes} B), {DEVICES} devices, prefetch {PREFETCH}\n"
     );
-    let header: Vec<String> = (1..=report.rounds.len())
-        .map(|i| format!("run {i}"))
-        .collect();
+    let header: Vec<String> = (1..=rounds.len()).map(|i| format!("run {i}")).collect();
     println!("| readings/s | {} | median |", header.join(" | "));
     println!("|---|{}---|", "---|".repeat(header.len()));
     let row = |name: &str, value: &dyn Fn(&Round) -> f64, unit: &dyn Fn(f64) -> String| {
-        let values: Vec<f64> = report.rounds.iter().map(value).collect();
+        let values: Vec<f64> = rounds.iter().map(value).collect();
         let cells: Vec<String> = values.iter().map(|&v| unit(v)).collect();
         println!(
             "| {name} | {} | {} |",
@@ -732,34 +872,66 @@ fn print_report(n: usize, backlog: &[Message], report: &Report) {
         &micros,
     );
     row("CPU per reading: fleetwatch", &|r| r.engine_us, &micros);
+}
 
-    let latency = &report.latency;
-    let mut sorted = latency.latencies_ms.clone();
-    sorted.sort_by(f64::total_cmp);
+fn print_latency(latency: &Latency) {
     println!(
-        "\nLatency publish → durable → SSE, {} readings/s planned for {LATENCY_SECONDS} s:\n",
-        latency.planned_rate
-    );
-    println!("| achieved publish rate | received on SSE | p50 | p90 | p99 | max |");
-    println!("|---|---|---|---|---|---|");
-    if sorted.is_empty() {
-        println!(
-            "| {:.0}/s | 0 / {} | – | – | – | – |",
-            latency.publish_rate, latency.planned
-        );
-        return;
-    }
-    let ms = |q: f64| format!("{:.1} ms", percentile(&sorted, q));
-    println!(
-        "| {:.0}/s | {} / {} | {} | {} | {} | {} |",
+        "\nLatency: {DEVICES} devices; a warm-up round of one reading each, then {} readings/s for {} s (achieved {:.0}/s; {} of {} received on SSE):\n",
+        latency.planned_rate,
+        latency.seconds,
         latency.publish_rate,
-        sorted.len(),
-        latency.planned,
-        ms(0.50),
-        ms(0.90),
-        ms(0.99),
-        ms(1.0),
+        latency.steady.len(),
+        latency.planned
     );
+    println!("| readings | from publish to | p50 | p90 | p99 | p99.9 | max |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    type Row<'a> = (&'a str, &'a str, &'a [Timing], fn(&Timing) -> f64);
+    let rows: [Row; 3] = [
+        (
+            "steady",
+            "commit stamp (`recorded_at`)",
+            &latency.steady,
+            |t| t.to_commit_ms,
+        ),
+        ("steady", "durable, received on SSE", &latency.steady, |t| {
+            t.to_sse_ms
+        }),
+        (
+            "warm-up: first reading of each new device",
+            "durable, received on SSE",
+            &latency.warm_up,
+            |t| t.to_sse_ms,
+        ),
+    ];
+    for (readings, to, timings, value) in rows {
+        let mut values: Vec<f64> = timings.iter().map(value).collect();
+        values.sort_by(f64::total_cmp);
+        if values.is_empty() {
+            println!("| {readings} | {to} | – | – | – | – | – |");
+            continue;
+        }
+        let ms = |q: f64| format!("{:.1} ms", percentile(&values, q));
+        println!(
+            "| {readings} | {to} | {} | {} | {} | {} | {} |",
+            ms(0.50),
+            ms(0.90),
+            ms(0.99),
+            ms(0.999),
+            ms(1.0)
+        );
+    }
+    let [broker, engine, bench] = latency.cpu_us;
+    let cores = |us: f64| us * latency.publish_rate / 1e6;
+    println!("\n| CPU per reading, steady phase | µs | cores at the achieved rate |");
+    println!("|---|---:|---:|");
+    for (name, us) in [
+        ("broker (beam.smp)", broker),
+        ("fleetwatch", engine),
+        ("bench: publisher + SSE reader", bench),
+        ("all three", broker + engine + bench),
+    ] {
+        println!("| {name} | {us:.1} | {:.2} |", cores(us));
+    }
 }
 
 /// Date, cores, CPU model and RabbitMQ version, for the record.
