@@ -65,7 +65,6 @@ async fn readings_published_to_rabbitmq_raise_the_expected_events_and_alarms() {
             "TemperatureBackInRange"
         ]
     );
-    publisher.cleanup(&names).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +192,6 @@ async fn malformed_messages_are_dead_lettered_with_reasons_and_valid_ones_interl
         metrics.contains("fleetwatch_amqp_dead_lettered_total 1000"),
         "{metrics}"
     );
-    publisher.cleanup(&names).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,5 +260,4 @@ async fn sigkill_during_10000_readings_loses_nothing_and_raises_no_alarm_twice()
             "{device}: one LeftZone per excursion"
         );
     }
-    publisher.cleanup(&names).await;
 }

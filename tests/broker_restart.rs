@@ -117,9 +117,5 @@ async fn broker_restart_mid_stream_is_recovered_without_losing_readings() {
             "{device}: every confirmed reading processed exactly once"
         );
     }
-    Publisher::must_connect(&names.exchange)
-        .await
-        .cleanup(&names)
-        .await;
     drop(publisher);
 }

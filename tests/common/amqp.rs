@@ -11,7 +11,8 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 
 pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// Exchange and queue names unique to one test run.
+/// Exchange and queue names unique to one test run. Dropping them deletes the queues and
+/// exchanges from the broker, also when the test panics, so a failed run leaves nothing behind.
 pub struct Names {
     pub exchange: String,
     pub queue: String,
@@ -139,22 +140,38 @@ impl Publisher {
         }
         out
     }
+}
 
-    /// Removes the test's queues and exchanges.
-    pub async fn cleanup(&self, names: &Names) {
-        for queue in [names.queue.clone(), names.dead()] {
-            let _ = self
-                .channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for exchange in [names.exchange.clone(), names.dead()] {
-            let _ = self
-                .channel
-                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
-        let _ = self.connection.close(200, "done".into()).await;
+impl Drop for Names {
+    fn drop(&mut self) {
+        let queues = [self.queue.clone(), self.dead()];
+        let exchanges = [self.exchange.clone(), self.dead()];
+        // `drop` cannot await, and may run while a runtime unwinds: clean up on a thread and
+        // runtime of its own. Best effort: the names are unique, so a leftover harms no other run.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let connection = Connection::connect(URL, ConnectionProperties::default())
+                    .await
+                    .ok()?;
+                let channel = connection.create_channel().await.ok()?;
+                for queue in &queues {
+                    let _ = channel
+                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                for exchange in &exchanges {
+                    let _ = channel
+                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+                connection.close(200, "test done".into()).await.ok()
+            })
+        });
+        let _ = cleanup.join();
     }
 }
 
