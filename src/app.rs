@@ -90,6 +90,9 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
             .configure(http::configure)
     })
     .shutdown_timeout(5)
+    // SSE frames are small writes: without this, Nagle's algorithm holds each one back until the
+    // client acknowledges the last, up to its delayed-ACK timeout (~40 ms on Linux).
+    .tcp_nodelay(true)
     .bind(config.http_addr)?;
     for addr in server.addrs() {
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "fleetwatch listening");
