@@ -32,6 +32,15 @@ pub enum StartupError {
     Http(#[from] std::io::Error),
 }
 
+/// Waits for SIGTERM or SIGINT (Ctrl-C); returns its name.
+async fn shutdown_signal() -> std::io::Result<&'static str> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = terminate.recv() => Ok("SIGTERM"),
+        interrupted = tokio::signal::ctrl_c() => interrupted.map(|()| "SIGINT"),
+    }
+}
+
 /// Runs fleetwatch until it is told to stop.
 pub async fn run(config: Config) -> Result<(), StartupError> {
     let metrics = crate::telemetry::init_metrics();
@@ -82,6 +91,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         broker,
         failed,
         metrics,
+        shutdown: shutdown.clone(),
     };
     let server = HttpServer::new(move || {
         App::new()
@@ -93,17 +103,31 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     // SSE frames are small writes: without this, Nagle's algorithm holds each one back until the
     // client acknowledges the last, up to its delayed-ACK timeout (~40 ms on Linux).
     .tcp_nodelay(true)
+    // On a signal actix-server would stop the whole actix system, device actors included, while
+    // ingest is still finishing; the shutdown order below is ours instead.
+    .disable_signals()
     .bind(config.http_addr)?;
     for addr in server.addrs() {
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "fleetwatch listening");
     }
-    // actix-web stops on SIGINT/SIGTERM and returns here once its connections are done.
-    server.run().await?;
+    let server = server.run();
+    let http = server.handle();
+    let mut serving = tokio::spawn(server);
 
-    tracing::info!("shutting down: finishing in-flight readings");
+    tokio::select! {
+        signal = shutdown_signal() => {
+            tracing::info!(signal = signal?, "shutting down: finishing in-flight readings");
+        }
+        stopped = &mut serving => {
+            // The HTTP server only stops by itself when it fails.
+            stopped.map_err(std::io::Error::other)??;
+        }
+    }
+    // Stop taking readings, and let both ingest paths finish (and acknowledge) what they hold
+    // while the engine still runs: HTTP requests get their answers, the RabbitMQ consumer acks.
     shutdown.cancel();
-    if let Some(consumer) = consumer {
-        // The consumer finishes its in-flight readings (the engine is still running) and acks them.
+    let stop_consumer = async {
+        let Some(consumer) = consumer else { return };
         let joined = tokio::time::timeout(
             CONSUMER_STOP_TIMEOUT,
             tokio::task::spawn_blocking(move || consumer.join()),
@@ -112,7 +136,8 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         if joined.is_err() {
             tracing::warn!(timeout = ?CONSUMER_STOP_TIMEOUT, "the RabbitMQ consumer did not stop in time; its unacked messages will be redelivered");
         }
-    }
+    };
+    tokio::join!(http.stop(true), stop_consumer);
     engine.shutdown().await;
     sqlite.close();
     tracing::info!("stopped cleanly");

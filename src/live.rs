@@ -18,6 +18,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::http::{ApiError, AppState};
 use crate::store::{EventStore, RecordedEvent};
@@ -156,7 +157,15 @@ pub async fn stream(
     };
     let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
     let limit = query.limit.unwrap_or(u64::MAX);
-    actix_web::rt::spawn(feed(store, live, filter, start, limit, tx));
+    actix_web::rt::spawn(feed(
+        store,
+        live,
+        filter,
+        start,
+        limit,
+        tx,
+        state.shutdown.clone(),
+    ));
     metrics::counter!("fleetwatch_sse_connections_total").increment(1);
     let body = ReceiverStream::new(rx).map(Ok::<_, Infallible>);
     Ok(HttpResponse::Ok()
@@ -166,7 +175,8 @@ pub async fn stream(
         .streaming(body))
 }
 
-/// Feeds one client until it disconnects, falls behind, or has had `limit` events.
+/// Feeds one client until it disconnects, falls behind, has had `limit` events, or the engine
+/// shuts down (the client resumes with `Last-Event-ID`, from this or another engine).
 async fn feed(
     store: Arc<dyn EventStore>,
     mut live: broadcast::Receiver<crate::store::CommittedBatch>,
@@ -174,6 +184,7 @@ async fn feed(
     mut cursor: u64,
     limit: u64,
     tx: mpsc::Sender<Bytes>,
+    shutdown: CancellationToken,
 ) {
     let mut sent = 0u64;
     if tx
@@ -241,6 +252,7 @@ async fn feed(
                 }
             }
             _ = tx.closed() => return,
+            _ = shutdown.cancelled() => return,
         }
     }
 }

@@ -261,3 +261,182 @@ async fn sigkill_during_10000_readings_loses_nothing_and_raises_no_alarm_twice()
         );
     }
 }
+
+/// Prometheus counter value, 0 when the counter has not been touched yet.
+async fn counter(engine: &Engine, name: &str) -> u64 {
+    let metrics = client()
+        .get(engine.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// Readings of `devices` stored so far (their `ReadingRecorded` events).
+async fn stored_readings(engine: &Engine, devices: &[String]) -> usize {
+    let mut stored = 0;
+    for device in devices {
+        if engine.device(device).await.is_some() {
+            stored += engine
+                .history(device)
+                .await
+                .iter()
+                .filter(|e| e["type"] == "ReadingRecorded")
+                .count();
+        }
+    }
+    stored
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_stream_acks_exactly_what_it_stored_and_the_rest_is_processed_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("sigterm");
+    let publisher = Publisher::must_connect(&names.exchange).await;
+    let data = dir.path().join("data");
+    let mut engine = start_engine(&data, &names, &[]).await;
+
+    const DEVICES: usize = 100;
+    const PER_DEVICE: usize = 100;
+    let devices: Vec<String> = (0..DEVICES).map(|d| format!("term-{d}")).collect();
+    let mut messages = Vec::with_capacity(DEVICES * PER_DEVICE);
+    for i in 0..PER_DEVICE {
+        for device in &devices {
+            let lat = DEPOT.0 + i as f64 * 0.001;
+            messages.push((
+                device.clone(),
+                body(&reading(device, i as i64, lat, DEPOT.1, 5.0)),
+            ));
+        }
+    }
+    // Published in paced chunks, so the stream is still flowing when the engine is stopped.
+    let exchange = names.exchange.clone();
+    let stream = tokio::spawn(async move {
+        let publisher = Publisher::must_connect(&exchange).await;
+        for chunk in messages.chunks(200) {
+            publisher.publish_all(chunk).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    eventually(
+        Duration::from_secs(60),
+        "a part of the stream processed",
+        || async {
+            (counter(&engine, "fleetwatch_amqp_processed_total").await > 2_000).then_some(())
+        },
+    )
+    .await;
+    let status = engine.terminate();
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+    stream.await.expect("every reading published");
+
+    // Stopped cleanly: every reading it stored was acked (so none is left on the queue to come
+    // back as a duplicate) and every reading it did not store is back on the queue.
+    let left = publisher.depth(&names.queue).await as usize;
+    let mut offline = Engine::start(&data).await;
+    let stored = stored_readings(&offline, &devices).await;
+    assert!(
+        stored > 0 && left > 0,
+        "stopped mid-stream: {stored} stored, {left} queued"
+    );
+    assert_eq!(
+        stored + left,
+        DEVICES * PER_DEVICE,
+        "stored ({stored}) and still queued ({left}) add up to what was published; engine log:\n{}",
+        engine.log_tail()
+    );
+    offline.terminate();
+    drop(offline);
+
+    engine.restart().await;
+    engine.wait_broker_connected().await;
+    for device in &devices {
+        engine
+            .wait_until_stored(device, PER_DEVICE as i64 - 1)
+            .await;
+    }
+    assert_eq!(
+        stored_readings(&engine, &devices).await,
+        DEVICES * PER_DEVICE
+    );
+    assert_eq!(
+        counter(&engine, "fleetwatch_readings_duplicate_total").await,
+        0,
+        "nothing stored before the shutdown was delivered again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reading_the_engine_keeps_failing_on_is_retried_a_bounded_number_of_times_then_dead_lettered(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("failing");
+    let publisher = Publisher::must_connect(&names.exchange).await;
+    let data = dir.path().join("data");
+    let retries = ["--amqp-max-retries", "2"];
+    let mut engine = start_engine(&data, &names, &retries).await;
+    for device in ["sound-1", "damaged-1"] {
+        publisher
+            .publish(device, &body(&reading(device, 0, DEPOT.0, DEPOT.1, 5.0)))
+            .await
+            .unwrap();
+        engine.wait_until_stored(device, 0).await;
+    }
+    assert!(engine.terminate().success());
+
+    // Damage one device's stored history, as a bad disk would.
+    let db = rusqlite::Connection::open(data.join("events.sqlite3")).unwrap();
+    let damaged = db
+        .execute(
+            "UPDATE events SET data = '{not json' WHERE stream_id = 'damaged-1'",
+            [],
+        )
+        .unwrap();
+    assert!(damaged > 0);
+    drop(db);
+
+    engine.restart().await;
+    engine.wait_broker_connected().await;
+    for device in ["damaged-1", "sound-1"] {
+        publisher
+            .publish(device, &body(&reading(device, 1, DEPOT.0, DEPOT.1, 5.5)))
+            .await
+            .unwrap();
+    }
+    engine.wait_until_stored("sound-1", 1).await;
+
+    let dead = eventually(
+        Duration::from_secs(30),
+        "the reading of the damaged device to be dead-lettered",
+        || async {
+            let dead = publisher.drain(&names.dead()).await;
+            (!dead.is_empty()).then_some(dead)
+        },
+    )
+    .await;
+    assert_eq!(dead.len(), 1, "only the damaged device's reading");
+    let reason = dead[0].1.clone().expect("a reason header");
+    assert!(
+        reason.contains("engine failed 3 times") && reason.contains("damaged-1@"),
+        "the reason names the attempts and the unreadable event: {reason}"
+    );
+    assert_eq!(
+        counter(&engine, "fleetwatch_amqp_retries_total").await,
+        2,
+        "requeued twice (--amqp-max-retries 2), then dead-lettered"
+    );
+    assert_eq!(
+        publisher.depth(&names.queue).await,
+        0,
+        "nothing blocks the queue"
+    );
+    let failed = engine.get("/api/failed-messages").await;
+    assert_eq!(failed[0]["routing_key"], "damaged-1", "{failed}");
+}

@@ -78,8 +78,9 @@ pub(super) struct DeviceActor {
     waiting_duplicates: VecDeque<WaitingDuplicate>,
     events_since_snapshot: u64,
     last_active: Instant,
-    /// Set when the in-memory state can no longer be trusted; the actor is stopping.
-    broken: bool,
+    /// Set when the in-memory state can no longer be trusted: the actor has left the router,
+    /// answers what is still in its mailbox with this error, and stops.
+    failure: Option<EngineError>,
 }
 
 impl DeviceActor {
@@ -108,7 +109,7 @@ impl DeviceActor {
             waiting_duplicates: VecDeque::new(),
             events_since_snapshot: 0,
             last_active: Instant::now(),
-            broken: false,
+            failure: None,
         }
     }
 
@@ -144,28 +145,37 @@ impl DeviceActor {
         }
     }
 
-    /// Leaves the router's map and stops: the next message for this device starts a fresh actor
-    /// that restores from the store.
+    /// Leaves the router's map, answers everything it holds or still has queued with `reason`,
+    /// and stops: the next message for this device starts a fresh actor that restores from the
+    /// store.
     fn fail(&mut self, ctx: &mut Context<Self>, reason: &EngineError) {
-        if self.broken {
+        if self.failure.is_some() {
             return;
         }
         tracing::error!(device = %self.device.id(), error = %reason, "device actor failed; it will be restored from the store");
-        self.broken = true;
+        self.failure = Some(reason.clone());
         for (_, reply, _permit) in self.waiting_duplicates.drain(..) {
             let _ = reply.send(Err(reason.clone()));
         }
         for held in self.held.drain(..).chain(self.arrived.drain(..)) {
             let _ = held.reply.send(Err(reason.clone()));
         }
+        // Under the shard lock: once we are out of the map, nothing more is sent to us.
         if lock(&self.shard).remove(self.device.id()).is_some() {
             metrics::gauge!("fleetwatch_active_devices").decrement(1.0);
         }
-        ctx.stop();
+        self.stop_if_drained(ctx);
+    }
+
+    /// A failed actor stops once it has answered every message sent to it.
+    fn stop_if_drained(&self, ctx: &mut Context<Self>) {
+        if self.queued.load(Ordering::SeqCst) == 0 {
+            ctx.stop();
+        }
     }
 
     fn passivate_if_idle(&mut self, ctx: &mut Context<Self>) {
-        if self.broken
+        if self.failure.is_some()
             || self.recovering
             || !self.in_flight.is_empty()
             || self.last_active.elapsed() < self.settings.idle_timeout
@@ -362,8 +372,9 @@ impl Handler<Ingest> for DeviceActor {
     fn handle(&mut self, ingest: Ingest, ctx: &mut Context<Self>) {
         self.queued.fetch_sub(1, Ordering::SeqCst);
         self.last_active = Instant::now();
-        if self.broken {
-            let _ = ingest.reply.send(Err(EngineError::ActorGone));
+        if let Some(failure) = &self.failure {
+            let _ = ingest.reply.send(Err(failure.clone()));
+            self.stop_if_drained(ctx);
         } else if self.recovering {
             // Behind the readings whose appends failed, in arrival order.
             self.arrived.push_back(ingest);
@@ -376,9 +387,12 @@ impl Handler<Ingest> for DeviceActor {
 impl Handler<GetState> for DeviceActor {
     type Result = ();
 
-    fn handle(&mut self, msg: GetState, _: &mut Context<Self>) {
+    fn handle(&mut self, msg: GetState, ctx: &mut Context<Self>) {
         self.queued.fetch_sub(1, Ordering::SeqCst);
-        if !self.broken {
+        if self.failure.is_some() {
+            // Dropping the reply sends the caller to the store, which reports the failure itself.
+            self.stop_if_drained(ctx);
+        } else {
             let _ = msg.reply.send(self.device.clone());
         }
     }

@@ -27,6 +27,8 @@ pub struct AppState {
     pub broker: BrokerStatus,
     pub failed: FailedMessages,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Cancelled when the engine starts shutting down; long-lived responses (SSE) end then.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Mounts every route; errors from query strings and unknown routes are JSON like all others.

@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueDeleteOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::AMQPValue;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
 pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -115,6 +115,19 @@ impl Publisher {
             );
         }
         Ok(())
+    }
+
+    /// Messages ready on a queue (not counting those delivered and not yet acknowledged).
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        self.channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .expect("passive queue.declare")
+            .message_count()
     }
 
     /// Takes every message off a queue, returning (body, reason header).

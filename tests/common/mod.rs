@@ -284,6 +284,8 @@ impl Engine {
             Duration::from_secs(60),
             &format!("{device}'s reading {secs} to be stored"),
             || async {
+                // Unknown until its first reading is stored (the history would be a 404).
+                self.device(device).await?;
                 let events = self.history(device).await;
                 let last = events
                     .iter()
