@@ -237,7 +237,7 @@ pub fn spawn(
                 engine,
                 status,
                 failed,
-                retries: Mutex::default(),
+                failures: Mutex::default(),
             });
             runtime.block_on(consumer.run(shutdown));
         })
@@ -248,9 +248,10 @@ struct Consumer {
     engine: Engine,
     status: BrokerStatus,
     failed: FailedMessages,
-    /// Engine failures per message (by body hash), so a failing reading is retried a bounded
-    /// number of times in place (requeued: its order is kept) before it is dead-lettered.
-    retries: Mutex<HashMap<u64, u32>>,
+    /// Engine failures per message (by content; forgotten once it succeeds or is dead-lettered),
+    /// so a failing reading is retried a bounded number of times in place (requeued: its order
+    /// is kept) before it is dead-lettered.
+    failures: Mutex<HashMap<u64, u32>>,
 }
 
 /// How a delivery was settled.
@@ -434,6 +435,10 @@ impl Consumer {
             match ticket.await {
                 Ok(_) => {
                     metrics::counter!("fleetwatch_amqp_processed_total").increment(1);
+                    // Only a redelivered message can have failed before.
+                    if delivery.redelivered {
+                        self.forget_failures(&delivery);
+                    }
                     Settle::Ack(delivery.delivery_tag)
                 }
                 Err(e) => self.after_failure(publisher, &delivery, e).await,
@@ -451,17 +456,14 @@ impl Consumer {
         if matches!(error, EngineError::ShuttingDown) {
             return Settle::Requeue(delivery.delivery_tag);
         }
-        let key = {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            delivery.data.hash(&mut h);
-            h.finish()
-        };
         let attempts = {
-            let mut retries = self.retries.lock().unwrap_or_else(|p| p.into_inner());
+            let mut retries = self.failures();
+            // A bound for the pathological case of many readings failing at once; losing the
+            // counts only means a few more retries.
             if retries.len() > 100_000 {
                 retries.clear();
             }
-            let n = retries.entry(key).or_insert(0);
+            let n = retries.entry(failure_key(delivery)).or_insert(0);
             *n += 1;
             *n
         };
@@ -470,12 +472,17 @@ impl Consumer {
             metrics::counter!("fleetwatch_amqp_retries_total").increment(1);
             return Settle::Requeue(delivery.delivery_tag);
         }
-        self.retries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key);
+        self.forget_failures(delivery);
         let reason = format!("engine failed {attempts} times: {error}");
         self.dead_letter(publisher, delivery, &reason).await
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn forget_failures(&self, delivery: &Delivery) {
+        self.failures().remove(&failure_key(delivery));
     }
 
     /// Publishes the message to the dead-letter exchange with its reason; acked only once the
@@ -521,6 +528,14 @@ impl Consumer {
             }
         }
     }
+}
+
+/// A requeued message comes back with a new delivery tag: it is recognised by its content.
+fn failure_key(delivery: &Delivery) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    delivery.routing_key.as_str().hash(&mut h);
+    delivery.data.hash(&mut h);
+    h.finish()
 }
 
 fn parse_reading_bytes(body: &[u8]) -> Result<fleetwatch_domain::Reading, String> {
