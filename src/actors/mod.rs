@@ -24,7 +24,7 @@ use fleetwatch_domain::{Device, DeviceEvent, DeviceId, Reading, SCHEMA_VERSION};
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use crate::rules::RuleBook;
-use crate::store::{EventStore, NewEvent, StoreError};
+use crate::store::{EventStore, NewEvent, Snapshot, StoreError};
 
 use device::{DeviceActor, GetState, Ingest};
 
@@ -234,27 +234,25 @@ pub fn encode(event: &DeviceEvent) -> NewEvent {
     }
 }
 
-/// Rebuilds a device from the store: its latest snapshot, then every event after it.
+/// Rebuilds a device from the store: its latest snapshot, then every event after it. A device
+/// with a usable snapshot (or none at all) restores in one read when its tail is short.
 pub async fn load_device(store: &dyn EventStore, id: DeviceId) -> Result<Device, EngineError> {
     const PAGE: usize = 512;
-    let snapshot = store.load_snapshot(id.as_str()).await?;
-    let mut device = snapshot
-        .filter(|s| s.schema_version == DEVICE_SNAPSHOT_VERSION)
-        .and_then(|s| match serde_json::from_str::<Device>(&s.data) {
-            Ok(device) if device.id() == &id => Some(device),
-            Ok(_) => None,
-            Err(e) => {
-                tracing::warn!(device = %id, error = %e, "unreadable snapshot; replaying the full history");
-                None
-            }
-        })
-        .unwrap_or_else(|| Device::new(id.clone()));
+    let latest = store.read_latest(id.as_str(), PAGE).await?;
+    let (mut device, mut page) = match latest.snapshot {
+        None => (Device::new(id.clone()), latest.tail),
+        Some(snapshot) => match restore_snapshot(&id, &snapshot) {
+            Some(device) => (device, latest.tail),
+            // The tail starts after the unusable snapshot: replay the whole history instead.
+            None => (
+                Device::new(id.clone()),
+                store.read_stream(id.as_str(), 1, PAGE).await?,
+            ),
+        },
+    };
     loop {
-        let batch = store
-            .read_stream(id.as_str(), device.version() + 1, PAGE)
-            .await?;
-        let done = batch.len() < PAGE;
-        for recorded in batch {
+        let done = page.len() < PAGE;
+        for recorded in page {
             let event =
                 DeviceEvent::decode(recorded.schema_version, &recorded.data).map_err(|e| {
                     EngineError::Corrupt {
@@ -267,6 +265,24 @@ pub async fn load_device(store: &dyn EventStore, id: DeviceId) -> Result<Device,
         }
         if done {
             return Ok(device);
+        }
+        page = store
+            .read_stream(id.as_str(), device.version() + 1, PAGE)
+            .await?;
+    }
+}
+
+/// The device a snapshot holds, if this build can read it and it is this device's.
+fn restore_snapshot(id: &DeviceId, snapshot: &Snapshot) -> Option<Device> {
+    if snapshot.schema_version != DEVICE_SNAPSHOT_VERSION {
+        return None;
+    }
+    match serde_json::from_str::<Device>(&snapshot.data) {
+        Ok(device) if device.id() == id => Some(device),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(device = %id, error = %e, "unreadable snapshot; replaying the full history");
+            None
         }
     }
 }
@@ -282,8 +298,8 @@ mod tests {
 
     use super::*;
     use crate::store::{
-        Appended, CommittedBatch, RecordedEvent, Snapshot, SqliteStore, SqliteStoreOptions,
-        StoreResult, StreamInfo,
+        Appended, CommittedBatch, RecordedEvent, Snapshot, SnapshotAndTail, SqliteStore,
+        SqliteStoreOptions, StoreResult, StreamInfo,
     };
 
     /// A real store whose next `fail_appends` appends fail, as on a full disk.
@@ -326,8 +342,12 @@ mod tests {
         fn save_snapshot(&self, snapshot: Snapshot) -> BoxFuture<'static, StoreResult<()>> {
             self.inner.save_snapshot(snapshot)
         }
-        fn load_snapshot(&self, s: &str) -> BoxFuture<'static, StoreResult<Option<Snapshot>>> {
-            self.inner.load_snapshot(s)
+        fn read_latest(
+            &self,
+            s: &str,
+            limit: usize,
+        ) -> BoxFuture<'static, StoreResult<SnapshotAndTail>> {
+            self.inner.read_latest(s, limit)
         }
         fn list_streams(
             &self,

@@ -69,6 +69,14 @@ pub struct Snapshot {
     pub data: String,
 }
 
+/// A stream's latest snapshot and the events after it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotAndTail {
+    pub snapshot: Option<Snapshot>,
+    /// Events after the snapshot's version (all from version 1 without one), in order.
+    pub tail: Vec<RecordedEvent>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StreamInfo {
     pub stream: String,
@@ -122,7 +130,13 @@ pub trait EventStore: Send + Sync + 'static {
     /// Saves a snapshot; queued behind earlier appends like an append.
     fn save_snapshot(&self, snapshot: Snapshot) -> BoxFuture<'static, StoreResult<()>>;
 
-    fn load_snapshot(&self, stream: &str) -> BoxFuture<'static, StoreResult<Option<Snapshot>>>;
+    /// What restoring a stream's aggregate needs, in one read: its latest snapshot, and up to
+    /// `limit` events after it (from version 1 when there is no snapshot).
+    fn read_latest(
+        &self,
+        stream: &str,
+        limit: usize,
+    ) -> BoxFuture<'static, StoreResult<SnapshotAndTail>>;
 
     /// Non-system streams (not starting with `$`) in id order, after `after`.
     fn list_streams(

@@ -21,8 +21,8 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{broadcast, oneshot};
 
 use super::{
-    Appended, CommittedBatch, EventStore, NewEvent, RecordedEvent, Snapshot, StoreError,
-    StoreResult, StreamInfo,
+    Appended, CommittedBatch, EventStore, NewEvent, RecordedEvent, Snapshot, SnapshotAndTail,
+    StoreError, StoreResult, StreamInfo,
 };
 
 const SCHEMA: &str = "
@@ -215,6 +215,23 @@ fn row_to_event(stream: Option<&str>, row: &rusqlite::Row<'_>) -> rusqlite::Resu
     })
 }
 
+/// Events of `stream` with version >= `from_version`, in order, at most `limit`.
+fn read_stream_rows(
+    conn: &Connection,
+    stream: &str,
+    from_version: u64,
+    limit: usize,
+) -> rusqlite::Result<Vec<RecordedEvent>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT position, version, event_type, schema_version, recorded_at, data
+         FROM events WHERE stream_id = ?1 AND version >= ?2 ORDER BY version LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(params![stream, from_version as i64, limit as i64], |row| {
+        row_to_event(Some(stream), row)
+    })?;
+    rows.collect()
+}
+
 impl EventStore for SqliteStore {
     fn append(
         &self,
@@ -243,17 +260,7 @@ impl EventStore for SqliteStore {
         limit: usize,
     ) -> BoxFuture<'static, StoreResult<Vec<RecordedEvent>>> {
         let stream = stream.to_owned();
-        self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT position, version, event_type, schema_version, recorded_at, data
-                 FROM events WHERE stream_id = ?1 AND version >= ?2 ORDER BY version LIMIT ?3",
-            )?;
-            let rows = stmt
-                .query_map(params![stream, from_version as i64, limit as i64], |row| {
-                    row_to_event(Some(&stream), row)
-                })?;
-            rows.collect()
-        })
+        self.read(move |conn| read_stream_rows(conn, &stream, from_version, limit))
     }
 
     fn read_all(
@@ -286,21 +293,29 @@ impl EventStore for SqliteStore {
         .boxed()
     }
 
-    fn load_snapshot(&self, stream: &str) -> BoxFuture<'static, StoreResult<Option<Snapshot>>> {
+    fn read_latest(
+        &self,
+        stream: &str,
+        limit: usize,
+    ) -> BoxFuture<'static, StoreResult<SnapshotAndTail>> {
         let stream = stream.to_owned();
         self.read(move |conn| {
-            conn.prepare_cached(
-                "SELECT version, schema_version, data FROM snapshots WHERE stream_id = ?1",
-            )?
-            .query_row([&stream], |row| {
-                Ok(Snapshot {
-                    stream: stream.clone(),
-                    version: row.get::<_, i64>(0)? as u64,
-                    schema_version: row.get(1)?,
-                    data: row.get(2)?,
+            let snapshot = conn
+                .prepare_cached(
+                    "SELECT version, schema_version, data FROM snapshots WHERE stream_id = ?1",
+                )?
+                .query_row([&stream], |row| {
+                    Ok(Snapshot {
+                        stream: stream.clone(),
+                        version: row.get::<_, i64>(0)? as u64,
+                        schema_version: row.get(1)?,
+                        data: row.get(2)?,
+                    })
                 })
-            })
-            .optional()
+                .optional()?;
+            let from_version = snapshot.as_ref().map_or(1, |s| s.version + 1);
+            let tail = read_stream_rows(conn, &stream, from_version, limit)?;
+            Ok(SnapshotAndTail { snapshot, tail })
         })
     }
 
@@ -679,7 +694,8 @@ mod tests {
         };
         s.save_snapshot(snap(5)).await.unwrap();
         s.save_snapshot(snap(3)).await.unwrap();
-        assert_eq!(s.load_snapshot("dev-1").await.unwrap().unwrap().version, 5);
+        let latest = s.read_latest("dev-1", 10).await.unwrap();
+        assert_eq!(latest.snapshot.unwrap().version, 5);
         let streams = s.list_streams(None, 10).await.unwrap();
         assert_eq!(
             streams,
@@ -688,6 +704,43 @@ mod tests {
                 version: 1
             }]
         );
+    }
+
+    #[tokio::test]
+    async fn the_latest_snapshot_comes_with_the_events_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let versions = |latest: &SnapshotAndTail| -> Vec<u64> {
+            latest.tail.iter().map(|e| e.version).collect()
+        };
+        assert_eq!(
+            s.read_latest("dev-1", 10).await.unwrap(),
+            SnapshotAndTail {
+                snapshot: None,
+                tail: vec![]
+            }
+        );
+        s.append("dev-1", 0, (1..=4).map(event).collect())
+            .await
+            .unwrap();
+        let latest = s.read_latest("dev-1", 10).await.unwrap();
+        assert_eq!(
+            (latest.snapshot.is_none(), versions(&latest)),
+            (true, vec![1, 2, 3, 4])
+        );
+        s.save_snapshot(Snapshot {
+            stream: "dev-1".into(),
+            version: 2,
+            schema_version: 1,
+            data: "{}".into(),
+        })
+        .await
+        .unwrap();
+        let latest = s.read_latest("dev-1", 10).await.unwrap();
+        assert_eq!(latest.snapshot.as_ref().map(|s| s.version), Some(2));
+        assert_eq!(versions(&latest), [3, 4]);
+        let limited = s.read_latest("dev-1", 1).await.unwrap();
+        assert_eq!(versions(&limited), [3]);
     }
 
     #[tokio::test]
