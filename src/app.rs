@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use actix_web::{web, App, HttpServer};
 use fleetwatch_domain::Thresholds;
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::actors::ActorSettings;
@@ -17,8 +18,9 @@ use crate::ingest::failed::FailedMessages;
 use crate::rules::RulesError;
 use crate::store::{EventStore, SqliteStore, SqliteStoreOptions, StoreError};
 
-/// How long shutdown waits for the RabbitMQ consumer to finish its in-flight readings.
-const CONSUMER_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long shutdown waits for each ingest path (HTTP requests, the RabbitMQ consumer) to finish
+/// the readings it holds; the engine's own drain has the same bound.
+const INGEST_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -32,12 +34,27 @@ pub enum StartupError {
     Http(#[from] std::io::Error),
 }
 
-/// Waits for SIGTERM or SIGINT (Ctrl-C); returns its name.
-async fn shutdown_signal() -> std::io::Result<&'static str> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = terminate.recv() => Ok("SIGTERM"),
-        interrupted = tokio::signal::ctrl_c() => interrupted.map(|()| "SIGINT"),
+/// SIGTERM and SIGINT (Ctrl-C), taken over from their default of killing the process.
+struct ShutdownSignals {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl ShutdownSignals {
+    fn register() -> std::io::Result<Self> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for the next one; returns its name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            Some(()) = self.terminate.recv() => "SIGTERM",
+            Some(()) = self.interrupt.recv() => "SIGINT",
+            else => std::future::pending().await,
+        }
     }
 }
 
@@ -93,13 +110,14 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         metrics,
         shutdown: shutdown.clone(),
     };
+    let mut signals = ShutdownSignals::register()?;
     let server = HttpServer::new(move || {
         App::new()
             .app_data(web::Data::new(state.clone()))
             .wrap(tracing_actix_web::TracingLogger::default())
             .configure(http::configure)
     })
-    .shutdown_timeout(5)
+    .shutdown_timeout(INGEST_STOP_TIMEOUT.as_secs())
     // SSE frames are small writes: without this, Nagle's algorithm holds each one back until the
     // client acknowledges the last, up to its delayed-ACK timeout (~40 ms on Linux).
     .tcp_nodelay(true)
@@ -114,32 +132,53 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     let http = server.handle();
     let mut serving = tokio::spawn(server);
 
-    tokio::select! {
-        signal = shutdown_signal() => {
-            tracing::info!(signal = signal?, "shutting down: finishing in-flight readings");
+    // Runs until a signal, or until the HTTP server fails; either way the engine shuts down in
+    // order below.
+    let http_failure = tokio::select! {
+        name = signals.recv() => {
+            tracing::info!(signal = name, "shutting down: finishing in-flight readings");
+            None
         }
-        stopped = &mut serving => {
-            // The HTTP server only stops by itself when it fails.
-            stopped.map_err(std::io::Error::other)??;
-        }
+        stopped = &mut serving => Some(match stopped {
+            Ok(Ok(())) => std::io::Error::other("the HTTP server stopped by itself"),
+            Ok(Err(e)) => e,
+            Err(e) => std::io::Error::other(e),
+        }),
+    };
+    if let Some(e) = &http_failure {
+        tracing::error!(error = %e, "HTTP server failed; shutting down");
     }
+    tokio::spawn(async move {
+        let name = signals.recv().await;
+        tracing::warn!(signal = name, "second signal: exiting now; readings not yet durable were not acknowledged and will be sent again");
+        std::process::exit(1);
+    });
+
     // Stop taking readings, and let both ingest paths finish (and acknowledge) what they hold
     // while the engine still runs: HTTP requests get their answers, the RabbitMQ consumer acks.
     shutdown.cancel();
-    let stop_consumer = async {
-        let Some(consumer) = consumer else { return };
-        let joined = tokio::time::timeout(
-            CONSUMER_STOP_TIMEOUT,
-            tokio::task::spawn_blocking(move || consumer.join()),
-        )
-        .await;
-        if joined.is_err() {
-            tracing::warn!(timeout = ?CONSUMER_STOP_TIMEOUT, "the RabbitMQ consumer did not stop in time; its unacked messages will be redelivered");
+    let stop_http = async {
+        if http_failure.is_none() {
+            http.stop(true).await;
         }
     };
-    tokio::join!(http.stop(true), stop_consumer);
+    let stop_consumer = async {
+        let Some(consumer) = consumer else { return };
+        if tokio::time::timeout(INGEST_STOP_TIMEOUT, consumer.stopped())
+            .await
+            .is_err()
+        {
+            tracing::warn!(timeout = ?INGEST_STOP_TIMEOUT, "the RabbitMQ consumer did not stop in time; its unacked messages will be redelivered");
+        }
+    };
+    tokio::join!(stop_http, stop_consumer);
     engine.shutdown().await;
     sqlite.close();
-    tracing::info!("stopped cleanly");
-    Ok(())
+    match http_failure {
+        None => {
+            tracing::info!("stopped cleanly");
+            Ok(())
+        }
+        Some(e) => Err(StartupError::Http(e)),
+    }
 }

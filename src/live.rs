@@ -187,11 +187,17 @@ async fn feed(
     shutdown: CancellationToken,
 ) {
     let mut sent = 0u64;
-    if tx
-        .send(Bytes::from_static(b"retry: 2000\n\n"))
-        .await
-        .is_err()
-    {
+    // Waits for room in the client's buffer, but not past the start of a shutdown.
+    let send = |frame: Bytes| {
+        let (tx, shutdown) = (&tx, &shutdown);
+        async move {
+            tokio::select! {
+                sent = tx.send(frame) => sent.is_ok(),
+                _ = shutdown.cancelled() => false,
+            }
+        }
+    };
+    if !send(Bytes::from_static(b"retry: 2000\n\n")).await {
         return;
     }
     // Catch up from the store; a slow client here only slows its own reads.
@@ -206,7 +212,7 @@ async fn feed(
         let Some(last) = page.last() else { break };
         cursor = last.position;
         for event in page.iter().filter(|e| filter.matches(e)) {
-            if tx.send(frame(event)).await.is_err() {
+            if !send(frame(event)).await {
                 return;
             }
             sent += 1;

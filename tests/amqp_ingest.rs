@@ -432,11 +432,13 @@ async fn a_reading_the_engine_keeps_failing_on_is_retried_a_bounded_number_of_ti
         2,
         "requeued twice (--amqp-max-retries 2), then dead-lettered"
     );
+    let failed = engine.get("/api/failed-messages").await;
+    assert_eq!(failed[0]["routing_key"], "damaged-1", "{failed}");
+    // Stopped, the engine hands back whatever it has not acked: nothing was left hanging.
+    assert!(engine.terminate().success());
     assert_eq!(
         publisher.depth(&names.queue).await,
         0,
         "nothing blocks the queue"
     );
-    let failed = engine.get("/api/failed-messages").await;
-    assert_eq!(failed[0]["routing_key"], "damaged-1", "{failed}");
 }

@@ -207,6 +207,19 @@ enum SessionError {
     Cancelled,
 }
 
+/// The running consumer.
+pub struct ConsumerHandle {
+    finished: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl ConsumerHandle {
+    /// Resolves once the consumer has stopped: after `shutdown` was cancelled it has finished and
+    /// acked its in-flight messages and closed its connections (or its thread died).
+    pub async fn stopped(self) {
+        let _ = self.finished.await;
+    }
+}
+
 /// Starts the consumer on its own thread and runtime; it runs until `shutdown` is cancelled and
 /// it has finished its in-flight messages.
 pub fn spawn(
@@ -215,11 +228,14 @@ pub fn spawn(
     status: BrokerStatus,
     failed: FailedMessages,
     shutdown: CancellationToken,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+) -> std::io::Result<ConsumerHandle> {
     status.set(BrokerState::Connecting);
+    let (finished, finished_rx) = tokio::sync::oneshot::channel::<()>();
     std::thread::Builder::new()
         .name("amqp-ingest".into())
         .spawn(move || {
+            // Dropped when this thread ends, however it ends: that is what `stopped` waits for.
+            let _finished = finished;
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .thread_name("amqp-worker")
@@ -240,7 +256,10 @@ pub fn spawn(
                 failures: Mutex::default(),
             });
             runtime.block_on(consumer.run(shutdown));
-        })
+        })?;
+    Ok(ConsumerHandle {
+        finished: finished_rx,
+    })
 }
 
 struct Consumer {
@@ -472,9 +491,13 @@ impl Consumer {
             metrics::counter!("fleetwatch_amqp_retries_total").increment(1);
             return Settle::Requeue(delivery.delivery_tag);
         }
-        self.forget_failures(delivery);
         let reason = format!("engine failed {attempts} times: {error}");
-        self.dead_letter(publisher, delivery, &reason).await
+        let settled = self.dead_letter(publisher, delivery, &reason).await;
+        // An unconfirmed dead letter is requeued: its count must hold for the next attempt.
+        if matches!(settled, Settle::Ack(_)) {
+            self.forget_failures(delivery);
+        }
+        settled
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {

@@ -166,7 +166,7 @@ impl Drop for Names {
                 .enable_all()
                 .build()
                 .ok()?;
-            runtime.block_on(async {
+            let cleanup = async {
                 let connection = Connection::connect(URL, ConnectionProperties::default())
                     .await
                     .ok()?;
@@ -182,7 +182,12 @@ impl Drop for Names {
                         .await;
                 }
                 connection.close(200, "test done".into()).await.ok()
-            })
+            };
+            // A broker that half answers must not hang the test run.
+            runtime
+                .block_on(async { tokio::time::timeout(Duration::from_secs(10), cleanup).await })
+                .ok()
+                .flatten()
         });
         let _ = cleanup.join();
     }
