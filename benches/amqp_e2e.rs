@@ -274,14 +274,11 @@ async fn measure_latency(
         .error_for_status()?;
     // The response has started: the stream is subscribed to the commit feed before publishing.
     let received = Arc::new(AtomicUsize::new(0));
-    let deadline = tokio::time::Instant::now()
-        + WARM_UP_TIMEOUT
-        + Duration::from_secs(seconds as u64)
-        + LATENCY_GRACE;
+    let (published, published_rx) = tokio::sync::oneshot::channel();
     let reader = tokio::spawn(read_latencies(
         stream,
         DEVICES + planned,
-        deadline,
+        published_rx,
         received.clone(),
     ));
 
@@ -302,7 +299,10 @@ async fn measure_latency(
     let before = [&broker_pid, &engine.pid(), "self"].map(cpu_seconds);
     let publish_time =
         publish_paced(broker, topology, rate_per_s, DEVICES..DEVICES + planned).await?;
+    let _ = published.send(());
     let mut timings = reader.await??;
+    // The reader returns once the last reading arrived, or `LATENCY_GRACE` after publishing
+    // ended if some never did (the table then shows how many were missing).
     let after = [&broker_pid, &engine.pid(), "self"].map(cpu_seconds);
     let steady = timings.split_off(DEVICES.min(timings.len()));
     if let Ok(path) = std::env::var("FW_BENCH_DUMP") {
@@ -359,17 +359,23 @@ async fn publish_lane(
     rate_per_s: usize,
     range: Range<usize>,
 ) -> Result<()> {
-    let per_tick = (rate_per_s * TICK.as_millis() as usize / 1_000).max(1);
+    let started = Instant::now();
     let mut ticks = tokio::time::interval(TICK);
-    for first in range.clone().step_by(per_tick) {
+    let mut next = range.start;
+    while next < range.end {
         ticks.tick().await;
-        let tick = first..(first + per_tick).min(range.end);
-        for i in tick.filter(|i| i % PUBLISH_LANES == lane) {
+        // Every reading due by now, so any rate comes out exact over time.
+        let due = range.start + (started.elapsed().as_secs_f64() * rate_per_s as f64) as usize;
+        for i in (next..due.min(range.end)).filter(|i| i % PUBLISH_LANES == lane) {
+            // Stamped once the confirm window has room: waiting for it is the publisher's
+            // backpressure, not the path being measured.
+            publisher.make_room().await?;
             let step = (i / DEVICES) as u64;
             publisher
                 .send(&reading(i % DEVICES, step, Utc::now()))
                 .await?;
         }
+        next = next.max(due.min(range.end));
     }
     publisher.flush().await
 }
@@ -384,21 +390,35 @@ struct Timing {
     to_sse_ms: f64,
 }
 
-/// Collects the timings of up to `planned` `ReadingRecorded` events, counting them in `received`.
+/// Collects the timings of up to `planned` `ReadingRecorded` events, counting them in `received`;
+/// gives up `LATENCY_GRACE` after `published` fires.
 async fn read_latencies(
     stream: reqwest::Response,
     planned: usize,
-    deadline: tokio::time::Instant,
+    mut published: tokio::sync::oneshot::Receiver<()>,
     received_count: Arc<AtomicUsize>,
 ) -> Result<Vec<Timing>> {
     let mut chunks = stream.bytes_stream();
     let mut pending = Vec::new();
     let mut timings = Vec::with_capacity(planned);
+    let mut deadline: Option<tokio::time::Instant> = None;
     while timings.len() < planned {
-        let chunk = match tokio::time::timeout_at(deadline, chunks.next()).await {
-            Ok(Some(chunk)) => chunk?,
-            Ok(None) => bail!("the engine closed the SSE stream"),
-            Err(_) => break, // Report what arrived; the table shows how much was missing.
+        let grace_over = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let chunk = tokio::select! {
+            chunk = chunks.next() => match chunk {
+                Some(chunk) => chunk?,
+                None => bail!("the engine closed the SSE stream"),
+            },
+            _ = &mut published, if deadline.is_none() => {
+                deadline = Some(tokio::time::Instant::now() + LATENCY_GRACE);
+                continue;
+            }
+            _ = grace_over => break, // Report what arrived; the table shows how much was missing.
         };
         let received = Utc::now();
         pending.extend_from_slice(&chunk);
@@ -583,10 +603,16 @@ struct Publisher {
 }
 
 impl Publisher {
-    async fn send(&mut self, message: &Message) -> Result<()> {
-        if self.unconfirmed.len() >= CONFIRM_WINDOW {
+    /// Waits until fewer than `CONFIRM_WINDOW` publishes await their confirm.
+    async fn make_room(&mut self) -> Result<()> {
+        while self.unconfirmed.len() >= CONFIRM_WINDOW {
             self.await_oldest().await?;
         }
+        Ok(())
+    }
+
+    async fn send(&mut self, message: &Message) -> Result<()> {
+        self.make_room().await?;
         let confirm = self
             .channel
             .basic_publish(
@@ -774,8 +800,11 @@ fn cpu_seconds(pid: &str) -> f64 {
     let ticks: f64 = fields.get(11..13).map_or(0.0, |t| {
         t.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
     });
-    // Linux reports in clock ticks of 1/100 s on every platform this runs on.
-    ticks / 100.0
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100);
+    ticks / per_second as f64
 }
 
 /// The RabbitMQ server process (the Erlang VM).
