@@ -127,18 +127,31 @@ impl Engine {
 
     /// Every event of a device, following pagination.
     pub async fn history(&self, device: &str) -> Vec<Value> {
+        self.try_history(device)
+            .await
+            .unwrap_or_else(|| panic!("{device} has no stored history"))
+    }
+
+    /// Every event of a device, following pagination; `None` while it has no stored event.
+    pub async fn try_history(&self, device: &str) -> Option<Vec<Value>> {
         let mut events = Vec::new();
         let mut from = 1;
         loop {
-            let page = self
-                .get(&format!(
-                    "/api/devices/{device}/events?from_version={from}&limit=1000"
-                ))
-                .await;
+            let path = format!("/api/devices/{device}/events?from_version={from}&limit=1000");
+            let response = client().get(self.url(&path)).send().await.expect("GET");
+            if response.status() == reqwest::StatusCode::NOT_FOUND && from == 1 {
+                return None;
+            }
+            assert!(
+                response.status().is_success(),
+                "GET {path}: {}",
+                response.status()
+            );
+            let page: Value = response.json().await.expect("JSON");
             events.extend(page["events"].as_array().cloned().unwrap_or_default());
             match page["next_from_version"].as_u64() {
                 Some(next) => from = next,
-                None => return events,
+                None => return Some(events),
             }
         }
     }
@@ -284,9 +297,9 @@ impl Engine {
             Duration::from_secs(60),
             &format!("{device}'s reading {secs} to be stored"),
             || async {
-                // Unknown until its first reading is stored (the history would be a 404).
-                self.device(device).await?;
-                let events = self.history(device).await;
+                // A 404 until its first reading is stored (the device's live state, on the other
+                // hand, can show that reading while it is still being committed).
+                let events = self.try_history(device).await?;
                 let last = events
                     .iter()
                     .rev()
