@@ -23,8 +23,8 @@
 //!
 //! Every run uses exchange and queue names of its own (`bench.<uuid8>`), deleted at the end.
 //! `FW_BENCH_N` overrides N (default 100,000), `FW_BENCH_RATE` the latency test's readings/s
-//! (default 10,000), `FW_BENCH_SECONDS` its length (default 20); `FW_PHASES=latency` runs the
-//! latency test alone on a fresh engine (default `drain,latency`). The latency test also reports
+//! (default 10,000), `FW_BENCH_SECONDS` its length (default 20); `FW_PHASES` picks the phases
+//! (default `drain,latency`; `latency` alone runs on a fresh engine). The latency test also reports
 //! the CPU each process used per reading while it ran: the broker, the engine, and the bench itself
 //! (publisher and SSE reader), which share the machine's cores.
 
@@ -75,23 +75,25 @@ const LATENCY_GRACE: Duration = Duration::from_secs(15);
 struct Plan {
     n: usize,
     drain: bool,
+    latency: bool,
     latency_rate: usize,
     latency_seconds: usize,
 }
 
 fn main() -> Result<()> {
     let phases = std::env::var("FW_PHASES").unwrap_or_else(|_| "drain,latency".into());
-    let mut drain = false;
+    let (mut drain, mut latency) = (false, false);
     for phase in phases.split(',') {
         match phase.trim() {
             "drain" => drain = true,
-            "latency" => {}
+            "latency" => latency = true,
             other => bail!("unknown phase {other:?} in FW_PHASES (drain, latency)"),
         }
     }
     let plan = Plan {
         n: env_or("FW_BENCH_N", DEFAULT_N)?,
         drain,
+        latency,
         latency_rate: env_or("FW_BENCH_RATE", DEFAULT_RATE)?,
         latency_seconds: env_or("FW_BENCH_SECONDS", DEFAULT_LATENCY_SECONDS)?,
     };
@@ -124,7 +126,8 @@ async fn run(plan: Plan) -> Result<()> {
     Ok(())
 }
 
-/// Runs bare and engine drains alternately (if asked to), then the latency test on a fresh engine.
+/// Runs bare and engine drains alternately, then the latency test on a fresh engine (each if
+/// asked to).
 async fn measure(
     broker: &Broker,
     backlog: &[Message],
@@ -163,6 +166,12 @@ async fn measure(
             engine_us: per_reading_us(engine_cpu, backlog.len()),
         });
     }
+    if !plan.latency {
+        return Ok(Report {
+            rounds,
+            latency: None,
+        });
+    }
     let topology = Topology::new();
     used.push(topology.clone());
     broker.declare(&topology).await?;
@@ -170,7 +179,10 @@ async fn measure(
     engine.wait_consuming().await?;
     let latency = measure_latency(broker, &topology, &engine, plan).await?;
     engine.stop()?;
-    Ok(Report { rounds, latency })
+    Ok(Report {
+        rounds,
+        latency: Some(latency),
+    })
 }
 
 /// Runs `drain` and returns its result with the CPU seconds the broker and this process used.
@@ -786,7 +798,7 @@ struct Latency {
 
 struct Report {
     rounds: Vec<Round>,
-    latency: Latency,
+    latency: Option<Latency>,
 }
 
 /// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat`.
@@ -848,7 +860,9 @@ fn print_report(n: usize, backlog: &[Message], report: &Report) {
     if !report.rounds.is_empty() {
         print_drains(n, backlog, &report.rounds);
     }
-    print_latency(&report.latency);
+    if let Some(latency) = &report.latency {
+        print_latency(latency);
+    }
 }
 
 fn print_drains(n: usize, backlog: &[Message], rounds: &[Round]) {
