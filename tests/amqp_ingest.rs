@@ -180,17 +180,9 @@ async fn malformed_messages_are_dead_lettered_with_reasons_and_valid_ones_interl
     assert!(failed
         .iter()
         .all(|m| !m["reason"].as_str().unwrap().is_empty()));
-    let metrics = client()
-        .get(engine.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("fleetwatch_amqp_dead_lettered_total 1000"),
-        "{metrics}"
+    assert_eq!(
+        counter(&engine, "fleetwatch_amqp_dead_lettered_total").await,
+        1000
     );
 }
 
