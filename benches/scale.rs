@@ -234,7 +234,7 @@ async fn write_device(
         let expected = device.version();
         let new: Vec<NewEvent> = events.iter().map(fleetwatch::actors::encode).collect();
         events.iter().for_each(|e| device.apply(e));
-        appends.push(store.append(&id, expected, new));
+        appends.push(store.append(&id, expected, new, None));
         since_snapshot += events.len();
         if snapshots && since_snapshot >= 100 {
             since_snapshot = 0;

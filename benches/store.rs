@@ -23,9 +23,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
 use fleetwatch::store::{EventStore, NewEvent, SqliteStore, SqliteStoreOptions};
-use fleetwatch_domain::{
-    DeviceEvent, DeviceId, Location, Temperature, TemperatureDirection, SCHEMA_VERSION,
-};
+use fleetwatch_domain::{DeviceEvent, DeviceId, Location, Temperature, TemperatureDirection};
 
 const APPENDERS: [usize; 4] = [1, 16, 256, 4096];
 const PIPELINE_WINDOW: usize = 1024;
@@ -53,6 +51,7 @@ fn typical_batch() -> Vec<NewEvent> {
             location: to,
             temperature: Temperature::new(5.1).unwrap(),
             rules_version: 12,
+            late: false,
         },
         DeviceEvent::LocationChanged {
             device_id: device_id.clone(),
@@ -69,14 +68,7 @@ fn typical_batch() -> Vec<NewEvent> {
             direction: TemperatureDirection::Increased,
         },
     ];
-    events
-        .iter()
-        .map(|e| NewEvent {
-            event_type: e.event_type(),
-            schema_version: SCHEMA_VERSION,
-            data: e.to_json(),
-        })
-        .collect()
+    events.iter().map(fleetwatch::actors::encode).collect()
 }
 
 /// One stream appending `batch` over and over, each append awaited before the next.
@@ -90,7 +82,7 @@ async fn one_in_flight(
     let mut version = 0;
     while !stop.load(Relaxed) {
         version = store
-            .append(&stream, version, batch.clone())
+            .append(&stream, version, batch.clone(), None)
             .await
             .unwrap()
             .version;
@@ -109,7 +101,7 @@ async fn pipelined(
     let mut version = 0;
     while !stop.load(Relaxed) {
         // Queued in call order, so the expected versions hold without waiting.
-        in_flight.push_back(store.append("pipelined", version, batch.clone()));
+        in_flight.push_back(store.append("pipelined", version, batch.clone(), None));
         version += batch.len() as u64;
         if in_flight.len() == PIPELINE_WINDOW {
             in_flight.pop_front().unwrap().await.unwrap();

@@ -104,6 +104,8 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     let state = AppState {
         engine: engine.clone(),
         max_body_bytes: config.max_body_bytes,
+        max_clock_skew: config.max_clock_skew,
+        http_ingest_timeout: config.http_ingest_timeout,
         tile_url: config.tile_url.clone(),
         broker,
         failed,

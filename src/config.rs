@@ -51,6 +51,17 @@ pub struct Config {
     #[arg(long, env = "FLEETWATCH_MIN_TEMPERATURE_DELTA", default_value_t = 0.5)]
     pub min_temperature_delta: f64,
 
+    /// A reading dated further ahead of the engine's clock than this is refused (HTTP 400,
+    /// dead-lettered over AMQP): a device clock in the future would otherwise hide every later
+    /// real reading of that device.
+    #[arg(long, env = "FLEETWATCH_MAX_CLOCK_SKEW", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub max_clock_skew: Duration,
+
+    /// How long `POST /api/readings` may wait (for room below --max-in-flight, and for its
+    /// readings to become durable) before it answers 503 with Retry-After.
+    #[arg(long, env = "FLEETWATCH_HTTP_INGEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http_ingest_timeout: Duration,
+
     /// Largest accepted HTTP request body, in bytes.
     #[arg(long, env = "FLEETWATCH_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -87,9 +98,14 @@ pub struct Config {
     )]
     pub amqp_queue: String,
 
-    /// Unacknowledged deliveries the broker may send ahead (the consumer channel's prefetch).
-    #[arg(long, env = "FLEETWATCH_AMQP_PREFETCH", default_value_t = 1000)]
+    /// Unacknowledged deliveries the broker may send ahead (the consumer channel's prefetch;
+    /// at least 1: 0 would mean no limit at all).
+    #[arg(long, env = "FLEETWATCH_AMQP_PREFETCH", default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..))]
     pub amqp_prefetch: u16,
+
+    /// Largest RabbitMQ message accepted, in bytes; a larger one is dead-lettered unread.
+    #[arg(long, env = "FLEETWATCH_AMQP_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub amqp_max_message_bytes: u32,
 
     /// Worker tasks that parse and submit deliveries; one device always goes to the same one, so
     /// its order is kept. (One consumer on one channel feeds them.)

@@ -14,7 +14,7 @@ use tokio::sync::{oneshot, Semaphore};
 use crate::actors::{ActorSettings, Router};
 pub use crate::actors::{EngineError, IngestOutcome};
 use crate::rules::{RuleBook, RulesError};
-use crate::store::{EventStore, RecordedEvent, StoreError, StreamInfo};
+use crate::store::{EventStore, RecordedEvent, StoreError, StoreHealth, StreamInfo};
 
 /// How long shutdown waits for accepted readings to become durable.
 const SHUTDOWN_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -107,6 +107,11 @@ impl Engine {
 
     pub fn store(&self) -> &Arc<dyn EventStore> {
         &self.inner.store
+    }
+
+    /// Whether the store can write now; ingest pauses while it cannot.
+    pub fn store_health(&self) -> tokio::sync::watch::Receiver<StoreHealth> {
+        self.inner.store.health()
     }
 
     pub async fn device(&self, id: &DeviceId) -> Result<Option<Device>, EngineError> {

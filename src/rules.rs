@@ -1,7 +1,9 @@
 //! The rule book: the zones and temperature ranges in force, stored as events on `$rules`.
 //!
 //! Readers get the current [`Rules`] lock-free; changes are serialised through one async mutex and
-//! appended with optimistic concurrency before they take effect.
+//! appended with optimistic concurrency before they take effect. Device appends are fenced on the
+//! `$rules` version they were decided under (see `StreamAt`): an actor whose decision raced a
+//! change waits here for the new version ([`RuleBook::wait_for_version`]) and decides again.
 
 use std::sync::Arc;
 
@@ -9,7 +11,7 @@ use arc_swap::ArcSwap;
 use fleetwatch_domain::{
     RuleId, Rules, RulesEvent, TemperatureRange, Thresholds, Zone, SCHEMA_VERSION,
 };
-use tokio::sync::Mutex;
+use tokio::sync::{watch, Mutex};
 
 use crate::store::{EventStore, NewEvent, StoreError};
 
@@ -30,6 +32,8 @@ pub enum RulesError {
 #[derive(Clone)]
 pub struct RuleBook {
     current: Arc<ArcSwap<Rules>>,
+    /// The version of `current`, announced after each change.
+    version: Arc<watch::Sender<u64>>,
     store: Arc<dyn EventStore>,
     write: Arc<Mutex<()>>,
 }
@@ -60,6 +64,7 @@ impl RuleBook {
             }
         }
         Ok(Self {
+            version: Arc::new(watch::channel(rules.version).0),
             current: Arc::new(ArcSwap::from_pointee(rules)),
             store,
             write: Arc::new(Mutex::new(())),
@@ -68,6 +73,13 @@ impl RuleBook {
 
     pub fn current(&self) -> Arc<Rules> {
         self.current.load_full()
+    }
+
+    /// Resolves once the rules in force are at `version` or later.
+    pub async fn wait_for_version(&self, version: u64) {
+        let mut current = self.version.subscribe();
+        // The sender lives as long as `self`, so this cannot fail.
+        let _ = current.wait_for(|v| *v >= version).await;
     }
 
     /// Stores `zone`; `must_be_new` refuses to replace an existing one.
@@ -150,14 +162,16 @@ impl RuleBook {
             event_type: event.event_type(),
             schema_version: SCHEMA_VERSION,
             data: event.to_json(),
+            at: None,
         };
         self.store
-            .append(RULES_STREAM, rules.version, vec![new_event])
+            .append(RULES_STREAM, rules.version, vec![new_event], None)
             .await?;
         let mut next = (*rules).clone();
         next.apply(&event);
         let next = Arc::new(next);
         self.current.store(next.clone());
+        self.version.send_replace(next.version);
         Ok(next)
     }
 }

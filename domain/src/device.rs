@@ -16,9 +16,12 @@ use crate::values::{DeviceId, Location, Reading, RuleId, Temperature};
 pub enum Decision {
     /// The reading is accepted; these events (never empty) are to be stored, in order.
     Events(Vec<DeviceEvent>),
-    /// The reading is not newer than the last applied one (a duplicate or out of order): it
-    /// changes nothing.
-    Stale { last_applied: DateTime<Utc> },
+    /// The reading repeats the last applied one (same timestamp): it changes nothing.
+    Duplicate,
+    /// The reading is older than the last applied one. Unless the history already holds a
+    /// reading with this timestamp (a repeat, which only the store can tell), this event (a
+    /// `ReadingRecorded` marked late) is to be stored: history only, no live state, no alarms.
+    Late(DeviceEvent),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -128,10 +131,11 @@ impl Device {
             "reading routed to the wrong device"
         );
         if let Some(last) = &self.last_reading {
-            if reading.timestamp <= last.timestamp {
-                return Decision::Stale {
-                    last_applied: last.timestamp,
-                };
+            if reading.timestamp == last.timestamp {
+                return Decision::Duplicate;
+            }
+            if reading.timestamp < last.timestamp {
+                return Decision::Late(self.recorded(reading, rules, true));
             }
         }
         let id = &self.id;
@@ -142,7 +146,7 @@ impl Device {
 
         match (self.reported_location, self.reported_temperature) {
             (Some(from), Some(previous)) => {
-                events.push(self.recorded(reading, rules));
+                events.push(self.recorded(reading, rules, false));
                 let distance_m = from.distance_m(&location);
                 if distance_m > 0.0 && distance_m >= rules.thresholds.min_move_m {
                     events.push(DeviceEvent::LocationChanged {
@@ -175,7 +179,7 @@ impl Device {
                     location,
                     temperature,
                 });
-                events.push(self.recorded(reading, rules));
+                events.push(self.recorded(reading, rules, false));
             }
         }
 
@@ -238,13 +242,14 @@ impl Device {
         self.last_reading.is_none() || self.rules_version_seen < revision
     }
 
-    fn recorded(&self, reading: &Reading, rules: &Rules) -> DeviceEvent {
+    fn recorded(&self, reading: &Reading, rules: &Rules, late: bool) -> DeviceEvent {
         DeviceEvent::ReadingRecorded {
             device_id: self.id.clone(),
             at: reading.timestamp,
             location: reading.location,
             temperature: reading.temperature,
             rules_version: rules.version,
+            late,
         }
     }
 
@@ -259,6 +264,7 @@ impl Device {
                 self.reported_location = Some(*location);
                 self.reported_temperature = Some(*temperature);
             }
+            DeviceEvent::ReadingRecorded { late: true, .. } => {}
             DeviceEvent::ReadingRecorded {
                 at,
                 location,

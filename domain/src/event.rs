@@ -33,12 +33,16 @@ pub enum DeviceEvent {
     },
     /// One per accepted reading: the device's last known reading survives restarts, and the
     /// history of readings is queryable. `rules_version` is the rules version it was judged by.
+    /// A `late` reading is older than the device's last one (a store-and-forward tracker
+    /// uploading its backlog): it is history only, and moves neither the live state nor alarms.
     ReadingRecorded {
         device_id: DeviceId,
         at: DateTime<Utc>,
         location: Location,
         temperature: Temperature,
         rules_version: u64,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        late: bool,
     },
     LocationChanged {
         device_id: DeviceId,
@@ -129,6 +133,14 @@ impl DeviceEvent {
         "TemperatureOutOfRange",
         "TemperatureBackInRange",
     ];
+
+    /// Whether this event raises an alarm (the device left a zone or a temperature range).
+    pub fn raises_alarm(&self) -> bool {
+        matches!(
+            self,
+            DeviceEvent::LeftZone { .. } | DeviceEvent::TemperatureOutOfRange { .. }
+        )
+    }
 
     pub fn device_id(&self) -> &DeviceId {
         match self {

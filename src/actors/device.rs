@@ -1,4 +1,23 @@
 //! The actor that owns one device's state.
+//!
+//! Readings are decided strictly in arrival order. An actor does not wait for an append to be
+//! durable before deciding the next reading: appends are pipelined. `in_flight` keeps every
+//! decided reading, appended or found to be a repeat, in decision order, and each is answered only
+//! once it and everything before it are settled: a duplicate is never acknowledged ahead of the
+//! original it repeats.
+//!
+//! When an append fails, the in-memory state can no longer be trusted. The actor stops deciding
+//! and lets everything in flight settle (every append after a failed one fails too: its expected
+//! version is gone). Then, by the cause:
+//! * the store cannot write: it waits until the store says it can again, however long that takes
+//!   (ingest is paused meanwhile; nothing is answered, so nothing is acknowledged or dead-lettered);
+//! * the rules changed under the decision (a conflict on `$rules`): it waits for the rule book to
+//!   have the new version;
+//! * another writer appended to its stream: it tries again, at most [`MAX_CONFLICT_RECOVERIES`]
+//!   times in a row, then gives up.
+//!
+//! It then reloads the device from the store and decides the failed readings again, in order,
+//! before anything newer.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,15 +31,17 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit};
 use super::{
     load_device, lock, ActorSettings, EngineError, IngestOutcome, ShardMap, DEVICE_SNAPSHOT_VERSION,
 };
-use crate::rules::RuleBook;
-use crate::store::{Appended, EventStore, NewEvent, Snapshot, StoreResult};
+use crate::rules::{RuleBook, RULES_STREAM};
+use crate::store::{Appended, EventStore, NewEvent, Snapshot, StoreError, StoreResult, StreamAt};
 
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(super) struct Ingest {
     pub reading: Reading,
     pub reply: oneshot::Sender<Result<IngestOutcome, EngineError>>,
-    /// Released once the reading's events are durable: this is what bounds the mailboxes.
+    /// Released once the reading is settled (dropped with this message): this is what bounds
+    /// the mailboxes.
+    #[expect(dead_code, reason = "held, never read")]
     pub permit: OwnedSemaphorePermit,
 }
 
@@ -30,27 +51,68 @@ pub(super) struct GetState {
     pub reply: oneshot::Sender<Device>,
 }
 
-type Reply = oneshot::Sender<Result<IngestOutcome, EngineError>>;
+/// Conflicting writers to its own stream in a row before an actor gives up.
+const MAX_CONFLICT_RECOVERIES: u32 = 3;
+/// Pause before reloading after a failure; doubled per failed recovery in a row, up to the max.
+const RECOVERY_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_RECOVERY_BACKOFF: Duration = Duration::from_secs(2);
 
-/// A reading whose append is on its way to the store.
+/// A decided reading, settled in decision order.
 struct InFlight {
-    /// The append's place in issue order.
-    seq: u64,
-    /// Set when the store answered; settled only once everything before it is settled.
-    result: Option<StoreResult<Appended>>,
     ingest: Ingest,
-    outcome: IngestOutcome,
-    /// The snapshot to save once this append is durable, if one is due.
-    snapshot: Option<Snapshot>,
+    kind: Settling,
 }
 
-/// Recoveries (reload from the store, decide the held readings again) before the actor gives up
-/// and answers them with the error.
-const MAX_RECOVERIES: u32 = 3;
-const RECOVERY_BACKOFF: Duration = Duration::from_millis(50);
+enum Settling {
+    /// Its append is on the way to the store; `result` is set when the store answered.
+    Append {
+        seq: u64,
+        result: Option<StoreResult<Appended>>,
+        outcome: IngestOutcome,
+        /// The snapshot to save once this append is durable, if one is due.
+        snapshot: Option<Snapshot>,
+    },
+    /// A repeat of a reading already decided: answered once everything before it is durable.
+    Duplicate,
+}
 
-/// A duplicate's reply, held until the appends issued before it (`.0` of them) are durable.
-type WaitingDuplicate = (u64, Reply, OwnedSemaphorePermit);
+/// Why the actor stopped deciding, and what it waits for before it reloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recovery {
+    /// Until the store can write again.
+    StoreUnavailable,
+    /// Until the rule book has (at least) this version.
+    RulesChanged { version: u64 },
+    /// Another writer appended to this device's stream.
+    Conflict,
+}
+
+impl Recovery {
+    /// How to recover from a failed append; `None` when the actor cannot (it fails instead).
+    fn after(error: &StoreError) -> Option<Self> {
+        match error {
+            StoreError::Unavailable(_) => Some(Recovery::StoreUnavailable),
+            StoreError::Conflict { stream, actual, .. } if stream == RULES_STREAM => {
+                Some(Recovery::RulesChanged { version: *actual })
+            }
+            StoreError::Conflict { .. } => Some(Recovery::Conflict),
+            StoreError::Refused(_) | StoreError::Closed => None,
+        }
+    }
+
+    /// When several appends failed for different reasons, the one that waits longest wins.
+    fn merge(self, other: Recovery) -> Recovery {
+        use Recovery::*;
+        match (self, other) {
+            (StoreUnavailable, _) | (_, StoreUnavailable) => StoreUnavailable,
+            (RulesChanged { version: a }, RulesChanged { version: b }) => {
+                RulesChanged { version: a.max(b) }
+            }
+            (r @ RulesChanged { .. }, Conflict) | (Conflict, r @ RulesChanged { .. }) => r,
+            (Conflict, Conflict) => Conflict,
+        }
+    }
+}
 
 pub(super) struct DeviceActor {
     device: Device,
@@ -59,27 +121,27 @@ pub(super) struct DeviceActor {
     settings: ActorSettings,
     queued: Arc<AtomicUsize>,
     shard: ShardMap,
-    /// Readings whose appends are issued and not yet settled, in issue order (which is also the
-    /// order the store settles them in).
+    /// Readings not decided yet, in arrival order.
+    waiting: VecDeque<Ingest>,
+    /// Decided readings not settled yet, in decision order (which is also the order the store
+    /// answers appends in).
     in_flight: VecDeque<InFlight>,
-    /// After a failed append: the readings whose appends failed, in order, to decide again once
-    /// the state is reloaded...
-    held: VecDeque<Ingest>,
-    /// ...and then the readings that arrived meanwhile.
-    arrived: VecDeque<Ingest>,
-    recovering: bool,
+    next_seq: u64,
+    /// Set when an append failed: nothing is decided until the recovery is done.
+    recovery: Option<Recovery>,
+    /// The readings whose appends failed (and repeats settled behind them), in order, to decide
+    /// again after the recovery.
+    failed: Vec<Ingest>,
     /// Recoveries since the last successful append.
     recoveries: u32,
-    /// Appends issued and completed so far; they complete in the order they were issued.
-    appends_issued: u64,
-    appends_done: u64,
-    /// Duplicates waiting for the appends issued before them (`.0`) to be durable, so a duplicate
-    /// is never acknowledged ahead of the original it duplicates.
-    waiting_duplicates: VecDeque<WaitingDuplicate>,
+    /// The reload of a recovery is under way.
+    reloading: bool,
+    /// A late reading's repeat check is on its way to the store: nothing else is decided meanwhile.
+    looking_up: bool,
     events_since_snapshot: u64,
     last_active: Instant,
-    /// Set when the in-memory state can no longer be trusted: the actor has left the router,
-    /// answers what is still in its mailbox with this error, and stops.
+    /// Set when the in-memory state can no longer be trusted and cannot be recovered: the actor
+    /// has left the router, answers what is still in its mailbox with this error, and stops.
     failure: Option<EngineError>,
 }
 
@@ -99,14 +161,14 @@ impl DeviceActor {
             settings,
             queued,
             shard,
+            waiting: VecDeque::new(),
             in_flight: VecDeque::new(),
-            held: VecDeque::new(),
-            arrived: VecDeque::new(),
-            recovering: false,
+            next_seq: 0,
+            recovery: None,
+            failed: Vec::new(),
             recoveries: 0,
-            appends_issued: 0,
-            appends_done: 0,
-            waiting_duplicates: VecDeque::new(),
+            reloading: false,
+            looking_up: false,
             events_since_snapshot: 0,
             last_active: Instant::now(),
             failure: None,
@@ -127,22 +189,11 @@ impl DeviceActor {
         let device = self.device.id().clone();
         let saving = self.store.save_snapshot(snapshot);
         ctx.spawn(actix::fut::wrap_future(async move {
+            // A failing store is reported once, by the store; the next snapshot covers this one.
             if let Err(e) = saving.await {
-                tracing::warn!(%device, error = %e, "snapshot not saved; the next one will cover it");
+                tracing::debug!(%device, error = %e, "snapshot not saved");
             }
         }));
-    }
-
-    /// Answers the duplicates whose earlier appends are all durable now.
-    fn answer_duplicates(&mut self) {
-        while let Some((after, ..)) = self.waiting_duplicates.front() {
-            if *after > self.appends_done {
-                return;
-            }
-            if let Some((_, reply, _permit)) = self.waiting_duplicates.pop_front() {
-                let _ = reply.send(Ok(IngestOutcome::Duplicate));
-            }
-        }
     }
 
     /// Leaves the router's map, answers everything it holds or still has queued with `reason`,
@@ -154,11 +205,10 @@ impl DeviceActor {
         }
         tracing::error!(device = %self.device.id(), error = %reason, "device actor failed; it will be restored from the store");
         self.failure = Some(reason.clone());
-        for (_, reply, _permit) in self.waiting_duplicates.drain(..) {
-            let _ = reply.send(Err(reason.clone()));
-        }
-        for held in self.held.drain(..).chain(self.arrived.drain(..)) {
-            let _ = held.reply.send(Err(reason.clone()));
+        let held = self.failed.drain(..).chain(self.waiting.drain(..));
+        let settling = self.in_flight.drain(..).map(|entry| entry.ingest);
+        for ingest in held.chain(settling) {
+            let _ = ingest.reply.send(Err(reason.clone()));
         }
         // Under the shard lock: once we are out of the map, nothing more is sent to us.
         if lock(&self.shard).remove(self.device.id()).is_some() {
@@ -174,10 +224,16 @@ impl DeviceActor {
         }
     }
 
+    fn busy(&self) -> bool {
+        self.recovery.is_some()
+            || self.looking_up
+            || !self.in_flight.is_empty()
+            || !self.waiting.is_empty()
+    }
+
     fn passivate_if_idle(&mut self, ctx: &mut Context<Self>) {
         if self.failure.is_some()
-            || self.recovering
-            || !self.in_flight.is_empty()
+            || self.busy()
             || self.last_active.elapsed() < self.settings.idle_timeout
         {
             return;
@@ -201,15 +257,58 @@ impl DeviceActor {
     }
 }
 
+/// Loads the device from the store once `recovery`'s condition holds, retrying for as long as the
+/// store is unavailable. Fails only for what waiting cannot mend (a damaged history).
+async fn reload(
+    store: Arc<dyn EventStore>,
+    rules: RuleBook,
+    id: DeviceId,
+    mut recovery: Option<Recovery>,
+    mut attempt: u32,
+) -> Result<Device, EngineError> {
+    let mut health = store.health();
+    loop {
+        match recovery {
+            None => {}
+            Some(Recovery::StoreUnavailable) => {
+                // Ok or not, the backoff below keeps a store that says it is fine but is not from
+                // being hammered.
+                let _ = health.wait_for(|h| h.is_available()).await;
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+            Some(Recovery::RulesChanged { version }) => rules.wait_for_version(version).await,
+            Some(Recovery::Conflict) => tokio::time::sleep(backoff(attempt)).await,
+        }
+        match load_device(store.as_ref(), id.clone()).await {
+            Err(EngineError::Store(StoreError::Unavailable(_))) => {
+                recovery = Some(Recovery::StoreUnavailable);
+                attempt = attempt.saturating_add(1);
+            }
+            loaded => return loaded,
+        }
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    RECOVERY_BACKOFF
+        .saturating_mul(2u32.saturating_pow(attempt.min(16)))
+        .min(MAX_RECOVERY_BACKOFF)
+}
+
 impl Actor for DeviceActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let store = self.store.clone();
-        let id = self.device.id().clone();
+        let restoring = reload(
+            self.store.clone(),
+            self.rules.clone(),
+            self.device.id().clone(),
+            None,
+            0,
+        );
         // `wait` holds back every message until the device is restored.
         ctx.wait(
-            actix::fut::wrap_future(async move { load_device(store.as_ref(), id).await }).map(
+            actix::fut::wrap_future(restoring).map(
                 |restored, act: &mut Self, ctx| match restored {
                     Ok(device) => act.device = device,
                     Err(e) => act.fail(ctx, &e),
@@ -223,59 +322,124 @@ impl Actor for DeviceActor {
 }
 
 impl DeviceActor {
-    /// Decides a reading against the current state and issues its append.
+    /// Decides waiting readings in order, until one has to wait for the store.
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        while self.recovery.is_none() && !self.looking_up && self.failure.is_none() {
+            let Some(ingest) = self.waiting.pop_front() else {
+                return;
+            };
+            self.decide(ingest, ctx);
+        }
+    }
+
     fn decide(&mut self, ingest: Ingest, ctx: &mut Context<Self>) {
         let rules = self.rules.current();
-        let events = match self.device.handle(&ingest.reading, &rules) {
-            Decision::Stale { .. } => {
-                metrics::counter!("fleetwatch_readings_duplicate_total").increment(1);
-                if self.in_flight.is_empty() {
-                    let _ = ingest.reply.send(Ok(IngestOutcome::Duplicate));
-                } else {
-                    self.waiting_duplicates.push_back((
-                        self.appends_issued,
-                        ingest.reply,
-                        ingest.permit,
-                    ));
+        match self.device.handle(&ingest.reading, &rules) {
+            Decision::Duplicate => self.duplicate(ingest),
+            Decision::Events(events) => self.append(ingest, events, rules.version, ctx),
+            Decision::Late(event) => self.late(ingest, event, rules.version, ctx),
+        }
+    }
+
+    fn duplicate(&mut self, ingest: Ingest) {
+        metrics::counter!("fleetwatch_readings_duplicate_total").increment(1);
+        if self.in_flight.is_empty() {
+            let _ = ingest.reply.send(Ok(IngestOutcome::Duplicate));
+        } else {
+            self.in_flight.push_back(InFlight {
+                ingest,
+                kind: Settling::Duplicate,
+            });
+        }
+    }
+
+    /// An older reading: a repeat if the history (or what is on its way there) holds its
+    /// timestamp, else stored as late.
+    fn late(
+        &mut self,
+        ingest: Ingest,
+        event: DeviceEvent,
+        rules_version: u64,
+        ctx: &mut Context<Self>,
+    ) {
+        let at = ingest.reading.timestamp;
+        if self
+            .in_flight
+            .iter()
+            .any(|entry| entry.ingest.reading.timestamp == at)
+        {
+            return self.duplicate(ingest);
+        }
+        self.looking_up = true;
+        let lookup = self.store.has_reading(self.device.id().as_str(), at);
+        ctx.wait(
+            actix::fut::wrap_future(lookup).map(move |found, act: &mut Self, ctx| {
+                act.looking_up = false;
+                match found {
+                    Ok(true) => act.duplicate(ingest),
+                    Ok(false) => act.append(ingest, vec![event], rules_version, ctx),
+                    Err(e) => {
+                        // Decided again after the recovery, behind everything in flight.
+                        act.waiting.push_front(ingest);
+                        act.start_recovery(&e, ctx);
+                        act.recover_once_settled(ctx);
+                    }
                 }
-                return;
-            }
-            Decision::Events(events) => events,
-        };
+                act.pump(ctx);
+            }),
+        );
+    }
+
+    /// Applies the events and issues their append, fenced on the rules they were decided under.
+    fn append(
+        &mut self,
+        ingest: Ingest,
+        events: Vec<DeviceEvent>,
+        rules_version: u64,
+        ctx: &mut Context<Self>,
+    ) {
         let expected = self.device.version();
         let new_events: Vec<NewEvent> = events.iter().map(super::encode).collect();
         for event in &events {
             self.device.apply(event);
         }
-        let outcome = IngestOutcome::Applied {
-            events: events.len(),
-            alarms: events
-                .iter()
-                .filter(|e| {
-                    matches!(
-                        e,
-                        DeviceEvent::LeftZone { .. } | DeviceEvent::TemperatureOutOfRange { .. }
-                    )
-                })
-                .count(),
+        let late = matches!(
+            events.as_slice(),
+            [DeviceEvent::ReadingRecorded { late: true, .. }]
+        );
+        let outcome = if late {
+            IngestOutcome::Late
+        } else {
+            IngestOutcome::Applied {
+                events: events.len(),
+                alarms: events.iter().filter(|e| e.raises_alarm()).count(),
+            }
         };
-        // Queued now, in handling order; durable when the future resolves.
-        let append = self
-            .store
-            .append(self.device.id().as_str(), expected, new_events);
-        self.appends_issued += 1;
+        // Queued now, in decision order; durable when the future resolves.
+        let append = self.store.append(
+            self.device.id().as_str(),
+            expected,
+            new_events,
+            Some(StreamAt {
+                stream: RULES_STREAM,
+                version: rules_version,
+            }),
+        );
         self.events_since_snapshot += events.len() as u64;
         let snapshot = (self.events_since_snapshot >= self.settings.snapshot_every).then(|| {
             self.events_since_snapshot = 0;
             self.snapshot()
         });
-        let seq = self.appends_issued;
+        self.next_seq += 1;
+        let seq = self.next_seq;
         self.in_flight.push_back(InFlight {
-            seq,
-            result: None,
             ingest,
-            outcome,
-            snapshot,
+            kind: Settling::Append {
+                seq,
+                result: None,
+                outcome,
+                snapshot,
+            },
         });
         ctx.spawn(
             actix::fut::wrap_future(append)
@@ -283,85 +447,118 @@ impl DeviceActor {
         );
     }
 
-    /// The store answered append `seq`. Answers are settled strictly in issue order, whatever
+    /// The store answered append `seq`. Answers are settled strictly in decision order, whatever
     /// order the actor happens to poll their futures in.
     fn answered(&mut self, seq: u64, result: StoreResult<Appended>, ctx: &mut Context<Self>) {
-        if let Some(entry) = self.in_flight.iter_mut().find(|e| e.seq == seq) {
-            entry.result = Some(result);
+        let entry = self.in_flight.iter_mut().find_map(|e| match &mut e.kind {
+            Settling::Append { seq: s, result, .. } if *s == seq => Some(result),
+            _ => None,
+        });
+        if let Some(slot) = entry {
+            *slot = Some(result);
         }
-        while self.in_flight.front().is_some_and(|e| e.result.is_some()) {
-            if let Some(mut done) = self.in_flight.pop_front() {
-                if let Some(result) = done.result.take() {
-                    self.settle(done, result, ctx);
+        while let Some(entry) = self.in_flight.pop_front() {
+            match entry.kind {
+                Settling::Append { result: None, .. } => {
+                    self.in_flight.push_front(entry);
+                    break;
+                }
+                Settling::Append {
+                    result: Some(result),
+                    outcome,
+                    snapshot,
+                    ..
+                } => self.settle(entry.ingest, result, outcome, snapshot, ctx),
+                Settling::Duplicate if self.recovery.is_some() => self.failed.push(entry.ingest),
+                Settling::Duplicate => {
+                    let _ = entry.ingest.reply.send(Ok(IngestOutcome::Duplicate));
                 }
             }
+            if self.failure.is_some() {
+                return;
+            }
         }
-        if self.recovering && self.in_flight.is_empty() {
-            self.recover(ctx);
-        }
+        self.recover_once_settled(ctx);
     }
 
     /// Settles the oldest in-flight append.
-    fn settle(&mut self, done: InFlight, result: StoreResult<Appended>, ctx: &mut Context<Self>) {
+    fn settle(
+        &mut self,
+        ingest: Ingest,
+        result: StoreResult<Appended>,
+        outcome: IngestOutcome,
+        snapshot: Option<Snapshot>,
+        ctx: &mut Context<Self>,
+    ) {
         match result {
             Ok(_) => {
                 self.recoveries = 0;
                 metrics::counter!("fleetwatch_readings_applied_total").increment(1);
-                if let Some(snapshot) = done.snapshot {
+                if let Some(snapshot) = snapshot {
                     self.save_snapshot(snapshot, ctx);
                 }
-                let _ = done.ingest.reply.send(Ok(done.outcome));
-                self.appends_done += 1;
-                self.answer_duplicates();
+                let _ = ingest.reply.send(Ok(outcome));
             }
             Err(e) => {
-                if !self.recovering {
-                    tracing::warn!(device = %self.device.id(), error = %e, "append failed; reloading and deciding again in order");
-                    self.recovering = true;
-                    // Duplicates of readings that will be decided again: their senders retry them.
-                    let error = EngineError::from(e);
-                    for (_, reply, _permit) in self.waiting_duplicates.drain(..) {
-                        let _ = reply.send(Err(error.clone()));
-                    }
-                }
-                // Every append after a failed one fails too (its expected version is gone), so
-                // the held readings stay in their original order.
-                self.held.push_back(done.ingest);
+                self.failed.push(ingest);
+                self.start_recovery(&e, ctx);
             }
         }
     }
 
-    /// Reloads the device from the store, with the mailbox held, and decides the held readings
-    /// again, in order, before anything newer.
-    fn recover(&mut self, ctx: &mut Context<Self>) {
-        self.recoveries += 1;
-        if self.recoveries > MAX_RECOVERIES {
-            let error = EngineError::Store(crate::store::StoreError::Backend(format!(
-                "appends kept failing after {MAX_RECOVERIES} reloads"
-            )));
-            self.fail(ctx, &error);
+    /// Stops deciding until everything in flight has settled and the cause of `error` has passed.
+    fn start_recovery(&mut self, error: &StoreError, ctx: &mut Context<Self>) {
+        let Some(recovery) = Recovery::after(error) else {
+            return self.fail(ctx, &EngineError::from(error.clone()));
+        };
+        if self.recovery.is_none() {
+            // The store reports its own failures once; this is per device and per append.
+            tracing::debug!(device = %self.device.id(), error = %error, "append failed; deciding again after a reload");
+        }
+        self.recovery = Some(self.recovery.map_or(recovery, |r| r.merge(recovery)));
+    }
+
+    /// Once everything in flight has settled: reloads the device from the store, with the mailbox
+    /// held, and decides the failed readings again, in order, before anything newer.
+    fn recover_once_settled(&mut self, ctx: &mut Context<Self>) {
+        let Some(recovery) = self.recovery else {
+            return;
+        };
+        if self.reloading || !self.in_flight.is_empty() || self.failure.is_some() {
             return;
         }
-        let backoff = RECOVERY_BACKOFF * 2u32.pow(self.recoveries - 1);
-        let store = self.store.clone();
-        let id = self.device.id().clone();
+        self.recoveries += 1;
+        if recovery == Recovery::Conflict && self.recoveries > MAX_CONFLICT_RECOVERIES {
+            let error = EngineError::Store(StoreError::Conflict {
+                stream: self.device.id().to_string(),
+                expected: self.device.version(),
+                actual: self.device.version(),
+            });
+            return self.fail(ctx, &error);
+        }
+        let reloading = reload(
+            self.store.clone(),
+            self.rules.clone(),
+            self.device.id().clone(),
+            Some(recovery),
+            self.recoveries - 1,
+        );
+        self.reloading = true;
         ctx.wait(
-            actix::fut::wrap_future(async move {
-                tokio::time::sleep(backoff).await;
-                load_device(store.as_ref(), id).await
-            })
-            .map(|reloaded, act: &mut Self, ctx| match reloaded {
-                Ok(device) => {
-                    act.device = device;
-                    act.recovering = false;
-                    let held = std::mem::take(&mut act.held);
-                    let arrived = std::mem::take(&mut act.arrived);
-                    for ingest in held.into_iter().chain(arrived) {
-                        act.decide(ingest, ctx);
+            actix::fut::wrap_future(reloading).map(
+                |reloaded, act: &mut Self, ctx| match reloaded {
+                    Ok(device) => {
+                        act.reloading = false;
+                        act.device = device;
+                        act.recovery = None;
+                        for ingest in act.failed.drain(..).rev() {
+                            act.waiting.push_front(ingest);
+                        }
+                        act.pump(ctx);
                     }
-                }
-                Err(e) => act.fail(ctx, &e),
-            }),
+                    Err(e) => act.fail(ctx, &e),
+                },
+            ),
         );
     }
 }
@@ -375,12 +572,10 @@ impl Handler<Ingest> for DeviceActor {
         if let Some(failure) = &self.failure {
             let _ = ingest.reply.send(Err(failure.clone()));
             self.stop_if_drained(ctx);
-        } else if self.recovering {
-            // Behind the readings whose appends failed, in arrival order.
-            self.arrived.push_back(ingest);
-        } else {
-            self.decide(ingest, ctx);
+            return;
         }
+        self.waiting.push_back(ingest);
+        self.pump(ctx);
     }
 }
 

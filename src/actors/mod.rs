@@ -36,7 +36,10 @@ pub const DEVICE_SNAPSHOT_VERSION: u16 = 1;
 pub enum IngestOutcome {
     /// Its events (`events` of them, `alarms` raising an alarm) are durable.
     Applied { events: usize, alarms: usize },
-    /// Not newer than the device's last applied reading: nothing changed.
+    /// Older than the device's last reading: stored in its history, marked late; the live state
+    /// and alarms are unchanged.
+    Late,
+    /// A repeat of a stored reading (same device and timestamp): nothing changed.
     Duplicate,
 }
 
@@ -231,6 +234,7 @@ pub fn encode(event: &DeviceEvent) -> NewEvent {
         event_type: event.event_type(),
         schema_version: SCHEMA_VERSION,
         data: event.to_json(),
+        at: Some(event.at()),
     }
 }
 
@@ -288,161 +292,4 @@ fn restore_snapshot(id: &DeviceId, snapshot: &Snapshot) -> Option<Device> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::atomic::AtomicUsize;
-
-    use chrono::{TimeZone, Utc};
-    use fleetwatch_domain::Thresholds;
-    use futures_util::future::BoxFuture;
-    use tokio::sync::{broadcast, Semaphore};
-
-    use super::*;
-    use crate::store::{
-        Appended, CommittedBatch, RecordedEvent, Snapshot, SnapshotAndTail, SqliteStore,
-        SqliteStoreOptions, StoreResult, StreamInfo,
-    };
-
-    /// A real store whose next `fail_appends` appends fail, as on a full disk.
-    struct FlakyStore {
-        inner: SqliteStore,
-        fail_appends: AtomicUsize,
-    }
-
-    impl EventStore for FlakyStore {
-        fn append(
-            &self,
-            stream: &str,
-            expected: u64,
-            events: Vec<NewEvent>,
-        ) -> BoxFuture<'static, StoreResult<Appended>> {
-            let fail = self
-                .fail_appends
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
-            if fail {
-                return Box::pin(async { Err(StoreError::Backend("injected: disk full".into())) });
-            }
-            self.inner.append(stream, expected, events)
-        }
-        fn read_stream(
-            &self,
-            s: &str,
-            from: u64,
-            limit: usize,
-        ) -> BoxFuture<'static, StoreResult<Vec<RecordedEvent>>> {
-            self.inner.read_stream(s, from, limit)
-        }
-        fn read_all(
-            &self,
-            after: u64,
-            limit: usize,
-        ) -> BoxFuture<'static, StoreResult<Vec<RecordedEvent>>> {
-            self.inner.read_all(after, limit)
-        }
-        fn save_snapshot(&self, snapshot: Snapshot) -> BoxFuture<'static, StoreResult<()>> {
-            self.inner.save_snapshot(snapshot)
-        }
-        fn read_latest(
-            &self,
-            s: &str,
-            limit: usize,
-        ) -> BoxFuture<'static, StoreResult<SnapshotAndTail>> {
-            self.inner.read_latest(s, limit)
-        }
-        fn list_streams(
-            &self,
-            after: Option<&str>,
-            limit: usize,
-        ) -> BoxFuture<'static, StoreResult<Vec<StreamInfo>>> {
-            self.inner.list_streams(after, limit)
-        }
-        fn stream_version(&self, s: &str) -> BoxFuture<'static, StoreResult<Option<u64>>> {
-            self.inner.stream_version(s)
-        }
-        fn head_position(&self) -> BoxFuture<'static, StoreResult<u64>> {
-            self.inner.head_position()
-        }
-        fn subscribe(&self) -> broadcast::Receiver<CommittedBatch> {
-            self.inner.subscribe()
-        }
-        fn flush(&self) -> BoxFuture<'static, StoreResult<()>> {
-            self.inner.flush()
-        }
-    }
-
-    async fn router_over(
-        fail_appends: usize,
-        dir: &tempfile::TempDir,
-    ) -> (Router, Arc<dyn EventStore>) {
-        let inner = SqliteStore::open(dir.path(), SqliteStoreOptions::default()).unwrap();
-        let store: Arc<dyn EventStore> = Arc::new(FlakyStore {
-            inner,
-            fail_appends: AtomicUsize::new(fail_appends),
-        });
-        let rules = RuleBook::load(store.clone(), Thresholds::default())
-            .await
-            .unwrap();
-        let settings = ActorSettings {
-            snapshot_every: 100,
-            idle_timeout: Duration::from_secs(60),
-        };
-        (Router::new(1, store.clone(), rules, settings), store)
-    }
-
-    /// Submits `n` readings of one device back to back and collects their outcomes.
-    async fn submit(router: &Router, n: i64) -> Vec<Result<IngestOutcome, EngineError>> {
-        let permits = Arc::new(Semaphore::new(1000));
-        let t0 = Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap();
-        let mut replies = Vec::new();
-        for i in 0..n {
-            let at = t0 + chrono::Duration::seconds(i);
-            let reading = Reading::new("d-1", at, 52.0 + i as f64 * 0.001, 4.0, 5.0).unwrap();
-            replies.push(router.route(reading, permits.clone().acquire_owned().await.unwrap()));
-        }
-        let mut outcomes = Vec::new();
-        for reply in replies {
-            outcomes.push(reply.await.unwrap_or(Err(EngineError::ActorGone)));
-        }
-        outcomes
-    }
-
-    async fn recorded(store: &Arc<dyn EventStore>) -> Vec<String> {
-        store
-            .read_stream("d-1", 1, 1000)
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|e| e.event_type == "ReadingRecorded")
-            .map(|e| serde_json::from_str::<serde_json::Value>(&e.data).unwrap()["at"].to_string())
-            .collect()
-    }
-
-    #[actix_rt::test]
-    async fn failed_appends_are_decided_again_in_order_and_nothing_is_lost() {
-        let dir = tempfile::tempdir().unwrap();
-        let (router, store) = router_over(2, &dir).await;
-        let outcomes = submit(&router, 10).await;
-        assert!(
-            outcomes
-                .iter()
-                .all(|o| matches!(o, Ok(IngestOutcome::Applied { .. }))),
-            "{outcomes:?}"
-        );
-        let at = recorded(&store).await;
-        assert_eq!(at.len(), 10, "every reading stored once");
-        let mut sorted = at.clone();
-        sorted.sort();
-        assert_eq!(at, sorted, "stored in submission order");
-        router.stop();
-    }
-
-    #[actix_rt::test]
-    async fn a_store_that_keeps_failing_answers_with_errors_and_stores_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let (router, store) = router_over(usize::MAX, &dir).await;
-        let outcomes = submit(&router, 5).await;
-        assert!(outcomes.iter().all(Result::is_err), "{outcomes:?}");
-        assert!(recorded(&store).await.is_empty());
-        router.stop();
-    }
-}
+mod tests;

@@ -23,6 +23,8 @@ use crate::store::StoreError;
 pub struct AppState {
     pub engine: Engine,
     pub max_body_bytes: usize,
+    pub max_clock_skew: std::time::Duration,
+    pub http_ingest_timeout: std::time::Duration,
     pub tile_url: Option<String>,
     pub broker: BrokerStatus,
     pub failed: FailedMessages,
@@ -58,6 +60,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 pub struct ApiError {
     #[serde(skip)]
     status: StatusCode,
+    /// Seconds, sent as `Retry-After`.
+    #[serde(skip)]
+    retry_after: Option<u32>,
     error: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     field: Option<String>,
@@ -65,13 +70,25 @@ pub struct ApiError {
     index: Option<usize>,
 }
 
+/// What a caller told to come back later is told to wait, in seconds.
+const RETRY_AFTER_SECS: u32 = 5;
+
 impl ApiError {
     pub fn new(status: StatusCode, error: impl Into<String>) -> Self {
         Self {
             status,
+            retry_after: None,
             error: error.into(),
             field: None,
             index: None,
+        }
+    }
+
+    /// `503` with `Retry-After`: the engine cannot take this now, and nothing was acknowledged.
+    pub fn unavailable(error: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(RETRY_AFTER_SECS),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, error)
         }
     }
 
@@ -102,7 +119,11 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
-        HttpResponse::build(self.status).json(self)
+        let mut response = HttpResponse::build(self.status);
+        if let Some(seconds) = self.retry_after {
+            response.insert_header((actix_web::http::header::RETRY_AFTER, seconds.to_string()));
+        }
+        response.json(self)
     }
 }
 
@@ -115,20 +136,25 @@ impl From<fleetwatch_domain::ValidationError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        tracing::error!(error = %e, "store error");
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        // A failing store reports itself once (and on /api/health); not once per request.
+        tracing::debug!(error = %e, "store error");
+        ApiError::unavailable(e.to_string())
     }
 }
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
-        tracing::error!(error = %e, "engine error");
-        // A stored event that cannot be read will not get better by retrying.
-        let status = match e {
-            EngineError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-            _ => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        ApiError::new(status, e.to_string())
+        match e {
+            // A stored event that cannot be read will not get better by retrying.
+            EngineError::Corrupt { .. } | EngineError::Store(StoreError::Refused(_)) => {
+                tracing::error!(error = %e, "engine error");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
+            _ => {
+                tracing::debug!(error = %e, "engine error");
+                ApiError::unavailable(e.to_string())
+            }
+        }
     }
 }
 
@@ -137,7 +163,8 @@ impl From<RulesError> for ApiError {
         let status = match &e {
             RulesError::AlreadyExists { .. } => StatusCode::CONFLICT,
             RulesError::NotFound { .. } => StatusCode::NOT_FOUND,
-            RulesError::Store(_) | RulesError::Corrupt { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            RulesError::Store(e) => return e.clone().into(),
+            RulesError::Corrupt { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(status, e.to_string())
     }

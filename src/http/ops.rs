@@ -4,6 +4,7 @@ use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
+use crate::store::StoreHealth;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/health", web::get().to(health))
@@ -15,19 +16,30 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 struct Health {
     status: &'static str,
     store: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    store_failing_since: Option<chrono::DateTime<chrono::Utc>>,
     broker: &'static str,
     devices_active: usize,
 }
 
 async fn health(state: web::Data<AppState>) -> HttpResponse {
-    let store = match state.engine.store().head_position().await {
-        Ok(_) => "ok".to_owned(),
-        Err(e) => format!("error: {e}"),
+    let failing = match &*state.engine.store_health().borrow() {
+        StoreHealth::Available => None,
+        StoreHealth::Failing { cause, since } => Some((format!("failing: {cause}"), *since)),
+    };
+    let (store, since) = match failing {
+        Some((cause, since)) => (cause, Some(since)),
+        // The writer says it can write; a read tells whether the readers answer too.
+        None => match state.engine.store().head_position().await {
+            Ok(_) => ("ok".to_owned(), None),
+            Err(e) => (format!("error: {e}"), None),
+        },
     };
     let healthy = store == "ok";
     let body = Health {
         status: if healthy { "ok" } else { "degraded" },
         store,
+        store_failing_since: since,
         broker: state.broker.get().as_str(),
         devices_active: state.engine.active_devices(),
     };

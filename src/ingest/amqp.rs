@@ -11,10 +11,14 @@
 //! * A delivery is acked only once every event it caused is durable. Workers report settled
 //!   deliveries to one acker, which acks with `multiple` up to the highest tag below which
 //!   everything is settled: acks are batched, never ahead of durability.
-//! * Bad input (not JSON, a missing field, an out-of-range value) is published to the dead-letter
-//!   exchange with the reason in the `x-fleetwatch-reason` header (publisher-confirmed) and only then
-//!   acked; it is counted and listed at `/api/failed-messages`. A reading the engine fails on is
-//!   requeued up to `max_retries` times, then dead-lettered.
+//! * Bad input (too large, not JSON, a missing field, an out-of-range value, a timestamp ahead of
+//!   the clock) is published to the dead-letter exchange with the reason in the
+//!   `x-fleetwatch-reason` header (publisher-confirmed) and only then acked; it is counted and
+//!   listed at `/api/failed-messages`. A reading whose device history is damaged is requeued up
+//!   to `max_retries` times, then dead-lettered.
+//! * A store that cannot write is the engine's fault, never a message's: while it fails, deliveries
+//!   are held unacked (the prefetch limit then stops the broker sending more) and nothing counts
+//!   towards dead-lettering; they go on once the store writes again.
 //! * A lost or refused connection is retried with capped exponential backoff; HTTP keeps serving
 //!   meanwhile and `/api/health` reports the broker state. Unacked deliveries are redelivered by
 //!   the broker and recognised as duplicates by the device actors.
@@ -42,7 +46,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Engine, EngineError};
 use crate::ingest::failed::FailedMessages;
-use crate::ingest::wire::parse_reading;
+use crate::ingest::wire::{check_clock, parse_reading};
+use crate::store::StoreError;
 
 /// Header carrying the reason a message was dead-lettered.
 pub const REASON_HEADER: &str = "x-fleetwatch-reason";
@@ -100,6 +105,8 @@ pub struct AmqpSettings {
     pub prefetch: u16,
     pub consumers: usize,
     pub max_retries: u32,
+    pub max_message_bytes: usize,
+    pub max_clock_skew: Duration,
 }
 
 impl AmqpSettings {
@@ -111,6 +118,8 @@ impl AmqpSettings {
             prefetch: config.amqp_prefetch,
             consumers: config.amqp_consumers.max(1),
             max_retries: config.amqp_max_retries,
+            max_message_bytes: config.amqp_max_message_bytes as usize,
+            max_clock_skew: config.max_clock_skew,
         }
     }
 
@@ -255,6 +264,7 @@ pub fn spawn(
                 status,
                 failed,
                 failures: Mutex::default(),
+                shutdown: shutdown.clone(),
             });
             runtime.block_on(consumer.run(shutdown));
         })?;
@@ -272,6 +282,7 @@ struct Consumer {
     /// so a failing reading is retried a bounded number of times in place (requeued: its order
     /// is kept) before it is dead-lettered.
     failures: Mutex<HashMap<u64, u32>>,
+    shutdown: CancellationToken,
 }
 
 /// How a delivery was settled.
@@ -423,23 +434,26 @@ impl Consumer {
         }
     }
 
-    /// Validates a delivery and submits its reading; the returned future settles it.
+    /// Waits until the store can write (or shutdown begins: `false`).
+    async fn store_writes(&self) -> bool {
+        let mut health = self.engine.store_health();
+        if health.borrow().is_available() {
+            return true;
+        }
+        tokio::select! {
+            available = health.wait_for(|h| h.is_available()) => available.is_ok(),
+            _ = self.shutdown.cancelled() => false,
+        }
+    }
+
+    /// Validates a delivery and submits its reading; the returned future settles it. `None`
+    /// leaves it unsettled: shutdown came first, and the broker delivers it again.
     async fn accept<'a>(
         &'a self,
         delivery: Delivery,
         publisher: &'a Channel,
     ) -> Option<futures_util::future::BoxFuture<'a, Settle>> {
-        let reading = parse_reading_bytes(&delivery.data).and_then(|reading| {
-            if reading.device_id.as_str() == delivery.routing_key.as_str() {
-                Ok(reading)
-            } else {
-                Err(format!(
-                    "routing key {:?} is not the reading's device_id {:?}",
-                    delivery.routing_key.as_str(),
-                    reading.device_id.as_str()
-                ))
-            }
-        });
+        let reading = self.validate(&delivery);
         let reading = match reading {
             Ok(reading) => reading,
             Err(reason) => {
@@ -448,6 +462,10 @@ impl Consumer {
                 }));
             }
         };
+        // Held, unacked, while the store cannot write: the prefetch limit stops the broker.
+        if !self.store_writes().await {
+            return None;
+        }
         // `submit` fails only when shutting down: the delivery stays unacked and the broker
         // redelivers it.
         let ticket = self.engine.submit(reading).await.ok()?;
@@ -466,14 +484,45 @@ impl Consumer {
         }))
     }
 
-    /// The engine failed on a reading: retry it in place a few times, then dead-letter it.
+    /// The reading in a delivery, or why it is not one.
+    fn validate(&self, delivery: &Delivery) -> Result<fleetwatch_domain::Reading, String> {
+        let limit = self.settings.max_message_bytes;
+        if delivery.data.len() > limit {
+            return Err(format!(
+                "message is {} bytes, larger than {limit} (--amqp-max-message-bytes)",
+                delivery.data.len()
+            ));
+        }
+        let reading = parse_reading_bytes(&delivery.data)?;
+        if reading.device_id.as_str() != delivery.routing_key.as_str() {
+            return Err(format!(
+                "routing key {:?} is not the reading's device_id {:?}",
+                delivery.routing_key.as_str(),
+                reading.device_id.as_str()
+            ));
+        }
+        check_clock(&reading, chrono::Utc::now(), self.settings.max_clock_skew)
+            .map_err(|e| e.to_string())?;
+        Ok(reading)
+    }
+
+    /// The engine failed on a reading. A fault of the engine (its store cannot write, it is
+    /// shutting down) is not the message's: it is requeued once the store writes again, and not
+    /// counted. A fault the message's device carries (a damaged history, a write the store
+    /// refuses) is retried in place a few times, then dead-lettered.
     async fn after_failure(
         &self,
         publisher: &Channel,
         delivery: &Delivery,
         error: EngineError,
     ) -> Settle {
-        if matches!(error, EngineError::ShuttingDown) {
+        let counts = matches!(
+            error,
+            EngineError::Corrupt { .. } | EngineError::Store(StoreError::Refused(_))
+        );
+        if !counts {
+            tracing::debug!(error = %error, "engine fault on a reading; requeueing it, not counted");
+            self.store_writes().await;
             return Settle::Requeue(delivery.delivery_tag);
         }
         let attempts = {

@@ -3,6 +3,7 @@
 //! Errors name the offending field (and, in a batch, the index), whichever way the input is bad:
 //! not JSON, a missing field, a wrong type, or a value the domain refuses.
 
+use chrono::{DateTime, Utc};
 use fleetwatch_domain::{Reading, ValidationError};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -75,6 +76,30 @@ pub fn parse_reading(json: &str) -> Result<Reading, InvalidReading> {
     )?)
 }
 
+/// Refuses a reading dated more than `max_skew` ahead of `now`. Both ingest paths apply it: a
+/// device clock in the future would otherwise make every later real reading of the device look
+/// older than its last one.
+pub fn check_clock(
+    reading: &Reading,
+    now: DateTime<Utc>,
+    max_skew: std::time::Duration,
+) -> Result<(), InvalidReading> {
+    let skew = chrono::Duration::from_std(max_skew).unwrap_or(chrono::Duration::MAX);
+    match now.checked_add_signed(skew) {
+        Some(limit) if reading.timestamp > limit => Err(InvalidReading {
+            field: Some("timestamp".into()),
+            index: None,
+            reason: format!(
+                "{} is more than {} ahead of the engine's clock ({}; --max-clock-skew)",
+                reading.timestamp.to_rfc3339(),
+                humantime::format_duration(max_skew),
+                now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Parses one reading or a JSON array of readings. Every element is validated; the first bad one
 /// is reported with its index.
 pub fn parse_readings(body: &[u8]) -> Result<Vec<Reading>, InvalidReading> {
@@ -138,6 +163,21 @@ mod tests {
             parse_reading(bad_time).unwrap_err().field.as_deref(),
             Some("timestamp")
         );
+    }
+
+    #[test]
+    fn readings_from_the_future_are_refused_naming_the_timestamp() {
+        let reading = parse_reading(OK).unwrap();
+        let skew = std::time::Duration::from_secs(300);
+        let at = reading.timestamp;
+        assert!(check_clock(&reading, at - chrono::Duration::seconds(300), skew).is_ok());
+        let err = check_clock(&reading, at - chrono::Duration::seconds(301), skew).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("timestamp"));
+        assert!(
+            err.to_string().contains("ahead of the engine's clock"),
+            "{err}"
+        );
+        assert!(check_clock(&reading, at - chrono::Duration::days(3650), skew).is_err());
     }
 
     #[test]

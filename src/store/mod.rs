@@ -8,7 +8,10 @@
 //! * an append's future resolves only once its events are durable;
 //! * an append with the wrong expected version fails with [`StoreError::Conflict`] and writes nothing;
 //! * every committed event gets a global position, strictly increasing in commit order, and is
-//!   published on [`EventStore::subscribe`] after it is durable.
+//!   published on [`EventStore::subscribe`] after it is durable;
+//! * a store that cannot write (full disk, I/O error, read-only data directory, a writer that
+//!   died) answers [`StoreError::Unavailable`] and says so on [`EventStore::health`] until it
+//!   can write again, which it finds out by itself.
 
 mod sqlite;
 
@@ -17,16 +20,18 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
 use serde::Serialize;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 pub use sqlite::{SqliteStore, SqliteStoreOptions};
 
-/// An event to append: its type name, schema version and JSON payload.
+/// An event to append: its type name, schema version and JSON payload, and when what it records
+/// happened (a device event's reading time), which the store indexes.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
     pub event_type: &'static str,
     pub schema_version: u16,
     pub data: String,
+    pub at: Option<DateTime<Utc>>,
 }
 
 /// An event as stored.
@@ -86,6 +91,15 @@ pub struct StreamInfo {
 /// Committed events, published once per commit in position order.
 pub type CommittedBatch = Arc<Vec<RecordedEvent>>;
 
+/// A condition on another stream that an append needs: that stream must still be at `version`.
+/// It fences a decision made under one version of the rules (`$rules`) against a rules change
+/// committed before it: such an append is a [`StoreError::Conflict`] on that stream instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamAt {
+    pub stream: &'static str,
+    pub version: u64,
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("version conflict on stream {stream}: expected version {expected}, found {actual}")]
@@ -94,22 +108,44 @@ pub enum StoreError {
         expected: u64,
         actual: u64,
     },
-    #[error("event store failure: {0}")]
-    Backend(String),
+    /// The store cannot do its job now (full disk, I/O error, read-only data directory, a writer
+    /// that died). A fault of the engine's storage, never of the data: it passes, and
+    /// [`EventStore::health`] says when.
+    #[error("the event store is unavailable: {0}")]
+    Unavailable(String),
+    /// The store refused this write itself (never seen in practice: a safeguard, so that one bad
+    /// append cannot fail everything batched with it).
+    #[error("the event store refused the write: {0}")]
+    Refused(String),
     #[error("the event store is shut down")]
     Closed,
+}
+
+/// Whether the store can write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreHealth {
+    Available,
+    Failing { cause: String, since: DateTime<Utc> },
+}
+
+impl StoreHealth {
+    pub fn is_available(&self) -> bool {
+        matches!(self, StoreHealth::Available)
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
 pub trait EventStore: Send + Sync + 'static {
     /// Appends `events` to `stream` if its current version is `expected_version` (0: no stream
-    /// yet). The append is queued when this is called; the future resolves once it is durable.
+    /// yet) and `condition`, if any, holds. The append is queued when this is called; the future
+    /// resolves once it is durable.
     fn append(
         &self,
         stream: &str,
         expected_version: u64,
         events: Vec<NewEvent>,
+        condition: Option<StreamAt>,
     ) -> BoxFuture<'static, StoreResult<Appended>>;
 
     /// Events of `stream` with version >= `from_version`, in order, at most `limit`.
@@ -148,6 +184,11 @@ pub trait EventStore: Send + Sync + 'static {
     /// The stream's current version, `None` if it does not exist.
     fn stream_version(&self, stream: &str) -> BoxFuture<'static, StoreResult<Option<u64>>>;
 
+    /// Whether `stream` holds a recorded reading (a `ReadingRecorded` event) taken at `at`: how
+    /// a late reading is told from a repeat of one already stored.
+    fn has_reading(&self, stream: &str, at: DateTime<Utc>)
+        -> BoxFuture<'static, StoreResult<bool>>;
+
     /// The position of the last committed event (0 when empty).
     fn head_position(&self) -> BoxFuture<'static, StoreResult<u64>>;
 
@@ -157,4 +198,7 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Waits until everything queued so far is durable.
     fn flush(&self) -> BoxFuture<'static, StoreResult<()>>;
+
+    /// Whether the store can write now; changes are announced on the receiver.
+    fn health(&self) -> watch::Receiver<StoreHealth>;
 }

@@ -61,7 +61,11 @@ fn feed(device: &mut Device, reading: &Reading, rules: &Rules) -> Vec<DeviceEven
             }
             events
         }
-        Decision::Stale { .. } => vec![],
+        Decision::Late(event) => {
+            device.apply(&event);
+            vec![event]
+        }
+        Decision::Duplicate => vec![],
     }
 }
 
@@ -259,20 +263,57 @@ fn small_moves_and_small_temperature_changes_raise_nothing_but_accumulate() {
 }
 
 #[test]
-fn duplicates_and_out_of_order_readings_change_nothing() {
+fn a_repeat_of_the_last_reading_is_a_duplicate_and_changes_nothing() {
+    let rules = rules_with_depot_and_cold_chain();
+    let mut d = device();
+    feed(&mut d, &inside(10, 5.0), &rules);
+    assert_eq!(d.handle(&inside(10, 5.0), &rules), Decision::Duplicate);
+    // Only the timestamp makes a repeat: a device sends one reading per instant.
+    assert_eq!(d.handle(&outside(10, 30.0), &rules), Decision::Duplicate);
+}
+
+#[test]
+fn a_late_reading_is_history_only_without_live_state_or_alarms() {
     let rules = rules_with_depot_and_cold_chain();
     let mut d = device();
     feed(&mut d, &inside(10, 5.0), &rules);
     let before = d.clone();
-    for stale in [inside(10, 5.0), outside(5, 30.0)] {
-        assert_eq!(
-            d.handle(&stale, &rules),
-            Decision::Stale {
-                last_applied: t0() + Duration::seconds(10)
-            }
-        );
-    }
-    assert_eq!(d, before);
+    // Outside the depot and far too warm, but older than the last reading.
+    let Decision::Late(event) = d.handle(&outside(5, 30.0), &rules) else {
+        panic!("an older reading is late");
+    };
+    assert!(matches!(
+        &event,
+        DeviceEvent::ReadingRecorded { late: true, at, .. } if *at == t0() + Duration::seconds(5)
+    ));
+    d.apply(&event);
+    assert_eq!(
+        d.version(),
+        before.version() + 1,
+        "it is part of the history"
+    );
+    assert_eq!(
+        d.last_reading(),
+        before.last_reading(),
+        "the live state stays"
+    );
+    assert_eq!(d.status(&rules), DeviceStatus::Normal, "no alarm");
+    // The next real reading is judged against the last live one, as if the late one never came.
+    let events = feed(&mut d, &inside(11, 5.2), &rules);
+    assert_eq!(types(&events), ["ReadingRecorded"]);
+}
+
+#[test]
+fn late_events_keep_the_stored_shape_of_earlier_readings() {
+    let rules = rules_with_depot_and_cold_chain();
+    let mut d = device();
+    let events = feed(&mut d, &inside(10, 5.0), &rules);
+    let json = events[1].to_json();
+    assert!(!json.contains("late"), "{json}");
+    let Decision::Late(late) = d.handle(&inside(5, 5.0), &rules) else {
+        panic!("late");
+    };
+    assert!(late.to_json().contains(r#""late":true"#));
 }
 
 #[test]

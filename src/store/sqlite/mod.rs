@@ -1,15 +1,10 @@
-//! The embedded backend: SQLite in WAL mode, one writer thread that group-commits, a small pool
-//! of reader connections.
-//!
-//! Every append and snapshot goes through one channel to the writer thread. The writer takes
-//! whatever has queued up (up to `max_batch` commands), writes it in one transaction and commits
-//! with a full fsync; only then does it answer the callers and publish the events. While one
-//! commit is syncing, the next batch queues, so durable throughput grows with concurrency instead
-//! of being one fsync per event.
+//! The embedded backend: SQLite in WAL mode, one writer thread that group-commits ([`writer`]),
+//! a small pool of reader connections.
 
-use std::collections::HashMap;
+mod writer;
+
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -17,13 +12,14 @@ use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use r2d2_sqlite::SqliteConnectionManager;
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
-use tokio::sync::{broadcast, oneshot};
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{broadcast, oneshot, watch};
 
 use super::{
     Appended, CommittedBatch, EventStore, NewEvent, RecordedEvent, Snapshot, SnapshotAndTail,
-    StoreError, StoreResult, StreamInfo,
+    StoreError, StoreHealth, StoreResult, StreamAt, StreamInfo,
 };
+use writer::{HealthSignal, WriteCommand, Writer, WriterConfig};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -34,8 +30,11 @@ CREATE TABLE IF NOT EXISTS events (
     schema_version INTEGER NOT NULL,
     recorded_at    INTEGER NOT NULL,
     data           TEXT    NOT NULL,
+    at             INTEGER,
     UNIQUE (stream_id, version)
 );
+-- `at` (microseconds; NULL in stores written before it existed) is added to older stores by
+-- `migrate`, after which the index on it is made.
 CREATE TABLE IF NOT EXISTS streams (
     stream_id TEXT PRIMARY KEY,
     version   INTEGER NOT NULL
@@ -46,6 +45,11 @@ CREATE TABLE IF NOT EXISTS snapshots (
     schema_version INTEGER NOT NULL,
     data           TEXT    NOT NULL
 ) WITHOUT ROWID;
+-- The one row a failing store writes to find out whether it can write again.
+CREATE TABLE IF NOT EXISTS probe (
+    id INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL
+);
 ";
 
 #[derive(Debug, Clone)]
@@ -71,32 +75,34 @@ impl Default for SqliteStoreOptions {
     }
 }
 
-enum WriteCommand {
-    Append {
-        stream: String,
-        expected: u64,
-        events: Vec<NewEvent>,
-        reply: oneshot::Sender<StoreResult<Appended>>,
-    },
-    Snapshot {
-        snapshot: Snapshot,
-        reply: oneshot::Sender<StoreResult<()>>,
-    },
-    Flush {
-        reply: oneshot::Sender<StoreResult<()>>,
-    },
-}
-
 pub struct SqliteStore {
     writer: Mutex<Option<mpsc::SyncSender<WriteCommand>>>,
     writer_thread: Mutex<Option<thread::JoinHandle<()>>>,
     readers: r2d2::Pool<SqliteConnectionManager>,
     live: broadcast::Sender<CommittedBatch>,
+    health: watch::Receiver<StoreHealth>,
     path: PathBuf,
 }
 
-fn backend(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// Brings a store written by an older build up to this schema.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_at: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('events') WHERE name = 'at')",
+        [],
+        |row| row.get(0),
+    )?;
+    if !has_at {
+        conn.execute_batch("ALTER TABLE events ADD COLUMN at INTEGER")?;
+    }
+    // Recorded readings by device and reading time: a late reading is told from a repeat here.
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS events_reading_at ON events (stream_id, at)
+         WHERE event_type = 'ReadingRecorded'",
+    )
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
@@ -111,11 +117,18 @@ impl SqliteStore {
     /// Opens (creating if needed) the store in `dir/events.sqlite3`.
     pub fn open(dir: &Path, options: SqliteStoreOptions) -> StoreResult<Self> {
         std::fs::create_dir_all(dir)
-            .map_err(|e| backend(format!("creating {}: {e}", dir.display())))?;
+            .map_err(|e| unavailable(format!("creating {}: {e}", dir.display())))?;
         let path = dir.join("events.sqlite3");
-        let conn = Connection::open(&path).map_err(backend)?;
-        configure(&conn).map_err(backend)?;
-        conn.execute_batch(SCHEMA).map_err(backend)?;
+        let (live, _) = broadcast::channel(options.live_capacity.max(16));
+        let health = HealthSignal::new();
+        let config = WriterConfig {
+            path: path.clone(),
+            live: live.clone(),
+            max_batch: options.max_batch.max(1),
+            health: health.clone(),
+        };
+        let writer = Writer::open(config.clone())
+            .map_err(|e| unavailable(format!("opening {}: {e}", path.display())))?;
 
         let manager = SqliteConnectionManager::file(&path).with_init(|c| {
             c.busy_timeout(Duration::from_secs(10))?;
@@ -124,25 +137,19 @@ impl SqliteStore {
         let readers = r2d2::Pool::builder()
             .max_size(options.readers.max(1))
             .build(manager)
-            .map_err(backend)?;
+            .map_err(unavailable)?;
 
-        let (live, _) = broadcast::channel(options.live_capacity.max(16));
         let (tx, rx) = mpsc::sync_channel(options.queue_capacity.max(1));
-        let writer = Writer {
-            conn,
-            live: live.clone(),
-            max_batch: options.max_batch.max(1),
-            versions: HashMap::new(),
-        };
         let handle = thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(backend)?;
+            .spawn(move || writer::run_supervised(writer, config, rx))
+            .map_err(unavailable)?;
         Ok(Self {
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(handle)),
             readers,
             live,
+            health: health.subscribe(),
             path,
         })
     }
@@ -179,11 +186,11 @@ impl SqliteStore {
         let pool = self.readers.clone();
         async move {
             tokio::task::spawn_blocking(move || {
-                let conn = pool.get().map_err(backend)?;
-                f(&conn).map_err(backend)
+                let conn = pool.get().map_err(unavailable)?;
+                f(&conn).map_err(unavailable)
             })
             .await
-            .map_err(backend)?
+            .map_err(unavailable)?
         }
         .boxed()
     }
@@ -196,7 +203,12 @@ impl Drop for SqliteStore {
 }
 
 async fn reply<T>(rx: oneshot::Receiver<StoreResult<T>>) -> StoreResult<T> {
-    rx.await.unwrap_or(Err(StoreError::Closed))
+    // The writer answers everything it takes, unless it died with the command in hand.
+    rx.await.unwrap_or_else(|_| {
+        Err(StoreError::Unavailable(
+            "the store writer stopped before answering".into(),
+        ))
+    })
 }
 
 fn row_to_event(stream: Option<&str>, row: &rusqlite::Row<'_>) -> rusqlite::Result<RecordedEvent> {
@@ -238,12 +250,14 @@ impl EventStore for SqliteStore {
         stream: &str,
         expected_version: u64,
         events: Vec<NewEvent>,
+        condition: Option<StreamAt>,
     ) -> BoxFuture<'static, StoreResult<Appended>> {
         let (tx, rx) = oneshot::channel();
         let sent = self.send(WriteCommand::Append {
             stream: stream.to_owned(),
             expected: expected_version,
             events,
+            condition,
             reply: tx,
         });
         async move {
@@ -351,6 +365,23 @@ impl EventStore for SqliteStore {
         })
     }
 
+    fn has_reading(
+        &self,
+        stream: &str,
+        at: DateTime<Utc>,
+    ) -> BoxFuture<'static, StoreResult<bool>> {
+        let stream = stream.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM events
+                   WHERE stream_id = ?1 AND event_type = 'ReadingRecorded' AND at = ?2)",
+            )?
+            .query_row(params![stream, at.timestamp_micros()], |row| {
+                row.get::<_, bool>(0)
+            })
+        })
+    }
+
     fn head_position(&self) -> BoxFuture<'static, StoreResult<u64>> {
         self.read(|conn| {
             conn.query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |row| {
@@ -373,237 +404,9 @@ impl EventStore for SqliteStore {
         }
         .boxed()
     }
-}
 
-struct Writer {
-    conn: Connection,
-    live: broadcast::Sender<CommittedBatch>,
-    max_batch: usize,
-    /// Committed stream versions, so an append need not look its stream up in SQLite. Only the
-    /// writer changes versions, so the cache cannot go stale; it is dropped when it grows large.
-    versions: HashMap<String, u64>,
-}
-
-/// Streams whose versions the writer keeps in memory before it starts over.
-const VERSION_CACHE_LIMIT: usize = 1_000_000;
-
-/// The events a committed batch appended, as stored. Only this writer inserts and nothing is
-/// deleted, so one append's events have consecutive positions ending at its `last_position`.
-fn committed_events(
-    batch: &[WriteCommand],
-    staged: &[Staged],
-    recorded_at: DateTime<Utc>,
-) -> Vec<RecordedEvent> {
-    let mut committed = Vec::new();
-    for (command, staged) in batch.iter().zip(staged) {
-        let (WriteCommand::Append { stream, events, .. }, Staged::Appended(appended)) =
-            (command, staged)
-        else {
-            continue;
-        };
-        let first_position = appended.last_position + 1 - events.len() as u64;
-        let first_version = appended.version + 1 - events.len() as u64;
-        for (i, event) in events.iter().enumerate() {
-            committed.push(RecordedEvent {
-                position: first_position + i as u64,
-                stream: stream.clone(),
-                version: first_version + i as u64,
-                event_type: event.event_type.to_owned(),
-                schema_version: event.schema_version,
-                recorded_at,
-                data: event.data.clone(),
-            });
-        }
-    }
-    committed
-}
-
-/// What one command in a batch came to, before the commit decides whether it stands.
-enum Staged {
-    Appended(Appended),
-    Conflict(StoreError),
-    Done,
-}
-
-impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<WriteCommand>) {
-        let mut batch = Vec::with_capacity(self.max_batch);
-        while let Ok(first) = rx.recv() {
-            batch.push(first);
-            while batch.len() < self.max_batch {
-                match rx.try_recv() {
-                    Ok(command) => batch.push(command),
-                    Err(_) => break,
-                }
-            }
-            self.write_batch(&mut batch);
-        }
-        tracing::debug!("store writer drained and stopped");
-    }
-
-    fn write_batch(&mut self, batch: &mut Vec<WriteCommand>) {
-        let started = std::time::Instant::now();
-        let outcome = self.stage(batch);
-        let event_count: usize = batch
-            .iter()
-            .map(|c| match c {
-                WriteCommand::Append { events, .. } => events.len(),
-                _ => 0,
-            })
-            .sum();
-        match outcome {
-            Ok((staged, recorded_at)) => {
-                // Copies for the live feed are only worth making when someone listens. Checked
-                // after the commit: a subscriber that arrives later reads this batch from the store.
-                if self.live.receiver_count() > 0 {
-                    let committed = committed_events(batch, &staged, recorded_at);
-                    if !committed.is_empty() {
-                        let _ = self.live.send(Arc::new(committed));
-                    }
-                }
-                for (command, staged) in batch.drain(..).zip(staged) {
-                    match (command, staged) {
-                        (WriteCommand::Append { reply, .. }, Staged::Appended(a)) => {
-                            let _ = reply.send(Ok(a));
-                        }
-                        (WriteCommand::Append { reply, .. }, Staged::Conflict(e)) => {
-                            let _ = reply.send(Err(e));
-                        }
-                        (WriteCommand::Snapshot { reply, .. }, _)
-                        | (WriteCommand::Flush { reply }, _) => {
-                            let _ = reply.send(Ok(()));
-                        }
-                        (WriteCommand::Append { reply, .. }, Staged::Done) => {
-                            let _ = reply
-                                .send(Err(StoreError::Backend("internal: unstaged append".into())));
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, commands = batch.len(), "store batch failed; nothing in it was committed");
-                let error = backend(e);
-                for command in batch.drain(..) {
-                    match command {
-                        WriteCommand::Append { reply, .. } => {
-                            let _ = reply.send(Err(error.clone()));
-                        }
-                        WriteCommand::Snapshot { reply, .. } | WriteCommand::Flush { reply } => {
-                            let _ = reply.send(Err(error.clone()));
-                        }
-                    }
-                }
-            }
-        }
-        metrics::histogram!("fleetwatch_store_commit_seconds")
-            .record(started.elapsed().as_secs_f64());
-        metrics::histogram!("fleetwatch_store_commit_events").record(event_count as f64);
-        metrics::counter!("fleetwatch_store_events_appended_total").increment(event_count as u64);
-    }
-
-    /// Writes every command of the batch in one transaction and commits it.
-    fn stage(&mut self, batch: &[WriteCommand]) -> rusqlite::Result<(Vec<Staged>, DateTime<Utc>)> {
-        // Stored at microsecond precision; published events must read exactly as stored ones.
-        let micros = Utc::now().timestamp_micros();
-        let now = DateTime::from_timestamp_micros(micros).unwrap_or_default();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut staged = Vec::with_capacity(batch.len());
-        // Versions this batch moves streams to; they count only once it has committed.
-        let mut pending: HashMap<&str, u64> = HashMap::new();
-        {
-            let mut current_version =
-                tx.prepare_cached("SELECT version FROM streams WHERE stream_id = ?1")?;
-            let mut insert_event = tx.prepare_cached(
-                "INSERT INTO events (stream_id, version, event_type, schema_version, recorded_at, data)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            let mut upsert_stream = tx.prepare_cached(
-                "INSERT INTO streams (stream_id, version) VALUES (?1, ?2)
-                 ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version",
-            )?;
-            let mut upsert_snapshot = tx.prepare_cached(
-                "INSERT INTO snapshots (stream_id, version, schema_version, data) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version,
-                     schema_version = excluded.schema_version, data = excluded.data
-                 WHERE excluded.version >= snapshots.version",
-            )?;
-            for command in batch {
-                match command {
-                    WriteCommand::Append {
-                        stream,
-                        expected,
-                        events,
-                        ..
-                    } => {
-                        let actual = match pending
-                            .get(stream.as_str())
-                            .or_else(|| self.versions.get(stream))
-                        {
-                            Some(v) => *v,
-                            None => current_version
-                                .query_row([stream], |row| row.get::<_, i64>(0))
-                                .optional()?
-                                .unwrap_or(0) as u64,
-                        };
-                        if actual != *expected {
-                            staged.push(Staged::Conflict(StoreError::Conflict {
-                                stream: stream.clone(),
-                                expected: *expected,
-                                actual,
-                            }));
-                            continue;
-                        }
-                        let mut version = actual;
-                        let mut position = 0;
-                        for event in events {
-                            version += 1;
-                            insert_event.execute(params![
-                                stream,
-                                version as i64,
-                                event.event_type,
-                                event.schema_version,
-                                micros,
-                                event.data,
-                            ])?;
-                            position = tx.last_insert_rowid() as u64;
-                        }
-                        if !events.is_empty() {
-                            upsert_stream.execute(params![stream, version as i64])?;
-                            pending.insert(stream.as_str(), version);
-                        }
-                        staged.push(Staged::Appended(Appended {
-                            version,
-                            last_position: position,
-                        }));
-                    }
-                    WriteCommand::Snapshot { snapshot, .. } => {
-                        upsert_snapshot.execute(params![
-                            snapshot.stream,
-                            snapshot.version as i64,
-                            snapshot.schema_version,
-                            snapshot.data
-                        ])?;
-                        staged.push(Staged::Done);
-                    }
-                    WriteCommand::Flush { .. } => staged.push(Staged::Done),
-                }
-            }
-        }
-        tx.commit()?;
-        if self.versions.len() + pending.len() > VERSION_CACHE_LIMIT {
-            self.versions.clear();
-        }
-        for (stream, version) in pending {
-            match self.versions.get_mut(stream) {
-                Some(cached) => *cached = version,
-                None => {
-                    self.versions.insert(stream.to_owned(), version);
-                }
-            }
-        }
-        Ok((staged, now))
+    fn health(&self) -> watch::Receiver<StoreHealth> {
+        self.health.clone()
     }
 }
 
@@ -616,6 +419,7 @@ mod tests {
             event_type: "Test",
             schema_version: 1,
             data: format!(r#"{{"n":{n}}}"#),
+            at: None,
         }
     }
 
@@ -627,7 +431,10 @@ mod tests {
     async fn appends_read_back_in_order_with_positions() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(&dir);
-        let a = s.append("a", 0, vec![event(1), event(2)]).await.unwrap();
+        let a = s
+            .append("a", 0, vec![event(1), event(2)], None)
+            .await
+            .unwrap();
         assert_eq!(
             a,
             Appended {
@@ -635,7 +442,7 @@ mod tests {
                 last_position: 2
             }
         );
-        let b = s.append("b", 0, vec![event(3)]).await.unwrap();
+        let b = s.append("b", 0, vec![event(3)], None).await.unwrap();
         assert_eq!(b.last_position, 3);
         let stream = s.read_stream("a", 1, 100).await.unwrap();
         assert_eq!(stream.iter().map(|e| e.version).collect::<Vec<_>>(), [1, 2]);
@@ -651,8 +458,8 @@ mod tests {
     async fn wrong_expected_version_is_a_conflict_and_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(&dir);
-        s.append("a", 0, vec![event(1)]).await.unwrap();
-        let err = s.append("a", 0, vec![event(2)]).await.unwrap_err();
+        s.append("a", 0, vec![event(1)], None).await.unwrap();
+        let err = s.append("a", 0, vec![event(2)], None).await.unwrap_err();
         assert!(
             matches!(
                 err,
@@ -672,9 +479,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = store(&dir);
         // Issued without awaiting: they land in the same batch, in call order.
-        let ok1 = s.append("a", 0, vec![event(1)]);
-        let bad = s.append("a", 0, vec![event(2)]);
-        let ok2 = s.append("a", 1, vec![event(3)]);
+        let ok1 = s.append("a", 0, vec![event(1)], None);
+        let bad = s.append("a", 0, vec![event(2)], None);
+        let ok2 = s.append("a", 1, vec![event(3)], None);
         assert!(ok1.await.is_ok());
         assert!(bad.await.is_err());
         assert_eq!(ok2.await.unwrap().version, 2);
@@ -684,8 +491,8 @@ mod tests {
     async fn snapshots_keep_the_newest_and_system_streams_are_not_listed() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(&dir);
-        s.append("$rules", 0, vec![event(0)]).await.unwrap();
-        s.append("dev-1", 0, vec![event(1)]).await.unwrap();
+        s.append("$rules", 0, vec![event(0)], None).await.unwrap();
+        s.append("dev-1", 0, vec![event(1)], None).await.unwrap();
         let snap = |v| Snapshot {
             stream: "dev-1".into(),
             version: v,
@@ -720,7 +527,7 @@ mod tests {
                 tail: vec![]
             }
         );
-        s.append("dev-1", 0, (1..=4).map(event).collect())
+        s.append("dev-1", 0, (1..=4).map(event).collect(), None)
             .await
             .unwrap();
         let latest = s.read_latest("dev-1", 10).await.unwrap();
@@ -749,7 +556,7 @@ mod tests {
         {
             let s = store(&dir);
             let mut live = s.subscribe();
-            s.append("a", 0, vec![event(1)]).await.unwrap();
+            s.append("a", 0, vec![event(1)], None).await.unwrap();
             let batch = live.recv().await.unwrap();
             assert_eq!(batch[0].position, 1);
         }

@@ -1,0 +1,532 @@
+//! The writer thread: every append and snapshot is written here, in the order it was sent.
+//!
+//! The writer takes whatever has queued up (up to `max_batch` commands), writes it in one
+//! transaction and commits with a full fsync; only then does it answer the callers and publish
+//! the events. While one commit is syncing, the next batch queues, so durable throughput grows
+//! with concurrency instead of being one fsync per event.
+//!
+//! When the store cannot write (a full disk, an I/O error, a read-only database), every command
+//! of the failed batch is answered [`StoreError::Unavailable`] and the store's health turns to
+//! failing, once: one log line and one metric change per episode, however many writes fail. While
+//! failing, the writer probes with a one-row write every [`PROBE_INTERVAL`] and turns healthy
+//! again by itself at the first commit that works. A writer that panics is replaced by a fresh
+//! one on a new connection, after a backoff, with its queue intact: callers of the lost batch are
+//! answered `Unavailable` (their sender was dropped), nothing else is lost.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rusqlite::{
+    params, Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior,
+};
+use tokio::sync::{broadcast, oneshot, watch};
+
+use super::{configure, migrate, SCHEMA};
+use crate::store::{
+    Appended, CommittedBatch, NewEvent, RecordedEvent, Snapshot, StoreError, StoreHealth,
+    StoreResult, StreamAt,
+};
+
+/// How often a failing store tries a write to find out whether it works again.
+pub(super) const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// Backoff before a writer that died is replaced: doubled per death in a row, up to the max.
+const RESTART_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(10);
+/// A writer that ran this long before dying starts the backoff over.
+const STABLE_RUN: Duration = Duration::from_secs(60);
+/// Streams whose versions the writer keeps in memory before it starts over.
+const VERSION_CACHE_LIMIT: usize = 1_000_000;
+
+pub(super) enum WriteCommand {
+    Append {
+        stream: String,
+        expected: u64,
+        events: Vec<NewEvent>,
+        condition: Option<StreamAt>,
+        reply: oneshot::Sender<StoreResult<Appended>>,
+    },
+    Snapshot {
+        snapshot: Snapshot,
+        reply: oneshot::Sender<StoreResult<()>>,
+    },
+    Flush {
+        reply: oneshot::Sender<StoreResult<()>>,
+    },
+}
+
+impl WriteCommand {
+    fn fail(self, error: StoreError) {
+        match self {
+            WriteCommand::Append { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            WriteCommand::Snapshot { reply, .. } | WriteCommand::Flush { reply } => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+}
+
+/// The store's health as the writer sees it. Each change is logged and counted once.
+#[derive(Clone)]
+pub(super) struct HealthSignal(Arc<watch::Sender<StoreHealth>>);
+
+impl HealthSignal {
+    pub(super) fn new() -> Self {
+        metrics::gauge!("fleetwatch_store_available").set(1.0);
+        Self(Arc::new(watch::channel(StoreHealth::Available).0))
+    }
+
+    pub(super) fn subscribe(&self) -> watch::Receiver<StoreHealth> {
+        self.0.subscribe()
+    }
+
+    fn is_available(&self) -> bool {
+        self.0.borrow().is_available()
+    }
+
+    fn failing(&self, cause: String) {
+        self.0.send_if_modified(|health| {
+            if !health.is_available() {
+                return false;
+            }
+            tracing::error!(%cause, "the event store cannot write: ingest is paused until it can; nothing is acknowledged meanwhile");
+            metrics::gauge!("fleetwatch_store_available").set(0.0);
+            metrics::counter!("fleetwatch_store_failures_total").increment(1);
+            *health = StoreHealth::Failing {
+                cause,
+                since: Utc::now(),
+            };
+            true
+        });
+    }
+
+    fn available(&self) {
+        self.0.send_if_modified(|health| {
+            let StoreHealth::Failing { since, .. } = health else {
+                return false;
+            };
+            let seconds = (Utc::now() - *since).num_milliseconds() as f64 / 1000.0;
+            tracing::info!(
+                failing_for_s = seconds,
+                "the event store writes again: ingest resumes"
+            );
+            metrics::gauge!("fleetwatch_store_available").set(1.0);
+            *health = StoreHealth::Available;
+            true
+        });
+    }
+}
+
+/// What a writer needs to (re)open its connection.
+#[derive(Clone)]
+pub(super) struct WriterConfig {
+    pub path: PathBuf,
+    pub live: broadcast::Sender<CommittedBatch>,
+    pub max_batch: usize,
+    pub health: HealthSignal,
+}
+
+pub(super) struct Writer {
+    conn: Connection,
+    config: WriterConfig,
+    /// Committed stream versions, so an append need not look its stream up in SQLite. Only the
+    /// writer changes versions, so the cache cannot go stale; it is dropped when it grows large.
+    versions: HashMap<String, u64>,
+}
+
+/// Whether a failed write is the store's fault (it cannot write now) rather than something in
+/// the batch itself.
+fn is_store_fault(error: &rusqlite::Error) -> bool {
+    match error {
+        rusqlite::Error::SqliteFailure(e, _) => !matches!(
+            e.code,
+            ErrorCode::TooBig
+                | ErrorCode::ConstraintViolation
+                | ErrorCode::TypeMismatch
+                | ErrorCode::ParameterOutOfRange
+        ),
+        _ => false,
+    }
+}
+
+/// Commits, unless a fault is injected (test builds with the `failpoints` feature only:
+/// `FAILPOINTS=store-commit=N*off->M*return(readonly)`; see docs/reliability.md).
+fn commit(tx: Transaction<'_>) -> rusqlite::Result<()> {
+    fail::fail_point!("store-commit", |fault: Option<String>| {
+        Err(injected_fault(fault.as_deref()))
+    });
+    tx.commit()
+}
+
+/// The error SQLite gives for the named fault.
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+fn injected_fault(fault: Option<&str>) -> rusqlite::Error {
+    let (code, message) = match fault {
+        Some("full") => (rusqlite::ffi::SQLITE_FULL, "database or disk is full"),
+        Some("ioerr") => (rusqlite::ffi::SQLITE_IOERR, "disk I/O error"),
+        _ => (
+            rusqlite::ffi::SQLITE_READONLY,
+            "attempt to write a readonly database",
+        ),
+    };
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(code),
+        Some(format!("{message} (injected)")),
+    )
+}
+
+/// Runs the writer until every sender is gone and the queue is drained; replaces a writer that
+/// panics.
+pub(super) fn run_supervised(
+    first: Writer,
+    config: WriterConfig,
+    commands: mpsc::Receiver<WriteCommand>,
+) {
+    let mut writer = Some(first);
+    let mut deaths = 0u32;
+    loop {
+        let mut current = match writer.take() {
+            Some(w) => w,
+            None => match Writer::open(config.clone()) {
+                Ok(w) => w,
+                Err(e) => {
+                    config
+                        .health
+                        .failing(format!("cannot reopen the database: {e}"));
+                    std::thread::sleep(restart_backoff(deaths));
+                    deaths = deaths.saturating_add(1);
+                    continue;
+                }
+            },
+        };
+        let started = Instant::now();
+        match catch_unwind(AssertUnwindSafe(|| current.run(&commands))) {
+            Ok(()) => {
+                tracing::debug!("store writer drained and stopped");
+                return;
+            }
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".to_owned());
+                drop(current);
+                if started.elapsed() > STABLE_RUN {
+                    deaths = 0;
+                }
+                metrics::counter!("fleetwatch_store_writer_restarts_total").increment(1);
+                config
+                    .health
+                    .failing(format!("the store writer died: {message}"));
+                std::thread::sleep(restart_backoff(deaths));
+                deaths = deaths.saturating_add(1);
+            }
+        }
+    }
+}
+
+fn restart_backoff(deaths: u32) -> Duration {
+    RESTART_BACKOFF
+        .saturating_mul(2u32.saturating_pow(deaths.min(16)))
+        .min(MAX_RESTART_BACKOFF)
+}
+
+/// The events a committed batch appended, as stored. Only this writer inserts, so one append's
+/// events have consecutive positions ending at its `last_position`.
+fn committed_events(
+    batch: &[WriteCommand],
+    staged: &[Staged],
+    recorded_at: DateTime<Utc>,
+) -> Vec<RecordedEvent> {
+    let mut committed = Vec::new();
+    for (command, staged) in batch.iter().zip(staged) {
+        let (WriteCommand::Append { stream, events, .. }, Staged::Appended(appended)) =
+            (command, staged)
+        else {
+            continue;
+        };
+        let first_position = appended.last_position + 1 - events.len() as u64;
+        let first_version = appended.version + 1 - events.len() as u64;
+        for (i, event) in events.iter().enumerate() {
+            committed.push(RecordedEvent {
+                position: first_position + i as u64,
+                stream: stream.clone(),
+                version: first_version + i as u64,
+                event_type: event.event_type.to_owned(),
+                schema_version: event.schema_version,
+                recorded_at,
+                data: event.data.clone(),
+            });
+        }
+    }
+    committed
+}
+
+/// The version of `stream` as of the batch being staged: staged by it, cached, or stored.
+fn version_of(
+    versions: &HashMap<String, u64>,
+    pending: &HashMap<&str, u64>,
+    tx: &Transaction<'_>,
+    stream: &str,
+) -> rusqlite::Result<u64> {
+    if let Some(v) = pending.get(stream).or_else(|| versions.get(stream)) {
+        return Ok(*v);
+    }
+    Ok(tx
+        .prepare_cached("SELECT version FROM streams WHERE stream_id = ?1")?
+        .query_row([stream], |row| row.get::<_, i64>(0))
+        .optional()?
+        .unwrap_or(0) as u64)
+}
+
+/// What one command in a batch came to, before the commit decides whether it stands.
+enum Staged {
+    Appended(Appended),
+    Conflict(StoreError),
+    Done,
+}
+
+impl Writer {
+    pub(super) fn open(config: WriterConfig) -> rusqlite::Result<Self> {
+        let conn = Connection::open(&config.path)?;
+        configure(&conn)?;
+        conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
+        Ok(Self {
+            conn,
+            config,
+            versions: HashMap::new(),
+        })
+    }
+
+    /// Writes batches until every sender is gone and the queue is empty.
+    fn run(&mut self, commands: &mpsc::Receiver<WriteCommand>) {
+        let mut batch = Vec::with_capacity(self.config.max_batch);
+        loop {
+            let first = if self.config.health.is_available() {
+                match commands.recv() {
+                    Ok(command) => command,
+                    Err(_) => return,
+                }
+            } else {
+                match commands.recv_timeout(PROBE_INTERVAL) {
+                    Ok(command) => command,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.probe();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            };
+            batch.push(first);
+            while batch.len() < self.config.max_batch {
+                match commands.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
+            }
+            self.write_batch(&mut batch);
+        }
+    }
+
+    /// A failing store's one-row test write.
+    fn probe(&mut self) {
+        let written = (|| {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?1)",
+                [Utc::now().timestamp_micros()],
+            )?;
+            commit(tx)
+        })();
+        match written {
+            Ok(()) => self.config.health.available(),
+            Err(e) => tracing::debug!(error = %e, "store probe failed; still failing"),
+        }
+    }
+
+    fn write_batch(&mut self, batch: &mut Vec<WriteCommand>) {
+        // Test builds only: `FAILPOINTS=store-writer=N*off->M*panic` kills the writer here.
+        fail::fail_point!("store-writer");
+        let started = Instant::now();
+        let event_count: usize = batch
+            .iter()
+            .map(|c| match c {
+                WriteCommand::Append { events, .. } => events.len(),
+                _ => 0,
+            })
+            .sum();
+        match self.stage(batch) {
+            Ok((staged, recorded_at)) => {
+                self.config.health.available();
+                // Copies for the live feed are only worth making when someone listens. Checked
+                // after the commit: a subscriber that arrives later reads this batch from the store.
+                if self.config.live.receiver_count() > 0 {
+                    let committed = committed_events(batch, &staged, recorded_at);
+                    if !committed.is_empty() {
+                        let _ = self.config.live.send(Arc::new(committed));
+                    }
+                }
+                for (command, staged) in batch.drain(..).zip(staged) {
+                    match (command, staged) {
+                        (WriteCommand::Append { reply, .. }, Staged::Appended(a)) => {
+                            let _ = reply.send(Ok(a));
+                        }
+                        (WriteCommand::Append { reply, .. }, Staged::Conflict(e)) => {
+                            let _ = reply.send(Err(e));
+                        }
+                        (WriteCommand::Snapshot { reply, .. }, _)
+                        | (WriteCommand::Flush { reply }, _) => {
+                            let _ = reply.send(Ok(()));
+                        }
+                        (WriteCommand::Append { reply, .. }, Staged::Done) => {
+                            let _ = reply
+                                .send(Err(StoreError::Refused("internal: unstaged append".into())));
+                        }
+                    }
+                }
+                metrics::counter!("fleetwatch_store_events_appended_total")
+                    .increment(event_count as u64);
+            }
+            Err(e) if is_store_fault(&e) => {
+                let cause = e.to_string();
+                self.config.health.failing(cause.clone());
+                for command in batch.drain(..) {
+                    command.fail(StoreError::Unavailable(cause.clone()));
+                }
+            }
+            Err(e) if batch.len() == 1 => {
+                tracing::error!(error = %e, "the store refused a write");
+                for command in batch.drain(..) {
+                    command.fail(StoreError::Refused(e.to_string()));
+                }
+            }
+            Err(e) => {
+                // Something in the batch itself: write each command alone, so only it fails.
+                tracing::warn!(error = %e, commands = batch.len(), "a store batch was refused; writing its commands one by one");
+                for command in std::mem::take(batch) {
+                    self.write_batch(&mut vec![command]);
+                }
+            }
+        }
+        metrics::histogram!("fleetwatch_store_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("fleetwatch_store_commit_events").record(event_count as f64);
+    }
+
+    /// Writes every command of the batch in one transaction and commits it.
+    fn stage(&mut self, batch: &[WriteCommand]) -> rusqlite::Result<(Vec<Staged>, DateTime<Utc>)> {
+        // Stored at microsecond precision; published events must read exactly as stored ones.
+        let micros = Utc::now().timestamp_micros();
+        let now = DateTime::from_timestamp_micros(micros).unwrap_or_default();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut staged = Vec::with_capacity(batch.len());
+        // Versions this batch moves streams to; they count only once it has committed.
+        let mut pending: HashMap<&str, u64> = HashMap::new();
+        {
+            let mut insert_event = tx.prepare_cached(
+                "INSERT INTO events (stream_id, version, event_type, schema_version, recorded_at, data, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            let mut upsert_stream = tx.prepare_cached(
+                "INSERT INTO streams (stream_id, version) VALUES (?1, ?2)
+                 ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version",
+            )?;
+            let mut upsert_snapshot = tx.prepare_cached(
+                "INSERT INTO snapshots (stream_id, version, schema_version, data) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version,
+                     schema_version = excluded.schema_version, data = excluded.data
+                 WHERE excluded.version >= snapshots.version",
+            )?;
+            for command in batch {
+                match command {
+                    WriteCommand::Append {
+                        stream,
+                        expected,
+                        events,
+                        condition,
+                        ..
+                    } => {
+                        if let Some(condition) = condition {
+                            let actual =
+                                version_of(&self.versions, &pending, &tx, condition.stream)?;
+                            if actual != condition.version {
+                                staged.push(Staged::Conflict(StoreError::Conflict {
+                                    stream: condition.stream.to_owned(),
+                                    expected: condition.version,
+                                    actual,
+                                }));
+                                continue;
+                            }
+                        }
+                        let actual = version_of(&self.versions, &pending, &tx, stream)?;
+                        if actual != *expected {
+                            staged.push(Staged::Conflict(StoreError::Conflict {
+                                stream: stream.clone(),
+                                expected: *expected,
+                                actual,
+                            }));
+                            continue;
+                        }
+                        let mut version = actual;
+                        let mut position = 0;
+                        for event in events {
+                            version += 1;
+                            insert_event.execute(params![
+                                stream,
+                                version as i64,
+                                event.event_type,
+                                event.schema_version,
+                                micros,
+                                event.data,
+                                event.at.map(|at| at.timestamp_micros()),
+                            ])?;
+                            position = tx.last_insert_rowid() as u64;
+                        }
+                        if !events.is_empty() {
+                            upsert_stream.execute(params![stream, version as i64])?;
+                            pending.insert(stream.as_str(), version);
+                        }
+                        staged.push(Staged::Appended(Appended {
+                            version,
+                            last_position: position,
+                        }));
+                    }
+                    WriteCommand::Snapshot { snapshot, .. } => {
+                        upsert_snapshot.execute(params![
+                            snapshot.stream,
+                            snapshot.version as i64,
+                            snapshot.schema_version,
+                            snapshot.data
+                        ])?;
+                        staged.push(Staged::Done);
+                    }
+                    WriteCommand::Flush { .. } => staged.push(Staged::Done),
+                }
+            }
+        }
+        commit(tx)?;
+        if self.versions.len() + pending.len() > VERSION_CACHE_LIMIT {
+            self.versions.clear();
+        }
+        for (stream, version) in pending {
+            match self.versions.get_mut(stream) {
+                Some(cached) => *cached = version,
+                None => {
+                    self.versions.insert(stream.to_owned(), version);
+                }
+            }
+        }
+        Ok((staged, now))
+    }
+}
