@@ -181,7 +181,7 @@ async fn malformed_messages_are_dead_lettered_with_reasons_and_valid_ones_interl
         .iter()
         .all(|m| !m["reason"].as_str().unwrap().is_empty()));
     assert_eq!(
-        counter(&engine, "fleetwatch_amqp_dead_lettered_total").await,
+        engine.metric("fleetwatch_amqp_dead_lettered_total").await,
         1000
     );
 }
@@ -255,22 +255,6 @@ async fn sigkill_during_10000_readings_loses_nothing_and_raises_no_alarm_twice()
 }
 
 /// Prometheus counter value, 0 when the counter has not been touched yet.
-async fn counter(engine: &Engine, name: &str) -> u64 {
-    let metrics = client()
-        .get(engine.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    metrics
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
 /// Readings of `devices` stored so far (their `ReadingRecorded` events).
 async fn stored_readings(engine: &Engine, devices: &[String]) -> usize {
     let mut stored = 0;
@@ -317,9 +301,7 @@ async fn sigterm_mid_stream_acks_exactly_what_it_stored_and_the_rest_is_processe
     eventually(
         Duration::from_secs(60),
         "a part of the stream processed",
-        || async {
-            (counter(&engine, "fleetwatch_amqp_processed_total").await > 2_000).then_some(())
-        },
+        || async { (engine.metric("fleetwatch_amqp_processed_total").await > 2_000).then_some(()) },
     )
     .await;
     let status = engine.terminate();
@@ -356,7 +338,7 @@ async fn sigterm_mid_stream_acks_exactly_what_it_stored_and_the_rest_is_processe
         DEVICES * PER_DEVICE
     );
     assert_eq!(
-        counter(&engine, "fleetwatch_readings_duplicate_total").await,
+        engine.metric("fleetwatch_readings_duplicate_total").await,
         0,
         "nothing stored before the shutdown was delivered again"
     );
@@ -417,7 +399,7 @@ async fn a_reading_the_engine_keeps_failing_on_is_retried_a_bounded_number_of_ti
         "the reason names the attempts and the unreadable event: {reason}"
     );
     assert_eq!(
-        counter(&engine, "fleetwatch_amqp_retries_total").await,
+        engine.metric("fleetwatch_amqp_retries_total").await,
         2,
         "requeued twice (--amqp-max-retries 2), then dead-lettered"
     );

@@ -17,6 +17,7 @@ pub struct Engine {
     pub data_dir: PathBuf,
     pub log: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     port: u16,
 }
 
@@ -41,13 +42,23 @@ impl Engine {
     }
 
     pub async fn start_with(data_dir: &Path, args: &[&str]) -> Engine {
+        Self::start_with_env(data_dir, args, &[]).await
+    }
+
+    /// Starts the engine with extra environment variables (e.g. `FAILPOINTS`).
+    pub async fn start_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Engine {
         let port = free_port();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let mut engine = Engine {
-            child: spawn(data_dir, port, args),
+            child: spawn(data_dir, port, args, &env),
             base: format!("http://127.0.0.1:{port}"),
             data_dir: data_dir.to_owned(),
             log: data_dir.with_extension("log"),
             args: args.iter().map(|s| s.to_string()).collect(),
+            env,
             port,
         };
         engine.wait_healthy().await;
@@ -94,7 +105,7 @@ impl Engine {
     /// Starts a fresh process on the same data directory and port.
     pub async fn restart(&mut self) {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        self.child = spawn(&self.data_dir, self.port, &args);
+        self.child = spawn(&self.data_dir, self.port, &args, &self.env);
         self.wait_healthy().await;
     }
 
@@ -164,7 +175,7 @@ impl Drop for Engine {
     }
 }
 
-fn spawn(data_dir: &Path, port: u16, args: &[&str]) -> Child {
+fn spawn(data_dir: &Path, port: u16, args: &[&str], env: &[(String, String)]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -177,6 +188,7 @@ fn spawn(data_dir: &Path, port: u16, args: &[&str]) -> Child {
         .arg(format!("127.0.0.1:{port}"))
         .args(args)
         .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .stderr(log.try_clone().expect("log"))
         .spawn()
@@ -258,6 +270,44 @@ pub fn assert_alarms_alternate(device: &str, events: &[Value]) {
 }
 
 impl Engine {
+    /// The value of a counter or gauge on `/metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> u64 {
+        let metrics = client()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        metrics
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
+
+    /// The reading times (`data.at`) of a device's stored `ReadingRecorded` events, in stream
+    /// order; empty while it has none.
+    pub async fn stored_reading_times(&self, device: &str) -> Vec<String> {
+        self.try_history(device)
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter(|e| e["type"] == "ReadingRecorded")
+            .filter_map(|e| e["data"]["at"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Lines the engine logged at WARN or ERROR level so far.
+    pub fn warnings_logged(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .count()
+    }
+
     /// Waits until the engine reports the broker connected.
     pub async fn wait_broker_connected(&self) {
         amqp::eventually(
