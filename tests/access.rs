@@ -800,14 +800,20 @@ async fn listening_beyond_loopback_needs_admin_tokens() {
         "it refused before creating its store"
     );
 
-    // With an admin token it starts, and asks for it.
+    // With an admin token it starts, and asks for it. Every access setting from its variable.
     let mut started = EngineProcess::spawn(
         &dir.path().join("started"),
         &addr,
-        &[("FLEETWATCH_ADMIN_TOKENS", ADMIN)],
+        &[
+            ("FLEETWATCH_ADMIN_TOKENS", ADMIN),
+            ("FLEETWATCH_INGEST_TOKENS", INGEST),
+            ("FLEETWATCH_READ_TOKENS", READ),
+            ("FLEETWATCH_ALLOWED_ORIGINS", "https://ops.example"),
+        ],
     );
     started.wait_healthy(port).await;
-    let zones = format!("http://127.0.0.1:{port}/api/zones");
+    let base = format!("http://127.0.0.1:{port}");
+    let zones = format!("{base}/api/zones");
     let r = client()
         .post(&zones)
         .json(&zone("b1"))
@@ -823,4 +829,31 @@ async fn listening_beyond_loopback_needs_admin_tokens() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
+    let readings = format!("{base}/api/readings");
+    let body = reading("b-1", 0, 52.0, 4.0, 5.0);
+    let r = client().post(&readings).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = client()
+        .post(&readings)
+        .bearer_auth(INGEST)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let devices = format!("{base}/api/devices/b-1");
+    let r = client().get(&devices).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = client()
+        .get(&devices)
+        .bearer_auth(READ)
+        .header("Origin", "https://ops.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://ops.example"
+    );
 }
