@@ -385,6 +385,14 @@ async fn a_scope_without_tokens_is_open() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert!(r.text().await.unwrap().contains("event: DeviceRegistered"));
+    // Credentials of any kind are ignored by an open scope.
+    let r = client()
+        .get(format!("{base}/api/devices"))
+        .basic_auth("someone", Some("secret"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
     // Configuration is not.
     let zone_url = format!("{base}/api/zones");
     let r = client()
@@ -651,6 +659,18 @@ async fn foreign_origins_are_refused_and_only_listed_ones_get_cors_headers() {
     assert!(r.headers().get("access-control-allow-origin").is_none());
     assert_eq!(engine.device("or-1").await, None, "nothing was stored");
     assert_eq!(engine.get("/api/zones").await, json!([]));
+    let metrics = client()
+        .get(engine.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"fleetwatch_http_refused_total{reason="origin"} 6"#),
+        "{metrics}"
+    );
 
     // The engine's own origin (as its page sends it): allowed, and no CORS headers needed.
     let r = client()

@@ -106,6 +106,17 @@ enum Denied {
     Lacking(Scope),
 }
 
+impl Denied {
+    /// The `reason` label of `fleetwatch_http_refused_total`.
+    fn reason(self) -> &'static str {
+        match self {
+            Denied::Missing => "missing_token",
+            Denied::Unknown => "unknown_token",
+            Denied::Lacking(_) => "scope",
+        }
+    }
+}
+
 /// The scopes one token has.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Grants {
@@ -281,6 +292,28 @@ impl Access {
         }
     }
 
+    /// Checks a request for `scope`: its bearer token or, on the stream (`stream_query` is its
+    /// query string), a ticket. The error says whether a ticket was tried.
+    fn authorize(
+        &self,
+        scope: Scope,
+        headers: &HeaderMap,
+        stream_query: Option<&str>,
+    ) -> Result<(), (Denied, bool)> {
+        let bearer = bearer_token(headers).map_err(|d| (d, false))?;
+        let ticket = match (bearer, stream_query) {
+            (None, Some(query)) => web::Query::<TicketQuery>::from_query(query)
+                .ok()
+                .and_then(|q| q.into_inner().ticket),
+            _ => None,
+        };
+        match ticket {
+            Some(ticket) if self.tickets.is_valid(&ticket) => Ok(()),
+            Some(_) => Err((Denied::Unknown, true)),
+            None => self.check(scope, bearer).map_err(|d| (d, false)),
+        }
+    }
+
     fn origin_allowed(&self, origin: &str, host: Option<&str>) -> bool {
         let Ok(parsed) = parse_origin(origin) else {
             return false;
@@ -441,6 +474,7 @@ pub async fn check_origin(
             .or_else(|| req.uri().authority().map(|a| a.as_str()));
         let origin = origin.to_str().unwrap_or("(not text)");
         if !state.access.origin_allowed(origin, host) {
+            metrics::counter!("fleetwatch_http_refused_total", "reason" => "origin").increment(1);
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 format!("requests from origin {origin} are not allowed (see --allowed-origins)"),
@@ -466,28 +500,20 @@ pub async fn authorize(
     // The path routing uses (percent-decoded the same way), so the table sees what routes see.
     let path = req.match_info().as_str();
     let need = requirement(req.method(), path);
-    if let Some(scope) = need.scope {
+    // An open scope ignores whatever credentials come along.
+    if let Some(scope) = need.scope.filter(|s| state.access.tokens.requires(*s)) {
         let is_stream = path == STREAM_PATH && req.method() == Method::GET;
-        let bearer = bearer_token(req.headers()).map_err(|d| refusal(d, false))?;
-        let ticket = match (bearer, is_stream) {
-            (None, true) => web::Query::<TicketQuery>::from_query(req.query_string())
-                .ok()
-                .and_then(|q| q.into_inner().ticket),
-            _ => None,
-        };
-        let outcome = match &ticket {
-            Some(ticket) if state.access.tokens.requires(Scope::Read) => {
-                if state.access.tickets.is_valid(ticket) {
-                    Ok(())
-                } else {
-                    Err(Denied::Unknown)
-                }
-            }
-            _ => state.access.check(scope, bearer),
-        };
-        outcome.map_err(|d| refusal(d, ticket.is_some()))?;
+        state
+            .access
+            .authorize(scope, req.headers(), is_stream.then(|| req.query_string()))
+            .map_err(|(denied, ticket)| {
+                metrics::counter!("fleetwatch_http_refused_total", "reason" => denied.reason())
+                    .increment(1);
+                refusal(denied, ticket)
+            })?;
     }
     if need.json_body && !is_json(req.headers()) {
+        metrics::counter!("fleetwatch_http_refused_total", "reason" => "content_type").increment(1);
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "the body must be JSON: send Content-Type: application/json",
@@ -759,5 +785,31 @@ mod tests {
         assert!(!a.tickets.is_valid(&t1));
         a.tickets.issue().unwrap();
         assert_eq!(a.tickets.live().len(), 1, "expired tickets are swept");
+    }
+
+    #[test]
+    fn the_stream_takes_a_ticket_or_a_bearer_token() {
+        let a = access(&["ing"], &[], &["rd"], &[]);
+        let ticket = a.tickets.issue().unwrap();
+        let none = HeaderMap::new();
+        let mut bearer = HeaderMap::new();
+        bearer.insert(header::AUTHORIZATION, "Bearer rd".parse().unwrap());
+        let query = format!("since=3&ticket={ticket}");
+        assert_eq!(a.authorize(Scope::Read, &none, Some(&query)), Ok(()));
+        assert_eq!(a.authorize(Scope::Read, &bearer, Some("since=3")), Ok(()));
+        assert_eq!(
+            a.authorize(Scope::Read, &none, Some("ticket=rd")),
+            Err((Denied::Unknown, true)),
+            "the token is no ticket"
+        );
+        assert_eq!(
+            a.authorize(Scope::Read, &none, Some("since=3")),
+            Err((Denied::Missing, false))
+        );
+        assert_eq!(
+            a.authorize(Scope::Read, &none, None),
+            Err((Denied::Missing, false)),
+            "tickets only where the caller allows them (the stream)"
+        );
     }
 }
