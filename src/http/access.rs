@@ -10,10 +10,7 @@
 //! So a foreign origin is refused before anything else, a listed one gets CORS headers on every
 //! answer (its errors included), and a preflight is answered without a token.
 
-use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use actix_cors::Cors;
 use actix_web::body::MessageBody;
@@ -27,17 +24,18 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
 
+mod tickets;
+
+use self::tickets::Tickets;
 use super::{ApiError, AppState};
 use crate::config::{Config, Secret};
 
 /// The path that issues live-stream tickets, and the stream they open.
 const TICKETS_PATH: &str = "/api/stream/tickets";
 const STREAM_PATH: &str = "/api/stream";
-/// Live tickets kept at most; beyond this (after sweeping expired ones) issuing answers 503.
-const MAX_TICKETS: usize = 10_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
+enum Scope {
     /// Post readings.
     Ingest,
     /// Zones, ranges: anything that changes configuration. Also grants `Read`.
@@ -181,49 +179,6 @@ impl TokenTable {
     }
 }
 
-/// Short-lived random tickets for the live stream, in a bounded map. A ticket may be used again
-/// until it expires, because `EventSource` reconnects by itself with the same URL.
-struct Tickets {
-    ttl: Duration,
-    live: Mutex<HashMap<String, Instant>>,
-}
-
-impl Tickets {
-    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        // A panic while holding the lock cannot leave the map inconsistent: keep using it.
-        self.live
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// A new ticket, or `None` when too many are live.
-    fn issue(&self) -> Option<String> {
-        let now = Instant::now();
-        let mut live = self.live();
-        live.retain(|_, expires| *expires > now);
-        if live.len() >= MAX_TICKETS {
-            return None;
-        }
-        // 128 bits from the thread's CSPRNG.
-        let ticket = format!("{:032x}", rand::random::<u128>());
-        live.insert(ticket.clone(), now + self.ttl);
-        Some(ticket)
-    }
-
-    fn is_valid(&self, ticket: &str) -> bool {
-        let now = Instant::now();
-        let mut live = self.live();
-        match live.get(ticket) {
-            Some(expires) if *expires > now => true,
-            Some(_) => {
-                live.remove(ticket);
-                false
-            }
-            None => false,
-        }
-    }
-}
-
 /// Whether each scope needs a token: what `GET /api/config` tells the page.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct AuthRequired {
@@ -263,10 +218,7 @@ impl Access {
         Ok(Self {
             tokens,
             allowed_origins,
-            tickets: Tickets {
-                ttl: config.stream_ticket_ttl,
-                live: Mutex::new(HashMap::new()),
-            },
+            tickets: Tickets::new(config.stream_ticket_ttl),
         })
     }
 
@@ -548,7 +500,7 @@ async fn issue_ticket(state: web::Data<AppState>) -> Result<HttpResponse, ApiErr
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(TicketView {
             ticket,
-            expires_in: state.access.tickets.ttl.as_secs(),
+            expires_in: state.access.tickets.ttl().as_secs(),
         }))
 }
 
@@ -568,10 +520,7 @@ mod tests {
                 .iter()
                 .map(|o| parse_origin(o).unwrap().to_string())
                 .collect(),
-            tickets: Tickets {
-                ttl: Duration::from_millis(50),
-                live: Mutex::new(HashMap::new()),
-            },
+            tickets: Tickets::new(std::time::Duration::from_secs(60)),
         }
     }
 
@@ -769,22 +718,6 @@ mod tests {
         assert!(!ct("text/plain"));
         assert!(!ct("application/jsonp"));
         assert!(!is_json(&HeaderMap::new()));
-    }
-
-    #[test]
-    fn tickets_are_random_reusable_and_expire() {
-        let a = access(&[], &[], &["rd"], &[]);
-        let t1 = a.tickets.issue().unwrap();
-        let t2 = a.tickets.issue().unwrap();
-        assert_ne!(t1, t2);
-        assert_eq!(t1.len(), 32);
-        assert!(a.tickets.is_valid(&t1));
-        assert!(a.tickets.is_valid(&t1), "reusable until it expires");
-        assert!(!a.tickets.is_valid("rd"), "a token is not a ticket");
-        std::thread::sleep(Duration::from_millis(80));
-        assert!(!a.tickets.is_valid(&t1));
-        a.tickets.issue().unwrap();
-        assert_eq!(a.tickets.live().len(), 1, "expired tickets are swept");
     }
 
     #[test]
