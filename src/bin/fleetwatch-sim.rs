@@ -17,10 +17,13 @@
 //!   target, the zone `sim-depot` (a 5 km circle around the centre) and the temperature range
 //!   `sim-cold-chain` (2..8 °C), both watching only the simulated devices. A `--rogue-fraction`
 //!   of the devices leaves the zone and warms past 9 °C during the run, so alarms fire.
+//! * `--admin-token` (`FLEETWATCH_ADMIN_TOKEN`) and `--ingest-token` (`FLEETWATCH_INGEST_TOKEN`)
+//!   are sent as bearer tokens when the engine needs them: the admin token for the zone demo, the
+//!   ingest token for `--target http`.
 //! * `--seed` makes paths and temperatures reproducible; timestamps are the wall clock, strictly
 //!   increasing per device.
 //!
-//! Every flag is also a `FLEETWATCH_SIM_*` environment variable; `RUST_LOG` sets the log filter
+//! Every flag is also a `FLEETWATCH_SIM_*` environment variable (the tokens: see above); `RUST_LOG` sets the log filter
 //! (default `info,lapin=off`: connection errors are reported once, by the simulator).
 //! Progress is logged to stderr every 5 s and the summary printed to stdout, e.g.
 //! `sent 6000 readings (6000 confirmed, 0 failed) in 60.0 s = 100.0/s`. Ctrl-C stops early,
@@ -176,8 +179,15 @@ async fn define_demo_rules(client: &reqwest::Client, args: &Args, fleet: &Fleet)
         lon: args.center_lon,
     };
     let devices: Vec<&str> = fleet.device_ids().collect();
-    let defined =
-        zone_demo::define_rules(client, &args.http_url, centre, &devices, CONNECT_TIMEOUT).await;
+    let defined = zone_demo::define_rules(
+        client,
+        &args.http_url,
+        args.admin_token.as_deref(),
+        centre,
+        &devices,
+        CONNECT_TIMEOUT,
+    )
+    .await;
     match defined {
         Ok(()) => tracing::info!(
             zone = zone_demo::ZONE_ID,

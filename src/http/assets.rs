@@ -89,6 +89,11 @@ static ASSETS: &[Asset] = &[
     ),
 ];
 
+/// Whether `path` is one of the page's own files (open to anyone: it holds no data).
+pub fn is_asset(path: &str) -> bool {
+    ASSETS.iter().any(|asset| asset.path == path)
+}
+
 pub fn routes(cfg: &mut web::ServiceConfig) {
     for asset in ASSETS {
         cfg.route(

@@ -2,6 +2,7 @@
 //! map page and operations endpoints. Routes are thin: they parse, call the engine, and map
 //! errors to JSON responses in one place ([`ApiError`]).
 
+pub mod access;
 mod assets;
 mod devices;
 mod ops;
@@ -31,6 +32,8 @@ pub struct AppState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Cancelled when the engine starts shutting down; long-lived responses (SSE) end then.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Tokens, origins and stream tickets (see [`access`]).
+    pub access: std::sync::Arc<access::Access>,
 }
 
 /// Mounts every route; errors from query strings and unknown routes are JSON like all others.
@@ -49,6 +52,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .configure(rules::routes)
             .configure(devices::routes)
             .configure(ops::routes)
+            .configure(access::routes)
             .route("/stream", web::get().to(crate::live::stream)),
     )
     .route("/metrics", web::get().to(ops::metrics))
@@ -68,6 +72,9 @@ pub struct ApiError {
     field: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     index: Option<usize>,
+    /// A 401 that asks for a bearer token (`WWW-Authenticate: Bearer`).
+    #[serde(skip)]
+    bearer_challenge: bool,
 }
 
 /// What a caller told to come back later is told to wait, in seconds.
@@ -81,6 +88,14 @@ impl ApiError {
             error: error.into(),
             field: None,
             index: None,
+            bearer_challenge: false,
+        }
+    }
+
+    pub fn unauthorized(error: impl Into<String>) -> Self {
+        Self {
+            bearer_challenge: true,
+            ..Self::new(StatusCode::UNAUTHORIZED, error)
         }
     }
 
@@ -122,6 +137,9 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status);
         if let Some(seconds) = self.retry_after {
             response.insert_header((actix_web::http::header::RETRY_AFTER, seconds.to_string()));
+        }
+        if self.bearer_challenge {
+            response.insert_header((actix_web::http::header::WWW_AUTHENTICATE, "Bearer"));
         }
         response.json(self)
     }

@@ -3,6 +3,7 @@
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 
+use super::access::AuthRequired;
 use super::AppState;
 use crate::store::StoreHealth;
 
@@ -53,11 +54,14 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
 #[derive(Serialize)]
 struct PageConfig<'a> {
     tile_url: Option<&'a str>,
+    /// Which scopes need a token, so the page knows to ask for one.
+    auth: AuthRequired,
 }
 
 async fn page_config(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(PageConfig {
         tile_url: state.tile_url.as_deref(),
+        auth: state.access.required(),
     })
 }
 

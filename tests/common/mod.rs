@@ -19,6 +19,8 @@ pub struct Engine {
     args: Vec<String>,
     env: Vec<(String, String)>,
     port: u16,
+    /// Sent as `Authorization: Bearer` by the helpers below, when set (see [`Engine::with_token`]).
+    pub token: Option<String>,
 }
 
 pub fn free_port() -> u16 {
@@ -60,6 +62,7 @@ impl Engine {
             args: args.iter().map(|s| s.to_string()).collect(),
             env,
             port,
+            token: None,
         };
         engine.wait_healthy().await;
         engine
@@ -113,6 +116,21 @@ impl Engine {
         format!("{}{}", self.base, path)
     }
 
+    /// The helpers send this bearer token from now on (for engines started with tokens).
+    pub fn with_token(mut self, token: &str) -> Self {
+        self.token = Some(token.to_owned());
+        self
+    }
+
+    /// A request to `path`, with the engine's token if it has one.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = client().request(method, self.url(path));
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let start = text.len().saturating_sub(4000);
@@ -120,14 +138,18 @@ impl Engine {
     }
 
     pub async fn get(&self, path: &str) -> Value {
-        let r = client().get(self.url(path)).send().await.expect("GET");
+        let r = self
+            .request(reqwest::Method::GET, path)
+            .send()
+            .await
+            .expect("GET");
         assert!(r.status().is_success(), "GET {path}: {}", r.status());
         r.json().await.expect("JSON")
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = client()
-            .post(self.url(path))
+        let r = self
+            .request(reqwest::Method::POST, path)
             .json(body)
             .send()
             .await
@@ -149,7 +171,11 @@ impl Engine {
         let mut from = 1;
         loop {
             let path = format!("/api/devices/{device}/events?from_version={from}&limit=1000");
-            let response = client().get(self.url(&path)).send().await.expect("GET");
+            let response = self
+                .request(reqwest::Method::GET, &path)
+                .send()
+                .await
+                .expect("GET");
             if response.status() == reqwest::StatusCode::NOT_FOUND && from == 1 {
                 return None;
             }
@@ -367,8 +393,8 @@ impl Engine {
 
     /// The device's state, or `None` while it is unknown.
     pub async fn device(&self, id: &str) -> Option<Value> {
-        let r = client()
-            .get(self.url(&format!("/api/devices/{id}")))
+        let r = self
+            .request(reqwest::Method::GET, &format!("/api/devices/{id}"))
             .send()
             .await
             .ok()?;

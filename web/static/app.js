@@ -6,6 +6,12 @@
  * (/api/stream) for live updates.
  *
  * For automation, `window.fleetwatch` exposes { map, markers, zones, devices, ranges, state }.
+ *
+ * Access (docs/api.md, "Access control"): when /api/config says a scope needs a token, or any call
+ * answers 401/403, the page asks for a token in a small form, keeps it in sessionStorage and sends
+ * it as `Authorization: Bearer` on every fetch. EventSource cannot send headers, so the stream is
+ * opened with a short-lived ticket from POST /api/stream/tickets instead; the token itself never
+ * goes into a URL.
  */
 (function () {
   'use strict';
@@ -95,8 +101,58 @@
     }
   }
 
+  // ------------------------------------------------------------------------------------------
+  // Access token
+
+  const TOKEN_KEY = 'fleetwatch.token';
+  const auth = {
+    required: { read: false, ingest: false, admin: false }, // from /api/config
+    token: sessionStorage.getItem(TOKEN_KEY),
+    pending: null, // { promise, resolve } while the prompt is shown
+  };
+
+  /**
+   * Shows the token form (once, however many calls wait on it); resolves with the new token, or
+   * rejects when the user cancels.
+   */
+  function askToken(message) {
+    $('#auth-message').textContent = message;
+    if (!auth.pending) {
+      let resolve;
+      let reject;
+      const promise = new Promise((res, rej) => { resolve = res; reject = rej; });
+      auth.pending = { promise, resolve, reject };
+      $('#auth-panel').hidden = false;
+      const input = $('#auth-token');
+      input.value = '';
+      input.focus();
+    }
+    return auth.pending.promise;
+  }
+
+  $('#auth-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const token = $('#auth-token').value.trim();
+    if (!token || !auth.pending) return;
+    auth.token = token;
+    sessionStorage.setItem(TOKEN_KEY, token);
+    $('#auth-panel').hidden = true;
+    const { resolve } = auth.pending;
+    auth.pending = null;
+    resolve(token);
+  });
+
+  $('#auth-cancel').addEventListener('click', () => {
+    if (!auth.pending) return;
+    $('#auth-panel').hidden = true;
+    const { reject } = auth.pending;
+    auth.pending = null;
+    reject(new Error('no access token given'));
+  });
+
   async function api(method, path, body) {
     const init = { method, headers: { Accept: 'application/json' } };
+    if (auth.token) init.headers.Authorization = `Bearer ${auth.token}`;
     if (body !== undefined) {
       init.headers['Content-Type'] = 'application/json';
       init.body = JSON.stringify(body);
@@ -112,6 +168,19 @@
     let json = null;
     if (text) {
       try { json = JSON.parse(text); } catch (_) { json = null; }
+    }
+    if (res.status === 401 || res.status === 403) {
+      // Ask for a (better) token, then try again with it; cancelling gives the refusal.
+      const why = (json && json.error) || res.statusText;
+      if (method === 'GET') auth.required.read = true; // so the stream asks for a ticket too
+      try {
+        await askToken(res.status === 401
+          ? `The engine needs an access token (${why}).`
+          : `This needs a token with more rights (${why}): ${method} ${path}.`);
+      } catch (_) {
+        throw new ApiError(res.status, json || { error: why });
+      }
+      return api(method, path, body);
     }
     if (!res.ok) throw new ApiError(res.status, json || { error: text || res.statusText });
     return json;
@@ -180,6 +249,7 @@
   async function loadConfig() {
     try {
       const config = await api('GET', '/api/config');
+      if (config && config.auth) auth.required = { ...auth.required, ...config.auth };
       if (config && config.tile_url) {
         L.tileLayer(config.tile_url, {
           maxZoom: 19,
@@ -1101,21 +1171,36 @@
     el.className = `state-${s}`;
   }
 
-  function streamUrl(since) {
+  /** The stream's URL; with a fresh ticket when reading needs a token (EventSource sends no headers). */
+  async function streamUrl(since) {
     const q = new URLSearchParams({ types: STREAM_TYPES.join(',') });
     if (since !== null && since !== undefined) q.set('since', String(since));
+    if (auth.required.read) {
+      const { ticket } = await api('POST', '/api/stream/tickets');
+      q.set('ticket', ticket);
+    }
     return `/api/stream?${q.toString().replace(/%2C/g, ',')}`;
   }
 
   /** Opens the stream; resolves once it is open (or after a timeout). */
-  function connect(since) {
+  async function connect(since) {
+    let url;
+    try {
+      url = await streamUrl(since);
+    } catch (e) {
+      // No ticket (the engine is unreachable): try again later, as after a lost stream.
+      setConnection('reconnecting');
+      clearTimeout(recreateTimer);
+      recreateTimer = setTimeout(recreate, RECREATE_DELAY_MS);
+      return;
+    }
     return new Promise((resolve) => {
       let settled = false;
       const done = () => { if (!settled) { settled = true; resolve(); } };
       setTimeout(done, OPEN_WAIT_MS);
 
       if (source) source.close();
-      const es = new EventSource(streamUrl(since));
+      const es = new EventSource(url);
       source = es;
       es.onopen = () => {
         if (source !== es) return;
@@ -1125,7 +1210,8 @@
       es.onerror = () => {
         if (source !== es) return;
         if (es.readyState === EventSource.CLOSED) {
-          // The browser gave up (e.g. the engine answered with an error): start over later.
+          // The browser gave up (e.g. the engine answered with an error, such as 401 for an
+          // expired ticket after a reconnect): start over later, with a new ticket.
           setConnection('reconnecting');
           es.close();
           clearTimeout(recreateTimer);
@@ -1187,7 +1273,11 @@
 
   async function start() {
     loadBaseLayer();
-    loadConfig();
+    // The settings say whether a token is needed before anything is read.
+    await loadConfig();
+    if (auth.required.read && !auth.token) {
+      await askToken('This engine needs an access token to show the fleet.').catch(() => {});
+    }
     // Subscribe first, then load: events in between are buffered and applied after the load
     // (device events skipped by per-device version, rules events replayed in order), so nothing
     // is lost or applied twice.

@@ -1,4 +1,6 @@
-//! Command-line flags: every one also a `FLEETWATCH_SIM_*` environment variable.
+//! Command-line flags: every one also a `FLEETWATCH_SIM_*` environment variable, but the tokens,
+//! which use the names the engine's own documentation gives them (`FLEETWATCH_ADMIN_TOKEN`,
+//! `FLEETWATCH_INGEST_TOKEN`).
 
 use std::time::Duration;
 
@@ -68,6 +70,15 @@ pub struct Args {
         default_value = "http://127.0.0.1:8080"
     )]
     pub http_url: String,
+
+    /// Bearer token for defining the demo zone and range: one of the engine's admin tokens
+    /// (prefer the environment variable: flags show in the process list).
+    #[arg(long, env = "FLEETWATCH_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Bearer token for posting readings with `--target http`: one of the engine's ingest tokens.
+    #[arg(long, env = "FLEETWATCH_INGEST_TOKEN", hide_env_values = true)]
+    pub ingest_token: Option<String>,
 
     /// Readings per HTTP POST.
     #[arg(long, env = "FLEETWATCH_SIM_BATCH", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
@@ -215,6 +226,15 @@ mod tests {
         assert_eq!(args.expected_readings(), 2000);
         let args = parse(&["--rate", "200", "--duration", "10s", "--count", "500"]);
         assert_eq!(args.expected_readings(), 500);
+    }
+
+    #[test]
+    fn tokens_are_optional_flags() {
+        let args = parse(&["--admin-token", "a", "--ingest-token", "i"]);
+        assert_eq!(
+            (args.admin_token.as_deref(), args.ingest_token.as_deref()),
+            (Some("a"), Some("i"))
+        );
     }
 
     #[test]

@@ -33,6 +33,17 @@ pub fn api_url(base_url: &str, path: &str) -> String {
     )
 }
 
+/// Adds `Authorization: Bearer <token>` when there is a token.
+pub fn with_token(
+    request: reqwest::RequestBuilder,
+    token: Option<&str>,
+) -> reqwest::RequestBuilder {
+    match token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    }
+}
+
 /// Fails unless the engine answers `/api/health` within `timeout`.
 pub async fn check_engine(client: &Client, base_url: &str, timeout: Duration) -> Result<()> {
     let url = api_url(base_url, "/api/health");
@@ -66,6 +77,8 @@ pub async fn describe_response(response: reqwest::Response) -> String {
 pub struct HttpPublisher {
     client: Client,
     readings_url: String,
+    /// Sent as `Authorization: Bearer` when set.
+    token: Option<String>,
     batch_size: usize,
     batch: Vec<SimReading>,
     max_in_flight: usize,
@@ -78,6 +91,7 @@ impl HttpPublisher {
     pub async fn connect(
         client: Client,
         base_url: &str,
+        token: Option<&str>,
         batch_size: usize,
         max_in_flight: usize,
         connect_timeout: Duration,
@@ -89,6 +103,7 @@ impl HttpPublisher {
         Ok(HttpPublisher {
             client,
             readings_url,
+            token: token.map(str::to_owned),
             batch_size: batch_size.max(1),
             batch: Vec::with_capacity(batch_size),
             max_in_flight: max_in_flight.max(1),
@@ -124,10 +139,11 @@ impl HttpPublisher {
             self.in_flight.join_next().await;
         }
         let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(self.batch_size));
+        let request = with_token(self.client.post(&self.readings_url), self.token.as_deref());
         let request = if let [reading] = batch.as_slice() {
-            self.client.post(&self.readings_url).json(reading)
+            request.json(reading)
         } else {
-            self.client.post(&self.readings_url).json(&batch)
+            request.json(&batch)
         };
         let readings = batch.len() as u64;
         let tally = self.tally.clone();

@@ -41,6 +41,7 @@ impl Publisher {
                 HttpPublisher::connect(
                     client,
                     &args.http_url,
+                    args.ingest_token.as_deref(),
                     args.batch as usize,
                     args.concurrency as usize,
                     connect_timeout,

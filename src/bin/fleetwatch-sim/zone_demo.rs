@@ -8,7 +8,7 @@ use reqwest::Client;
 use serde_json::{json, Value};
 
 use crate::fleet::{GeoPoint, COLD_CHAIN_MAX_C, COLD_CHAIN_MIN_C, ZONE_RADIUS_M};
-use crate::http::{api_url, describe_response};
+use crate::http::{api_url, describe_response, with_token};
 
 pub const ZONE_ID: &str = "sim-depot";
 pub const RANGE_ID: &str = "sim-cold-chain";
@@ -34,28 +34,41 @@ pub fn range_body(devices: &[&str]) -> Value {
     })
 }
 
-/// Creates or replaces both rules; each request fails after `timeout`.
+/// Creates or replaces both rules, with the engine's admin `token` if given; each request fails
+/// after `timeout`.
 pub async fn define_rules(
     client: &Client,
     base_url: &str,
+    token: Option<&str>,
     centre: GeoPoint,
     devices: &[&str],
     timeout: Duration,
 ) -> Result<()> {
     let zone_url = api_url(base_url, &format!("/api/zones/{ZONE_ID}"));
-    put(client, &zone_url, &zone_body(centre, devices), timeout)
-        .await
-        .with_context(|| format!("cannot define the zone {ZONE_ID}"))?;
+    put(
+        client,
+        &zone_url,
+        token,
+        &zone_body(centre, devices),
+        timeout,
+    )
+    .await
+    .with_context(|| format!("cannot define the zone {ZONE_ID}"))?;
     let range_url = api_url(base_url, &format!("/api/temperature-ranges/{RANGE_ID}"));
-    put(client, &range_url, &range_body(devices), timeout)
+    put(client, &range_url, token, &range_body(devices), timeout)
         .await
         .with_context(|| format!("cannot define the temperature range {RANGE_ID}"))?;
     Ok(())
 }
 
-async fn put(client: &Client, url: &str, body: &Value, timeout: Duration) -> Result<()> {
-    let response = client
-        .put(url)
+async fn put(
+    client: &Client,
+    url: &str,
+    token: Option<&str>,
+    body: &Value,
+    timeout: Duration,
+) -> Result<()> {
+    let response = with_token(client.put(url), token)
         .timeout(timeout)
         .json(body)
         .send()
