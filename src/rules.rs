@@ -25,7 +25,7 @@ pub enum RulesError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// Every unreadable event of `$rules`: the rules are not loaded at all rather than half.
-    #[error("{0}")]
+    #[error("{0}\n(`fleetwatch verify` checks the whole store)")]
     Damaged(DamagedEvents),
     #[error("at most {max} zones and temperature ranges may be defined in total (--max-rules); remove one first")]
     TooMany { max: usize },
