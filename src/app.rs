@@ -16,6 +16,7 @@ use crate::http::access::{Access, AccessError};
 use crate::http::{self, AppState};
 use crate::ingest::amqp::{BrokerState, BrokerStatus};
 use crate::ingest::failed::FailedMessages;
+use crate::live::StreamLimits;
 use crate::rules::RulesError;
 use crate::store::{EventStore, SqliteStore, SqliteStoreOptions, StoreError};
 
@@ -89,6 +90,9 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     let access = Arc::new(Access::from_config(&config)?);
     check_exposure(&config, &access)?;
     let metrics = crate::telemetry::init_metrics();
+    if let Some(handle) = &metrics {
+        crate::telemetry::spawn_upkeep(handle.clone());
+    }
     let thresholds = Thresholds::new(config.min_move_m, config.min_temperature_delta)
         .map_err(|e| StartupError::Config(e.to_string()))?;
     let sqlite = Arc::new(SqliteStore::open(
@@ -110,6 +114,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
                 snapshot_every: config.snapshot_every,
                 idle_timeout: config.idle_timeout,
             },
+            max_rules: config.max_rules as usize,
         },
     )
     .await?;
@@ -138,6 +143,15 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         broker,
         failed,
         metrics,
+        rule_limits: http::RuleLimits {
+            max_zone_vertices: config.max_zone_vertices as usize,
+            max_rule_devices: config.max_rule_devices as usize,
+        },
+        streams: StreamLimits::new(
+            config.max_sse_connections as usize,
+            config.max_sse_per_client as usize,
+            config.sse_catch_up_timeout,
+        ),
         shutdown: shutdown.clone(),
         access,
     };
@@ -156,6 +170,10 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     // SSE frames are small writes: without this, Nagle's algorithm holds each one back until the
     // client acknowledges the last, up to its delayed-ACK timeout (~40 ms on Linux).
     .tcp_nodelay(true)
+    // A client that closes its side is gone: end its response at once. Otherwise a live stream
+    // (and its place under --max-sse-connections) outlives its client until the next write, up to
+    // the 15 s keep-alive, and a catch-up that sends nothing would scan on for nobody.
+    .h1_allow_half_closed(false)
     // On a signal actix-server would stop the whole actix system, device actors included, while
     // ingest is still finishing; the shutdown order below is ours instead.
     .disable_signals()

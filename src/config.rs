@@ -146,6 +146,31 @@ pub struct Config {
     /// How long a live-stream ticket (POST /api/stream/tickets) stays valid.
     #[arg(long, env = "FLEETWATCH_STREAM_TICKET_TTL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub stream_ticket_ttl: Duration,
+
+    /// Most vertices of a polygon zone (a closing vertex that repeats the first is not counted).
+    #[arg(long, env = "FLEETWATCH_MAX_ZONE_VERTICES", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(3..))]
+    pub max_zone_vertices: u32,
+
+    /// Most zones and temperature ranges defined at once, in total.
+    #[arg(long, env = "FLEETWATCH_MAX_RULES", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_rules: u32,
+
+    /// Most devices one zone or temperature range may list.
+    #[arg(long, env = "FLEETWATCH_MAX_RULE_DEVICES", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_rule_devices: u32,
+
+    /// Most open live streams (`GET /api/stream`), in total.
+    #[arg(long, env = "FLEETWATCH_MAX_SSE_CONNECTIONS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_sse_connections: u32,
+
+    /// Most open live streams per client IP address.
+    #[arg(long, env = "FLEETWATCH_MAX_SSE_PER_CLIENT", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_sse_per_client: u32,
+
+    /// How long a live stream may replay stored events before it ends with the position it got to
+    /// (the client resumes from there).
+    #[arg(long, env = "FLEETWATCH_SSE_CATCH_UP_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub sse_catch_up_timeout: Duration,
 }
 
 /// A secret setting (a token): its value never shows in `Debug` output or logs.
@@ -172,6 +197,33 @@ impl std::fmt::Debug for Secret {
 /// `http::access`, so an empty variable means "no tokens".
 fn parse_secret(raw: &str) -> Result<Secret, String> {
     Ok(Secret(raw.trim().to_owned()))
+}
+
+/// The command line: the engine's settings, or a subcommand.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "fleetwatch",
+    version,
+    about = "Live state and alarms for a fleet of devices",
+    after_help = "Without a subcommand, fleetwatch runs the engine."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: Config,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Checks an event store offline, read-only: reports every stored event and snapshot this
+    /// build cannot read. Exit code 0: clean; 1: damage found; 2: the store could not be opened.
+    Verify {
+        /// Directory of the event store (default: the engine's --data-dir / FLEETWATCH_DATA_DIR).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 impl Config {

@@ -27,6 +27,8 @@ pub struct EngineSettings {
     pub max_in_flight: u32,
     pub thresholds: Thresholds,
     pub actors: ActorSettings,
+    /// Zones and ranges that may be defined in total.
+    pub max_rules: usize,
 }
 
 #[derive(Clone)]
@@ -40,6 +42,25 @@ struct Inner {
     router: Router,
     in_flight: Arc<Semaphore>,
     max_in_flight: u32,
+}
+
+/// One device of a page of [`Engine::devices`].
+pub enum DeviceEntry {
+    Loaded(Device),
+    /// Its stored history cannot be read (a damaged event); the rest of the page is unaffected.
+    Unreadable {
+        id: DeviceId,
+        error: EngineError,
+    },
+}
+
+impl DeviceEntry {
+    pub fn id(&self) -> &DeviceId {
+        match self {
+            DeviceEntry::Loaded(device) => device.id(),
+            DeviceEntry::Unreadable { id, .. } => id,
+        }
+    }
 }
 
 /// A submitted reading; resolves once its events are durable.
@@ -63,7 +84,9 @@ impl Engine {
         store: Arc<dyn EventStore>,
         settings: EngineSettings,
     ) -> Result<Self, RulesError> {
-        let rules = RuleBook::load(store.clone(), settings.thresholds).await?;
+        let rules = RuleBook::load(store.clone(), settings.thresholds)
+            .await?
+            .with_max_rules(settings.max_rules);
         let router = Router::new(
             settings.actor_threads,
             store.clone(),
@@ -118,11 +141,13 @@ impl Engine {
         self.inner.router.device(id).await
     }
 
+    /// A page of devices in id order. A device whose stored history cannot be read is listed with
+    /// its error instead of failing the page; any other error fails it.
     pub async fn devices(
         &self,
         after: Option<&DeviceId>,
         limit: usize,
-    ) -> Result<Vec<Device>, EngineError> {
+    ) -> Result<Vec<DeviceEntry>, EngineError> {
         let streams: Vec<StreamInfo> = self
             .inner
             .store
@@ -131,8 +156,16 @@ impl Engine {
         let ids = streams
             .into_iter()
             .filter_map(|s| DeviceId::parse(s.stream).ok());
-        let loaded: Vec<Result<Option<Device>, EngineError>> = futures_util::stream::iter(ids)
-            .map(|id| async move { self.device(&id).await })
+        let loaded: Vec<Result<Option<DeviceEntry>, EngineError>> = futures_util::stream::iter(ids)
+            .map(|id| async move {
+                match self.device(&id).await {
+                    Ok(device) => Ok(device.map(DeviceEntry::Loaded)),
+                    Err(error @ EngineError::Corrupt { .. }) => {
+                        Ok(Some(DeviceEntry::Unreadable { id, error }))
+                    }
+                    Err(e) => Err(e),
+                }
+            })
             .buffered(PAGE_LOAD_CONCURRENCY)
             .collect()
             .await;

@@ -4,11 +4,13 @@
 //! [`engine`] routes each reading to its device's actor ([`actors`]) → the pure domain model
 //! (`fleetwatch-domain`) decides which events it causes → the [`store`] appends them durably →
 //! [`live`] pushes them to browsers. [`rules`] keeps the zones and ranges; [`config`] the settings;
-//! [`app`] wires it all together.
+//! [`app`] wires it all together. [`decode`] reads stored events back for all of them and for
+//! [`verify`], the offline check of a store.
 
 pub mod actors;
 pub mod app;
 pub mod config;
+pub mod decode;
 pub mod engine;
 pub mod http;
 pub mod ingest;
@@ -16,3 +18,4 @@ pub mod live;
 pub mod rules;
 pub mod store;
 pub mod telemetry;
+pub mod verify;

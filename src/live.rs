@@ -6,27 +6,35 @@
 //! seam. Each client has a bounded buffer; one that falls too far behind is disconnected and
 //! resumes with `Last-Event-ID`, so a slow browser never slows the engine or other clients.
 
+mod limits;
+
 use std::collections::HashSet;
 use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::http::header;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::http::{header, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::{ApiError, AppState};
 use crate::store::{EventStore, RecordedEvent};
 
+pub use limits::{Refusal, StreamLimits, StreamSlot};
+
 /// Frames buffered per client before it counts as too slow.
 const CLIENT_BUFFER: usize = 4096;
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 const CATCH_UP_PAGE: usize = 1000;
+/// Seconds a refused stream is told to wait (`Retry-After`).
+const RETRY_AFTER_SECS: &str = "5";
 const ALARM_TYPES: [&str; 4] = [
     "LeftZone",
     "EnteredZone",
@@ -142,30 +150,68 @@ fn resume_position(req: &HttpRequest, since: Option<u64>) -> Result<Option<u64>,
     }
 }
 
+/// The address a stream counts against for `--max-sse-per-client`: the TCP peer (a forwarded-for
+/// header is not trusted, so it cannot be used to dodge the limit).
+fn client_address(req: &HttpRequest) -> IpAddr {
+    req.peer_addr()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip().to_canonical())
+}
+
+/// The answer to a stream over a limit: the usual JSON error, and when to try again.
+fn refused(refusal: Refusal) -> HttpResponse {
+    let (status, error, limit) = match refusal {
+        Refusal::Total { max } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the engine serves at most {max} live streams at once (--max-sse-connections); retry later"),
+            "total",
+        ),
+        Refusal::PerClient { max } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("at most {max} live streams per client address (--max-sse-per-client); close one or retry later"),
+            "per_client",
+        ),
+    };
+    metrics::counter!("fleetwatch_sse_refused_total", "limit" => limit).increment(1);
+    let mut response = ApiError::new(status, error).error_response();
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        header::HeaderValue::from_static(RETRY_AFTER_SECS),
+    );
+    response
+}
+
 pub async fn stream(
     req: HttpRequest,
     state: web::Data<AppState>,
     query: web::Query<StreamQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let filter = Filter::new(&query.devices, &query.zones, &query.types);
+    let resume = resume_position(&req, query.since)?;
+    let slot = match state.streams.acquire(client_address(&req)) {
+        Ok(slot) => slot,
+        Err(refusal) => return Ok(refused(refusal)),
+    };
     let store = state.engine.store().clone();
     // Subscribe before looking at the store: everything committed from here on is in the feed.
     let live = store.subscribe();
-    let start = match resume_position(&req, query.since)? {
+    let cursor = match resume {
         Some(position) => position,
         None => store.head_position().await?,
     };
     let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
-    let limit = query.limit.unwrap_or(u64::MAX);
-    actix_web::rt::spawn(feed(
+    let feed = Feed {
         store,
         live,
         filter,
-        start,
-        limit,
+        cursor,
+        limit: query.limit.unwrap_or(u64::MAX),
+        sent: 0,
         tx,
-        state.shutdown.clone(),
-    ));
+        shutdown: state.shutdown.clone(),
+        catch_up_timeout: state.streams.catch_up_timeout(),
+        _slot: slot,
+    };
+    actix_web::rt::spawn(feed.run());
     metrics::counter!("fleetwatch_sse_connections_total").increment(1);
     let body = ReceiverStream::new(rx).map(Ok::<_, Infallible>);
     Ok(HttpResponse::Ok()
@@ -175,90 +221,149 @@ pub async fn stream(
         .streaming(body))
 }
 
-/// Feeds one client until it disconnects, falls behind, has had `limit` events, or the engine
-/// shuts down (the client resumes with `Last-Event-ID`, from this or another engine).
-async fn feed(
+/// One client's stream: fed until the client disconnects, falls behind, has had `limit` events,
+/// its catch-up runs out of time, or the engine shuts down (the client resumes with
+/// `Last-Event-ID`, from this or another engine).
+struct Feed {
     store: Arc<dyn EventStore>,
-    mut live: broadcast::Receiver<crate::store::CommittedBatch>,
+    live: broadcast::Receiver<crate::store::CommittedBatch>,
     filter: Filter,
-    mut cursor: u64,
+    /// The last position scanned: every matching event up to here has been sent.
+    cursor: u64,
     limit: u64,
+    sent: u64,
     tx: mpsc::Sender<Bytes>,
     shutdown: CancellationToken,
-) {
-    let mut sent = 0u64;
-    // Waits for room in the client's buffer, but not past the start of a shutdown.
-    let send = |frame: Bytes| {
-        let (tx, shutdown) = (&tx, &shutdown);
-        async move {
-            tokio::select! {
-                sent = tx.send(frame) => sent.is_ok(),
-                _ = shutdown.cancelled() => false,
-            }
+    catch_up_timeout: Duration,
+    /// This stream's place among the open ones, given back when the task ends, however it ends.
+    _slot: StreamSlot,
+}
+
+/// How a catch-up ended.
+enum CatchUp {
+    /// Everything stored is sent: go live.
+    Done,
+    /// The stream is over.
+    Ended,
+}
+
+impl Feed {
+    async fn run(mut self) {
+        if !self.send(Bytes::from_static(b"retry: 2000\n\n")).await {
+            return;
         }
-    };
-    if !send(Bytes::from_static(b"retry: 2000\n\n")).await {
-        return;
-    }
-    // Catch up from the store; a slow client here only slows its own reads.
-    loop {
-        let page = match store.read_all(cursor, CATCH_UP_PAGE).await {
-            Ok(page) => page,
-            Err(e) => {
-                tracing::warn!(error = %e, "SSE catch-up failed; closing the stream");
-                return;
-            }
-        };
-        let Some(last) = page.last() else { break };
-        cursor = last.position;
-        for event in page.iter().filter(|e| filter.matches(e)) {
-            if !send(frame(event)).await {
-                return;
-            }
-            sent += 1;
-            if sent >= limit {
-                return;
-            }
+        if let CatchUp::Done = self.catch_up().await {
+            self.follow_live().await;
         }
     }
-    let mut keep_alive =
-        tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
-    loop {
+
+    /// Waits for room in the client's buffer, but not past the start of a shutdown.
+    async fn send(&self, frame: Bytes) -> bool {
         tokio::select! {
-            batch = live.recv() => match batch {
-                Ok(batch) => {
-                    for event in batch.iter() {
-                        if event.position <= cursor {
-                            continue;
-                        }
-                        cursor = event.position;
-                        if !filter.matches(event) {
-                            continue;
-                        }
-                        if tx.try_send(frame(event)).is_err() {
-                            metrics::counter!("fleetwatch_sse_slow_clients_total").increment(1);
-                            return;
-                        }
-                        sent += 1;
-                        if sent >= limit {
-                            return;
+            sent = self.tx.send(frame) => sent.is_ok(),
+            _ = self.shutdown.cancelled() => false,
+        }
+    }
+
+    /// Records that the client left while stored events were being replayed for it.
+    fn abandoned(&self) {
+        if self.tx.is_closed() {
+            metrics::counter!("fleetwatch_sse_catch_up_abandoned_total").increment(1);
+        }
+    }
+
+    /// Replays the matching stored events after the cursor; a slow client here only slows its own
+    /// reads. Past the catch-up timeout it ends the stream with the position it got to.
+    async fn catch_up(&mut self) -> CatchUp {
+        let deadline = Instant::now() + self.catch_up_timeout;
+        loop {
+            let page = tokio::select! {
+                page = self.store.read_all(self.cursor, CATCH_UP_PAGE) => page,
+                // A filter that matches little sends nothing for a long scan: the client's
+                // departure has to be noticed here, not only when a send fails.
+                _ = self.tx.closed() => {
+                    self.abandoned();
+                    return CatchUp::Ended;
+                }
+                _ = self.shutdown.cancelled() => return CatchUp::Ended,
+            };
+            let page = match page {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!(error = %e, "SSE catch-up failed; closing the stream");
+                    return CatchUp::Ended;
+                }
+            };
+            let Some(last) = page.last() else {
+                return CatchUp::Done;
+            };
+            let last_position = last.position;
+            for event in page.iter().filter(|e| self.filter.matches(e)) {
+                if !self.send(frame(event)).await {
+                    self.abandoned();
+                    return CatchUp::Ended;
+                }
+                self.sent += 1;
+                if self.sent >= self.limit {
+                    return CatchUp::Ended;
+                }
+            }
+            self.cursor = last_position;
+            // Checked after a whole page, so every connection makes progress however small the
+            // timeout. A short page means the head is reached: the live feed takes over anyway.
+            if page.len() == CATCH_UP_PAGE && Instant::now() >= deadline {
+                metrics::counter!("fleetwatch_sse_catch_up_timeouts_total").increment(1);
+                // An `id:` field without `data:` sets the client's Last-Event-ID without
+                // dispatching an event (SSE spec), so its reconnect resumes from here.
+                let _ = self
+                    .send(Bytes::from(format!("id: {}\n\n", self.cursor)))
+                    .await;
+                return CatchUp::Ended;
+            }
+        }
+    }
+
+    /// Forwards committed events as they come, skipping what the catch-up already covered.
+    async fn follow_live(&mut self) {
+        let mut keep_alive =
+            tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
+        loop {
+            tokio::select! {
+                batch = self.live.recv() => match batch {
+                    Ok(batch) => {
+                        for event in batch.iter() {
+                            if event.position <= self.cursor {
+                                continue;
+                            }
+                            self.cursor = event.position;
+                            if !self.filter.matches(event) {
+                                continue;
+                            }
+                            if self.tx.try_send(frame(event)).is_err() {
+                                metrics::counter!("fleetwatch_sse_slow_clients_total").increment(1);
+                                return;
+                            }
+                            self.sent += 1;
+                            if self.sent >= self.limit {
+                                return;
+                            }
                         }
                     }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        metrics::counter!("fleetwatch_sse_slow_clients_total").increment(1);
+                        let _ = self.tx.try_send(Bytes::from_static(b": too far behind; reconnect with Last-Event-ID\n\n"));
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = keep_alive.tick() => {
+                    if self.tx.try_send(Bytes::from_static(b": keep-alive\n\n")).is_err() {
+                        return;
+                    }
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    metrics::counter!("fleetwatch_sse_slow_clients_total").increment(1);
-                    let _ = tx.try_send(Bytes::from_static(b": too far behind; reconnect with Last-Event-ID\n\n"));
-                    return;
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
-            },
-            _ = keep_alive.tick() => {
-                if tx.try_send(Bytes::from_static(b": keep-alive\n\n")).is_err() {
-                    return;
-                }
+                _ = self.tx.closed() => return,
+                _ = self.shutdown.cancelled() => return,
             }
-            _ = tx.closed() => return,
-            _ = shutdown.cancelled() => return,
         }
     }
 }
@@ -310,6 +415,17 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#""data":{"zone_id":"z1"}"#), "{text}");
+        assert!(text.ends_with("\n\n"));
+    }
+
+    #[test]
+    fn a_damaged_payload_is_sent_as_a_json_string() {
+        let text =
+            String::from_utf8(frame(&event("d1", "LeftZone", "{broken\n")).to_vec()).unwrap();
+        let data = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+        let envelope: serde_json::Value = serde_json::from_str(data).unwrap();
+        assert_eq!(envelope["data"], "{broken\n", "{text}");
+        assert_eq!(envelope["position"], 7);
         assert!(text.ends_with("\n\n"));
     }
 }

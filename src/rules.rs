@@ -13,6 +13,7 @@ use fleetwatch_domain::{
 };
 use tokio::sync::{watch, Mutex};
 
+use crate::decode::DamagedEvents;
 use crate::store::{EventStore, NewEvent, StoreError};
 
 pub const RULES_STREAM: &str = "$rules";
@@ -25,8 +26,11 @@ pub enum RulesError {
     NotFound { kind: &'static str, id: String },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("stored rules event at version {version} is unreadable: {reason}")]
-    Corrupt { version: u64, reason: String },
+    /// Every unreadable event of `$rules`: the rules are not loaded at all rather than half.
+    #[error("{0}\n(`fleetwatch verify` checks the whole store)")]
+    Damaged(DamagedEvents),
+    #[error("at most {max} zones and temperature ranges may be defined in total (--max-rules); remove one first")]
+    TooMany { max: usize },
 }
 
 #[derive(Clone)]
@@ -36,39 +40,57 @@ pub struct RuleBook {
     version: Arc<watch::Sender<u64>>,
     store: Arc<dyn EventStore>,
     write: Arc<Mutex<()>>,
+    /// Zones and ranges together; defining a new one beyond this is refused.
+    max_rules: usize,
 }
 
 impl RuleBook {
-    /// Loads the rules from the store.
+    /// Loads the rules from the store. A damaged `$rules` event fails the load, after reading the
+    /// whole stream so the error lists every damaged event, not only the first.
     pub async fn load(
         store: Arc<dyn EventStore>,
         thresholds: Thresholds,
     ) -> Result<Self, RulesError> {
         let mut rules = Rules::new(thresholds);
+        let mut damaged = Vec::new();
+        let mut next_version = 1;
         loop {
-            let batch = store
-                .read_stream(RULES_STREAM, rules.version + 1, 1000)
-                .await?;
-            if batch.is_empty() {
-                break;
+            let batch = store.read_stream(RULES_STREAM, next_version, 1000).await?;
+            let Some(last) = batch.last() else { break };
+            next_version = last.version + 1;
+            for recorded in &batch {
+                match crate::decode::rules_event(recorded) {
+                    Ok(event) => rules.apply(&event),
+                    Err(e) => damaged.push(e),
+                }
             }
-            for recorded in batch {
-                let event =
-                    RulesEvent::decode(recorded.schema_version, &recorded.data).map_err(|e| {
-                        RulesError::Corrupt {
-                            version: recorded.version,
-                            reason: e.to_string(),
-                        }
-                    })?;
-                rules.apply(&event);
-            }
+        }
+        if !damaged.is_empty() {
+            return Err(RulesError::Damaged(DamagedEvents(damaged)));
         }
         Ok(Self {
             version: Arc::new(watch::channel(rules.version).0),
             current: Arc::new(ArcSwap::from_pointee(rules)),
             store,
             write: Arc::new(Mutex::new(())),
+            max_rules: usize::MAX,
         })
+    }
+
+    /// Refuses to define a new zone or range once `max` of them exist (replacing one is allowed).
+    pub fn with_max_rules(mut self, max: usize) -> Self {
+        self.max_rules = max;
+        self
+    }
+
+    /// Fails when defining a rule that does not exist yet would exceed the limit.
+    fn check_room(&self, rules: &Rules, exists: bool) -> Result<(), RulesError> {
+        if !exists && rules.zones.len() + rules.ranges.len() >= self.max_rules {
+            return Err(RulesError::TooMany {
+                max: self.max_rules,
+            });
+        }
+        Ok(())
     }
 
     pub fn current(&self) -> Arc<Rules> {
@@ -87,12 +109,14 @@ impl RuleBook {
         let id = zone.id.clone();
         let rules = self
             .change(|rules| {
-                if must_be_new && rules.zones.contains_key(&zone.id) {
+                let exists = rules.zones.contains_key(&zone.id);
+                if must_be_new && exists {
                     return Err(RulesError::AlreadyExists {
                         kind: "zone",
                         id: zone.id.to_string(),
                     });
                 }
+                self.check_room(rules, exists)?;
                 Ok(rules.define_zone(zone))
             })
             .await?;
@@ -123,12 +147,14 @@ impl RuleBook {
         let id = range.id.clone();
         let rules = self
             .change(|rules| {
-                if must_be_new && rules.ranges.contains_key(&range.id) {
+                let exists = rules.ranges.contains_key(&range.id);
+                if must_be_new && exists {
                     return Err(RulesError::AlreadyExists {
                         kind: "temperature range",
                         id: range.id.to_string(),
                     });
                 }
+                self.check_room(rules, exists)?;
                 Ok(rules.define_range(range))
             })
             .await?;
@@ -173,5 +199,80 @@ impl RuleBook {
         self.current.store(next.clone());
         self.version.send_replace(next.version);
         Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fleetwatch_domain::{Watched, ZoneShape};
+
+    use super::*;
+    use crate::store::{SqliteStore, SqliteStoreOptions};
+
+    fn zone(id: &str) -> Zone {
+        let center = fleetwatch_domain::Location::new(52.0, 4.0).unwrap();
+        let shape = ZoneShape::circle(center, 100.0).unwrap();
+        Zone::new(RuleId::parse(id).unwrap(), "", shape, Watched::All).unwrap()
+    }
+
+    fn range(id: &str) -> TemperatureRange {
+        let t = |c| fleetwatch_domain::Temperature::checked("t", c).unwrap();
+        TemperatureRange::new(RuleId::parse(id).unwrap(), "", t(2.0), t(8.0), Watched::All).unwrap()
+    }
+
+    async fn book(dir: &tempfile::TempDir) -> (RuleBook, Arc<SqliteStore>) {
+        let store = Arc::new(SqliteStore::open(dir.path(), SqliteStoreOptions::default()).unwrap());
+        let book = RuleBook::load(store.clone(), Thresholds::default())
+            .await
+            .unwrap();
+        (book, store)
+    }
+
+    #[tokio::test]
+    async fn a_new_rule_beyond_the_limit_is_refused_but_replacing_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (book, _store) = book(&dir).await;
+        let book = book.with_max_rules(2);
+        book.define_zone(zone("z1"), true).await.unwrap();
+        book.define_range(range("r1"), true).await.unwrap();
+        let err = book.define_zone(zone("z2"), false).await.unwrap_err();
+        assert!(matches!(err, RulesError::TooMany { max: 2 }), "{err}");
+        assert!(err.to_string().contains("--max-rules"), "{err}");
+        assert!(matches!(
+            book.define_range(range("r2"), true).await,
+            Err(RulesError::TooMany { .. })
+        ));
+        book.define_zone(zone("z1"), false).await.unwrap();
+        book.remove_range(&RuleId::parse("r1").unwrap())
+            .await
+            .unwrap();
+        book.define_zone(zone("z2"), true).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn every_damaged_rules_event_is_reported_and_nothing_is_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (book, store) = book(&dir).await;
+            for id in ["z1", "z2", "z3"] {
+                book.define_zone(zone(id), true).await.unwrap();
+            }
+            store.close();
+        }
+        let db = rusqlite::Connection::open(dir.path().join("events.sqlite3")).unwrap();
+        db.execute(
+            "UPDATE events SET data = '{broken' WHERE stream_id = '$rules' AND version IN (1, 3)",
+            [],
+        )
+        .unwrap();
+        drop(db);
+        let store = Arc::new(SqliteStore::open(dir.path(), SqliteStoreOptions::default()).unwrap());
+        let Err(RulesError::Damaged(damaged)) = RuleBook::load(store, Thresholds::default()).await
+        else {
+            panic!("a damaged $rules stream must not load");
+        };
+        let versions: Vec<u64> = damaged.0.iter().map(|e| e.version).collect();
+        assert_eq!(versions, [1, 3]);
+        assert!(damaged.to_string().contains("$rules@3"), "{damaged}");
     }
 }

@@ -182,7 +182,7 @@ async fn malformed_messages_are_dead_lettered_with_reasons_and_valid_ones_interl
         .all(|m| !m["reason"].as_str().unwrap().is_empty()));
     assert_eq!(
         engine.metric("fleetwatch_amqp_dead_lettered_total").await,
-        1000
+        1000.0
     );
 }
 
@@ -301,7 +301,9 @@ async fn sigterm_mid_stream_acks_exactly_what_it_stored_and_the_rest_is_processe
     eventually(
         Duration::from_secs(60),
         "a part of the stream processed",
-        || async { (engine.metric("fleetwatch_amqp_processed_total").await > 2_000).then_some(()) },
+        || async {
+            (engine.metric("fleetwatch_amqp_processed_total").await > 2_000.0).then_some(())
+        },
     )
     .await;
     let status = engine.terminate();
@@ -339,7 +341,7 @@ async fn sigterm_mid_stream_acks_exactly_what_it_stored_and_the_rest_is_processe
     );
     assert_eq!(
         engine.metric("fleetwatch_readings_duplicate_total").await,
-        0,
+        0.0,
         "nothing stored before the shutdown was delivered again"
     );
 }
@@ -400,7 +402,7 @@ async fn a_reading_the_engine_keeps_failing_on_is_retried_a_bounded_number_of_ti
     );
     assert_eq!(
         engine.metric("fleetwatch_amqp_retries_total").await,
-        2,
+        2.0,
         "requeued twice (--amqp-max-retries 2), then dead-lettered"
     );
     let failed = engine.get("/api/failed-messages").await;

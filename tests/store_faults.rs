@@ -180,7 +180,7 @@ async fn assert_nothing_dead_lettered(engine: &Engine, publisher: &Publisher, na
     assert_eq!(publisher.depth(&names.dead()).await, 0, "dead letters");
     assert_eq!(
         engine.metric("fleetwatch_amqp_dead_lettered_total").await,
-        0
+        0.0
     );
 }
 
@@ -212,14 +212,14 @@ async fn a_full_disk_pauses_ingest_and_loses_nothing() {
         .unwrap();
     assert_eq!(refused.status(), 503);
     assert!(refused.headers().contains_key("retry-after"));
-    assert_eq!(engine.metric("fleetwatch_store_available").await, 0);
+    assert_eq!(engine.metric("fleetwatch_store_available").await, 0.0);
 
     disk.resize("400m");
     wait_ok(&engine).await;
     let rounds = simulator.stop().await;
     assert_all_stored_once(&engine, rounds).await;
     assert_nothing_dead_lettered(&engine, &publisher, &names).await;
-    assert_eq!(engine.metric("fleetwatch_store_available").await, 1);
+    assert_eq!(engine.metric("fleetwatch_store_available").await, 1.0);
     assert!(
         engine.warnings_logged() <= MAX_WARNINGS,
         "{} WARN/ERROR lines: {}",
@@ -248,7 +248,7 @@ async fn injected_fault_loses_nothing(test: &str, failpoints: &str, cause: &str)
     let rounds = simulator.stop().await;
     assert_all_stored_once(&engine, rounds).await;
     assert_nothing_dead_lettered(&engine, &publisher, &names).await;
-    assert!(engine.metric("fleetwatch_store_failures_total").await >= 1);
+    assert!(engine.metric("fleetwatch_store_failures_total").await >= 1.0);
     assert!(
         engine.warnings_logged() <= MAX_WARNINGS,
         "{} WARN/ERROR lines: {}",

@@ -47,10 +47,11 @@ pub enum IngestOutcome {
 pub enum EngineError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("stored event {stream}@{version} is unreadable: {reason}")]
+    #[error("stored event {stream}@{version} (position {position}) is unreadable: {reason}")]
     Corrupt {
         stream: String,
         version: u64,
+        position: u64,
         reason: String,
     },
     #[error("the device actor stopped before answering; retry")]
@@ -257,14 +258,7 @@ pub async fn load_device(store: &dyn EventStore, id: DeviceId) -> Result<Device,
     loop {
         let done = page.len() < PAGE;
         for recorded in page {
-            let event =
-                DeviceEvent::decode(recorded.schema_version, &recorded.data).map_err(|e| {
-                    EngineError::Corrupt {
-                        stream: recorded.stream.clone(),
-                        version: recorded.version,
-                        reason: e.to_string(),
-                    }
-                })?;
+            let event = crate::decode::device_event(&recorded)?;
             device.apply(&event);
         }
         if done {
@@ -278,12 +272,10 @@ pub async fn load_device(store: &dyn EventStore, id: DeviceId) -> Result<Device,
 
 /// The device a snapshot holds, if this build can read it and it is this device's.
 fn restore_snapshot(id: &DeviceId, snapshot: &Snapshot) -> Option<Device> {
-    if snapshot.schema_version != DEVICE_SNAPSHOT_VERSION {
-        return None;
-    }
-    match serde_json::from_str::<Device>(&snapshot.data) {
-        Ok(device) if device.id() == id => Some(device),
-        Ok(_) => None,
+    use crate::decode::UnreadableSnapshot;
+    match crate::decode::device_snapshot(id, snapshot) {
+        Ok(device) => Some(device),
+        Err(UnreadableSnapshot::Format { .. } | UnreadableSnapshot::OtherDevice { .. }) => None,
         Err(e) => {
             tracing::warn!(device = %id, error = %e, "unreadable snapshot; replaying the full history");
             None

@@ -6,6 +6,7 @@ use fleetwatch_domain::{Bound, Device, DeviceId, DeviceStatus, Rules};
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, AppState};
+use crate::engine::DeviceEntry;
 use crate::store::RecordedEvent;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -81,9 +82,32 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
+/// A device in a page: its state, or, if its stored history cannot be read, the error instead.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ListedDevice<'a> {
+    State(DeviceView<'a>),
+    Unreadable { device_id: &'a str, error: String },
+}
+
+impl<'a> ListedDevice<'a> {
+    fn new(entry: &'a DeviceEntry, rules: &'a Rules) -> Self {
+        match entry {
+            DeviceEntry::Loaded(device) => ListedDevice::State(DeviceView::new(device, rules)),
+            DeviceEntry::Unreadable { id, error } => {
+                tracing::warn!(device = %id, %error, "listing a device whose history is damaged");
+                ListedDevice::Unreadable {
+                    device_id: id.as_str(),
+                    error: error.to_string(),
+                }
+            }
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct DevicePage<'a> {
-    devices: Vec<DeviceView<'a>>,
+    devices: Vec<ListedDevice<'a>>,
     next_after: Option<&'a str>,
 }
 
@@ -105,7 +129,10 @@ async fn list_devices(
         next_after: (devices.len() == limit)
             .then(|| devices.last().map(|d| d.id().as_str()))
             .flatten(),
-        devices: devices.iter().map(|d| DeviceView::new(d, &rules)).collect(),
+        devices: devices
+            .iter()
+            .map(|d| ListedDevice::new(d, &rules))
+            .collect(),
     };
     Ok(HttpResponse::Ok().json(page))
 }

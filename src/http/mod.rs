@@ -19,6 +19,8 @@ use crate::ingest::failed::FailedMessages;
 use crate::rules::RulesError;
 use crate::store::StoreError;
 
+pub use rules::RuleLimits;
+
 /// Everything the handlers share.
 #[derive(Clone)]
 pub struct AppState {
@@ -30,6 +32,9 @@ pub struct AppState {
     pub broker: BrokerStatus,
     pub failed: FailedMessages,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    pub rule_limits: RuleLimits,
+    /// The live streams' limits and their open connections (shared by every worker).
+    pub streams: crate::live::StreamLimits,
     /// Cancelled when the engine starts shutting down; long-lived responses (SSE) end then.
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Tokens, origins and stream tickets (see [`access`]).
@@ -181,8 +186,10 @@ impl From<RulesError> for ApiError {
         let status = match &e {
             RulesError::AlreadyExists { .. } => StatusCode::CONFLICT,
             RulesError::NotFound { .. } => StatusCode::NOT_FOUND,
+            // Not a conflict over an id, and retrying will not help until a rule is removed.
+            RulesError::TooMany { .. } => StatusCode::BAD_REQUEST,
             RulesError::Store(e) => return e.clone().into(),
-            RulesError::Corrupt { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            RulesError::Damaged(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())
     }

@@ -1,5 +1,6 @@
 //! Zones (`/api/zones`) and temperature ranges (`/api/temperature-ranges`).
 
+use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use fleetwatch_domain::{
     RuleId, ShapeSpec, Temperature, TemperatureRange, Watched, Zone, ZoneShape,
@@ -50,6 +51,48 @@ struct RangeBody {
     _revision: Option<u64>,
 }
 
+/// Limits on what one zone or range may hold. They are checked before any costly validation: a
+/// polygon's validation grows faster than its vertex count.
+#[derive(Debug, Clone, Copy)]
+pub struct RuleLimits {
+    pub max_zone_vertices: usize,
+    pub max_rule_devices: usize,
+}
+
+impl RuleLimits {
+    fn check_shape(&self, shape: &ShapeSpec) -> Result<(), ApiError> {
+        let ShapeSpec::Polygon { points } = shape else {
+            return Ok(());
+        };
+        // A closing vertex is not counted, so a stored polygon (returned closed) can be PUT back.
+        let closed = points.len() > 1 && points.first() == points.last();
+        let vertices = points.len() - usize::from(closed);
+        if vertices > self.max_zone_vertices {
+            return Err(ApiError::bad_request(format!(
+                "shape.points: a polygon may have at most {} vertices (--max-zone-vertices), got {vertices}",
+                self.max_zone_vertices
+            ))
+            .with_field(Some("shape.points".into()), None));
+        }
+        Ok(())
+    }
+
+    fn check_devices(&self, devices: &Watched) -> Result<(), ApiError> {
+        let Watched::Devices(listed) = devices else {
+            return Ok(());
+        };
+        if listed.len() > self.max_rule_devices {
+            return Err(ApiError::bad_request(format!(
+                "devices: at most {} devices may be listed (--max-rule-devices), got {}",
+                self.max_rule_devices,
+                listed.len()
+            ))
+            .with_field(Some("devices".into()), None));
+        }
+        Ok(())
+    }
+}
+
 fn rule_id(raw: &str) -> Result<RuleId, ApiError> {
     Ok(RuleId::parse(raw)?)
 }
@@ -73,12 +116,21 @@ fn new_id(body_id: Option<String>) -> Result<RuleId, ApiError> {
     }
 }
 
-fn zone(id: RuleId, body: ZoneBody) -> Result<Zone, ApiError> {
-    let shape = ZoneShape::try_from(body.shape)?;
-    Ok(Zone::new(id, body.name, shape, body.devices)?)
+/// Checks the limits, then validates the zone on the blocking pool: a polygon of many vertices
+/// takes a while, and must not hold an HTTP worker (or the health check behind it).
+async fn zone(id: RuleId, body: ZoneBody, limits: RuleLimits) -> Result<Zone, ApiError> {
+    limits.check_shape(&body.shape)?;
+    limits.check_devices(&body.devices)?;
+    web::block(move || -> Result<Zone, ApiError> {
+        let shape = ZoneShape::try_from(body.shape)?;
+        Ok(Zone::new(id, body.name, shape, body.devices)?)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
 }
 
-fn range(id: RuleId, body: RangeBody) -> Result<TemperatureRange, ApiError> {
+fn range(id: RuleId, body: RangeBody, limits: RuleLimits) -> Result<TemperatureRange, ApiError> {
+    limits.check_devices(&body.devices)?;
     let min = Temperature::checked("min", body.min)?;
     let max = Temperature::checked("max", body.max)?;
     Ok(TemperatureRange::new(
@@ -117,7 +169,7 @@ async fn create_zone(
     let stored = state
         .engine
         .rules()
-        .define_zone(zone(id, body)?, true)
+        .define_zone(zone(id, body, state.rule_limits).await?, true)
         .await?;
     Ok(HttpResponse::Created().json(stored))
 }
@@ -132,7 +184,7 @@ async fn put_zone(
     let stored = state
         .engine
         .rules()
-        .define_zone(zone(id, body)?, false)
+        .define_zone(zone(id, body, state.rule_limits).await?, false)
         .await?;
     Ok(HttpResponse::Ok().json(stored))
 }
@@ -172,7 +224,7 @@ async fn create_range(
     let stored = state
         .engine
         .rules()
-        .define_range(range(id, body)?, true)
+        .define_range(range(id, body, state.rule_limits)?, true)
         .await?;
     Ok(HttpResponse::Created().json(stored))
 }
@@ -187,7 +239,7 @@ async fn put_range(
     let stored = state
         .engine
         .rules()
-        .define_range(range(id, body)?, false)
+        .define_range(range(id, body, state.rule_limits)?, false)
         .await?;
     Ok(HttpResponse::Ok().json(stored))
 }

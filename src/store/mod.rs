@@ -13,6 +13,7 @@
 //!   died) answers [`StoreError::Unavailable`] and says so on [`EventStore::health`] until it
 //!   can write again, which it finds out by itself.
 
+mod read_only;
 mod sqlite;
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
+pub use read_only::{ReadOnlyStore, UnreadableRow};
 pub use sqlite::{SqliteStore, SqliteStoreOptions};
 
 /// An event to append: its type name, schema version and JSON payload, and when what it records
@@ -44,16 +46,17 @@ pub struct RecordedEvent {
     pub event_type: String,
     pub schema_version: u16,
     pub recorded_at: DateTime<Utc>,
-    /// The payload, emitted verbatim as JSON.
+    /// The payload, emitted verbatim as JSON; a damaged one (not JSON) as a JSON string.
     #[serde(serialize_with = "raw_json")]
     pub data: String,
 }
 
 fn raw_json<S: serde::Serializer>(data: &str, s: S) -> Result<S::Ok, S::Error> {
-    use serde::ser::Error;
-    let raw =
-        serde_json::value::RawValue::from_string(data.to_owned()).map_err(S::Error::custom)?;
-    raw.serialize(s)
+    match serde_json::value::RawValue::from_string(data.to_owned()) {
+        Ok(raw) => raw.serialize(s),
+        // One damaged event must not fail a whole history page or live stream.
+        Err(_) => s.serialize_str(data),
+    }
 }
 
 /// The result of a successful append.

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod amqp;
+pub mod sse;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -296,23 +297,6 @@ pub fn assert_alarms_alternate(device: &str, events: &[Value]) {
 }
 
 impl Engine {
-    /// The value of a counter or gauge on `/metrics` (0 when absent).
-    pub async fn metric(&self, name: &str) -> u64 {
-        let metrics = client()
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("metrics text");
-        metrics
-            .lines()
-            .find(|l| l.split_whitespace().next() == Some(name))
-            .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-            .map_or(0, |v| v as u64)
-    }
-
     /// The reading times (`data.at`) of a device's stored `ReadingRecorded` events, in stream
     /// order; empty while it has none.
     pub async fn stored_reading_times(&self, device: &str) -> Vec<String> {
@@ -403,5 +387,62 @@ impl Engine {
         } else {
             None
         }
+    }
+}
+
+impl Engine {
+    /// The value of a metric without labels from `/metrics`; 0 when it has not been recorded yet.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = client()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+/// Runs the `fleetwatch` binary with `args` until it exits (it is killed after `timeout`) and
+/// returns its exit status, stdout and stderr.
+pub fn run_to_exit(args: &[&str], timeout: Duration) -> std::process::Output {
+    use std::io::Read;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetwatch"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fleetwatch");
+    // Read both pipes while waiting, so a chatty process cannot block on a full pipe.
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let _ = pipe.read_to_end(&mut out);
+            out
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("fleetwatch {args:?} did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
     }
 }

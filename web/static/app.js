@@ -460,7 +460,11 @@
       const q = new URLSearchParams({ limit: '1000' });
       if (after !== null) q.set('after', after);
       const page = await api('GET', `/api/devices?${q}`);
-      for (const d of page.devices || []) upsertDeviceFromApi(d);
+      for (const d of page.devices || []) {
+        // A device whose stored history is damaged is listed with an error instead of a state.
+        if (d.error) { console.warn(`device ${d.device_id}: ${d.error}`); continue; }
+        upsertDeviceFromApi(d);
+      }
       if (page.next_after === null || page.next_after === undefined || !(page.devices || []).length) break;
       after = page.next_after;
     }
@@ -1058,6 +1062,8 @@
 
   function applyEvent(ev, replayed) {
     if (!ev || !ev.type) return;
+    // A damaged stored event arrives with its stored text as `data`: nothing to apply.
+    if (typeof ev.data === 'string') { console.warn(`damaged stored event at ${ev.position}`); return; }
     const d = ev.data || {};
 
     if (ev.stream === '$rules' || ev.type.startsWith('Zone') || ev.type.startsWith('TemperatureRange')) {

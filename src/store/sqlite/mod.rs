@@ -211,7 +211,10 @@ async fn reply<T>(rx: oneshot::Receiver<StoreResult<T>>) -> StoreResult<T> {
     })
 }
 
-fn row_to_event(stream: Option<&str>, row: &rusqlite::Row<'_>) -> rusqlite::Result<RecordedEvent> {
+pub(super) fn row_to_event(
+    stream: Option<&str>,
+    row: &rusqlite::Row<'_>,
+) -> rusqlite::Result<RecordedEvent> {
     let micros: i64 = row.get("recorded_at")?;
     Ok(RecordedEvent {
         position: row.get::<_, i64>("position")? as u64,
