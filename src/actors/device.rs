@@ -205,14 +205,15 @@ impl DeviceActor {
         }
         tracing::error!(device = %self.device.id(), error = %reason, "device actor failed; it will be restored from the store");
         self.failure = Some(reason.clone());
+        // Out of the map first, under the shard lock: nothing more is sent to us, so whoever
+        // hears of the failure and retries reaches a fresh actor.
+        if lock(&self.shard).remove(self.device.id()).is_some() {
+            metrics::gauge!("fleetwatch_active_devices").decrement(1.0);
+        }
         let held = self.failed.drain(..).chain(self.waiting.drain(..));
         let settling = self.in_flight.drain(..).map(|entry| entry.ingest);
         for ingest in held.chain(settling) {
             let _ = ingest.reply.send(Err(reason.clone()));
-        }
-        // Under the shard lock: once we are out of the map, nothing more is sent to us.
-        if lock(&self.shard).remove(self.device.id()).is_some() {
-            metrics::gauge!("fleetwatch_active_devices").decrement(1.0);
         }
         self.stop_if_drained(ctx);
     }
