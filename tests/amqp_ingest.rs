@@ -415,3 +415,38 @@ async fn a_reading_the_engine_keeps_failing_on_is_retried_a_bounded_number_of_ti
         "nothing blocks the queue"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_size_limit_is_dead_lettered_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("oversize");
+    let publisher = Publisher::must_connect(&names.exchange).await;
+    let engine = start_engine(
+        &dir.path().join("data"),
+        &names,
+        &["--amqp-max-message-bytes", "1024"],
+    )
+    .await;
+    // A valid reading, padded past the limit with whitespace.
+    let mut large = body(&reading("big-1", 0, DEPOT.0, DEPOT.1, 5.0));
+    large.extend(std::iter::repeat_n(b' ', 2000));
+    publisher.publish("big-1", &large).await.unwrap();
+    publisher
+        .publish("big-1", &body(&reading("big-1", 1, DEPOT.0, DEPOT.1, 5.0)))
+        .await
+        .unwrap();
+    engine.wait_until_stored("big-1", 1).await;
+    let dead = eventually(Duration::from_secs(30), "a dead letter", || async {
+        let dead = publisher.drain(&names.dead()).await;
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0, large, "the message itself is kept");
+    let reason = dead[0].1.clone().unwrap_or_default();
+    assert!(
+        reason.contains("larger than 1024") && reason.contains("--amqp-max-message-bytes"),
+        "{reason}"
+    );
+    assert_eq!(engine.stored_reading_times("big-1").await.len(), 1);
+}

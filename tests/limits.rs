@@ -447,3 +447,80 @@ async fn store_histograms_have_buckets() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_ingest_at_the_in_flight_limit_answers_503_after_its_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every commit takes 3 s, and one reading may be in flight: a second request must wait.
+    let engine = Engine::start_with_env(
+        &dir.path().join("data"),
+        &[
+            "--amqp-disabled",
+            "--max-in-flight",
+            "1",
+            "--http-ingest-timeout",
+            "300ms",
+        ],
+        &[("FAILPOINTS", "store-commit=sleep(3000)")],
+    )
+    .await;
+    let first = tokio::spawn({
+        let url = engine.url("/api/readings");
+        async move {
+            client()
+                .post(url)
+                .json(&reading("slow-1", 0, DEPOT.0, DEPOT.1, 5.0))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waited = std::time::Instant::now();
+    let second = client()
+        .post(engine.url("/api/readings"))
+        .json(&reading("slow-2", 0, DEPOT.0, DEPOT.1, 5.0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 503);
+    assert!(second.headers().contains_key("retry-after"));
+    assert!(
+        waited.elapsed() < Duration::from_millis(2500),
+        "answered after its own timeout, not after the slow commit"
+    );
+    let body: Value = second.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("--http-ingest-timeout"),
+        "{body}"
+    );
+    assert_eq!(health(&engine).await, 200, "the engine itself is healthy");
+    // The first request got its answer: it was only slow.
+    assert_eq!(
+        first.await.unwrap(),
+        503,
+        "300 ms is shorter than its 3 s commit too"
+    );
+}
+
+#[test]
+fn a_prefetch_of_zero_is_refused_at_start() {
+    let out = run_to_exit(
+        &[
+            "--amqp-prefetch",
+            "0",
+            "--data-dir",
+            "/nonexistent/never-created",
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--amqp-prefetch"), "{stderr}");
+    assert!(!std::path::Path::new("/nonexistent/never-created").exists());
+}
