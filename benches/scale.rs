@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
-use fleetwatch::store::{EventStore, NewEvent, Snapshot, SqliteStore, SqliteStoreOptions};
+use fleetwatch::store::{EventStore, NewEvent, SqliteStore, SqliteStoreOptions};
 use fleetwatch_domain::{Decision, Device, DeviceId, Reading, Rules, Thresholds};
 use serde_json::{json, Value};
 
@@ -232,18 +232,17 @@ async fn write_device(
             continue;
         };
         let expected = device.version();
-        let new: Vec<NewEvent> = events.iter().map(fleetwatch::actors::encode).collect();
+        let new: Vec<NewEvent> = events
+            .iter()
+            .map(fleetwatch::codec::encode_device_event)
+            .collect();
         events.iter().for_each(|e| device.apply(e));
         appends.push(store.append(&id, expected, new, None));
         since_snapshot += events.len();
         if snapshots && since_snapshot >= 100 {
             since_snapshot = 0;
-            snapshot_saves.push(store.save_snapshot(Snapshot {
-                stream: id.clone(),
-                version: device.version(),
-                schema_version: 1,
-                data: serde_json::to_string(&device).expect("snapshot"),
-            }));
+            snapshot_saves
+                .push(store.save_snapshot(fleetwatch::codec::encode_device_snapshot(&device)));
         }
     }
     for append in appends {

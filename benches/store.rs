@@ -8,8 +8,8 @@
 //! * `pipelined`: one stream issuing appends without awaiting them, as the actor does, with at
 //!   most `PIPELINE_WINDOW` in flight (the engine bounds in-flight readings the same way).
 //!
-//! Each append is a typical 3-event batch (`ReadingRecorded`, `LocationChanged`,
-//! `TemperatureChanged`, encoded once up front, so JSON encoding is not measured). Throughput is
+//! Each append is what a typical reading appends: one `ReadingRecorded` of a device that moved and
+//! warmed (encoded once up front, so encoding is not measured). Throughput is
 //! sampled over `ROUNDS` windows of `ROUND` after a warm-up, and the median window is reported.
 //! The mean append latency follows from Little's law: appends in flight / appends per second.
 //!
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
 use fleetwatch::store::{EventStore, NewEvent, SqliteStore, SqliteStoreOptions};
-use fleetwatch_domain::{DeviceEvent, DeviceId, Location, Temperature, TemperatureDirection};
+use fleetwatch_domain::{DeviceEvent, DeviceId, Location, Temperature};
 
 const APPENDERS: [usize; 4] = [1, 16, 256, 4096];
 const PIPELINE_WINDOW: usize = 1024;
@@ -40,35 +40,17 @@ struct Plan {
 
 /// The events a moving device with a changing temperature appends for one reading.
 fn typical_batch() -> Vec<NewEvent> {
-    let device_id = DeviceId::parse("truck-0042").unwrap();
-    let at = Utc.with_ymd_and_hms(2026, 11, 23, 18, 0, 0).unwrap();
-    let from = Location::new(52.370_216, 4.895_168).unwrap();
-    let to = Location::new(52.370_716, 4.895_168).unwrap();
-    let events = [
-        DeviceEvent::ReadingRecorded {
-            device_id: device_id.clone(),
-            at,
-            location: to,
-            temperature: Temperature::new(5.1).unwrap(),
-            rules_version: 12,
-            late: false,
-        },
-        DeviceEvent::LocationChanged {
-            device_id: device_id.clone(),
-            at,
-            from,
-            to,
-            distance_m: from.distance_m(&to),
-        },
-        DeviceEvent::TemperatureChanged {
-            device_id,
-            at,
-            from: Temperature::new(4.5).unwrap(),
-            to: Temperature::new(5.1).unwrap(),
-            direction: TemperatureDirection::Increased,
-        },
-    ];
-    events.iter().map(fleetwatch::actors::encode).collect()
+    let event = DeviceEvent::ReadingRecorded {
+        device_id: DeviceId::parse("truck-0042").unwrap(),
+        at: Utc.with_ymd_and_hms(2026, 11, 23, 18, 0, 0).unwrap(),
+        location: Location::new(52.370_716, 4.895_168).unwrap(),
+        temperature: Temperature::new(5.1).unwrap(),
+        rules_version: 12,
+        moved: true,
+        temperature_changed: true,
+        late: false,
+    };
+    vec![fleetwatch::codec::encode_device_event(&event)]
 }
 
 /// One stream appending `batch` over and over, each append awaited before the next.
@@ -170,7 +152,7 @@ fn main() {
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let batch = typical_batch();
-    let sizes: Vec<usize> = batch.iter().map(|e| e.data.len()).collect();
+    let sizes: Vec<usize> = batch.iter().map(|e| e.payload.len()).collect();
     println!("SqliteStore durable appends, {sizes:?}-byte events per append, median of {} x {:?} windows", plan.rounds, plan.round);
     println!(
         "{:<12} {:>9} {:>12} {:>12} {:>12}",

@@ -9,8 +9,8 @@
 
 pub mod actors;
 pub mod app;
+pub mod codec;
 pub mod config;
-pub mod decode;
 pub mod engine;
 pub mod http;
 pub mod ingest;

@@ -35,12 +35,6 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 const CATCH_UP_PAGE: usize = 1000;
 /// Seconds a refused stream is told to wait (`Retry-After`).
 const RETRY_AFTER_SECS: &str = "5";
-const ALARM_TYPES: [&str; 4] = [
-    "LeftZone",
-    "EnteredZone",
-    "TemperatureOutOfRange",
-    "TemperatureBackInRange",
-];
 const ZONE_TYPES: [&str; 4] = ["LeftZone", "EnteredZone", "ZoneDefined", "ZoneRemoved"];
 
 #[derive(Debug, Deserialize)]
@@ -87,7 +81,10 @@ impl Filter {
             set.into_iter()
                 .flat_map(|t| {
                     if t == "alarms" {
-                        ALARM_TYPES.iter().map(|s| s.to_string()).collect()
+                        fleetwatch_domain::DeviceEvent::ALARM_TYPES
+                            .iter()
+                            .map(|s| s.to_string())
+                            .collect()
                     } else {
                         vec![t]
                     }
@@ -116,8 +113,8 @@ impl Filter {
             if !ZONE_TYPES.contains(&event.event_type.as_str()) {
                 return false;
             }
-            let zone = serde_json::from_str::<ZoneRef>(&event.data)
-                .ok()
+            let zone = crate::codec::event_json(event)
+                .and_then(|data| serde_json::from_value::<ZoneRef>(data).ok())
                 .and_then(|r| r.zone_id.or(r.zone.map(|z| z.id)));
             if !zone.is_some_and(|z| zones.contains(&z)) {
                 return false;
@@ -129,7 +126,8 @@ impl Filter {
 
 /// One SSE frame for an event.
 pub fn frame(event: &RecordedEvent) -> Bytes {
-    let json = serde_json::to_string(event).unwrap_or_else(|_| "{}".to_owned());
+    let json = serde_json::to_string(&crate::codec::EventView::new(event))
+        .unwrap_or_else(|_| "{}".to_owned());
     Bytes::from(format!(
         "id: {}\nevent: {}\ndata: {}\n\n",
         event.position, event.event_type, json
@@ -380,7 +378,8 @@ mod tests {
             event_type: event_type.into(),
             schema_version: 1,
             recorded_at: chrono::Utc::now(),
-            data: data.into(),
+            at: None,
+            payload: bytes::Bytes::from(data.to_owned()),
         }
     }
 

@@ -8,13 +8,11 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use fleetwatch_domain::{
-    RuleId, Rules, RulesEvent, TemperatureRange, Thresholds, Zone, SCHEMA_VERSION,
-};
+use fleetwatch_domain::{RuleId, Rules, RulesEvent, TemperatureRange, Thresholds, Zone};
 use tokio::sync::{watch, Mutex};
 
-use crate::decode::DamagedEvents;
-use crate::store::{EventStore, NewEvent, StoreError};
+use crate::codec::{self, DamagedEvents};
+use crate::store::{EventStore, StoreError};
 
 pub const RULES_STREAM: &str = "$rules";
 
@@ -59,7 +57,7 @@ impl RuleBook {
             let Some(last) = batch.last() else { break };
             next_version = last.version + 1;
             for recorded in &batch {
-                match crate::decode::rules_event(recorded) {
+                match codec::decode_rules_event(recorded) {
                     Ok(event) => rules.apply(&event),
                     Err(e) => damaged.push(e),
                 }
@@ -184,12 +182,7 @@ impl RuleBook {
         let _guard = self.write.lock().await;
         let rules = self.current();
         let event = decide(&rules)?;
-        let new_event = NewEvent {
-            event_type: event.event_type(),
-            schema_version: SCHEMA_VERSION,
-            data: event.to_json(),
-            at: None,
-        };
+        let new_event = codec::encode_rules_event(&event);
         self.store
             .append(RULES_STREAM, rules.version, vec![new_event], None)
             .await?;
@@ -261,7 +254,8 @@ mod tests {
         }
         let db = rusqlite::Connection::open(dir.path().join("events.sqlite3")).unwrap();
         db.execute(
-            "UPDATE events SET data = '{broken' WHERE stream_id = '$rules' AND version IN (1, 3)",
+            "UPDATE events SET payload = CAST('{broken' AS BLOB)
+             WHERE stream = (SELECT id FROM streams WHERE name = '$rules') AND version IN (1, 3)",
             [],
         )
         .unwrap();

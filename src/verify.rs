@@ -1,12 +1,12 @@
 //! `fleetwatch verify`: checks a stopped engine's store, read-only, with the decoders the engine
-//! itself uses ([`crate::decode`]), and lists every event and snapshot it would fail to read.
+//! itself uses ([`crate::codec`]), and lists every event and snapshot it would fail to read.
 
 use std::fmt;
 use std::path::Path;
 
 use fleetwatch_domain::DeviceId;
 
-use crate::decode::{self, DamagedEvent};
+use crate::codec::{self, DamagedEvent};
 use crate::rules::RULES_STREAM;
 use crate::store::{ReadOnlyStore, RecordedEvent, Snapshot, StoreError, UnreadableRow};
 
@@ -122,12 +122,12 @@ pub fn verify_store(data_dir: &Path) -> Result<Report, StoreError> {
 /// Decodes an event the way the engine would when it loads it.
 fn check_event(event: &RecordedEvent) -> Result<(), DamagedEvent> {
     if event.stream == RULES_STREAM {
-        decode::rules_event(event).map(drop)
+        codec::decode_rules_event(event).map(drop)
     } else if event.stream.starts_with('$') {
         // No other system stream exists yet; nothing in this build reads one.
         Ok(())
     } else {
-        decode::device_event(event).map(drop)
+        codec::decode_device_event(event).map(drop)
     }
 }
 
@@ -144,7 +144,7 @@ fn damaged_row(row: &UnreadableRow) -> DamagedEvent {
 fn check_snapshot(snapshot: &Snapshot) -> Result<(), String> {
     let id = DeviceId::parse(snapshot.stream.as_str())
         .map_err(|e| format!("not a device's snapshot: {e}"))?;
-    decode::device_snapshot(&id, snapshot)
+    codec::decode_device_snapshot(&id, snapshot)
         .map(drop)
         .map_err(|e| e.to_string())
 }
@@ -153,13 +153,13 @@ fn check_snapshot(snapshot: &Snapshot) -> Result<(), String> {
 mod tests {
     use std::collections::BTreeMap;
 
-    use fleetwatch_domain::{DeviceEvent, Location, Temperature, SCHEMA_VERSION};
+    use fleetwatch_domain::{DeviceEvent, Location, RuleId, RulesEvent, Temperature};
 
     use super::*;
     use crate::store::{EventStore, NewEvent, SqliteStore, SqliteStoreOptions};
 
     fn registered(device: &str) -> NewEvent {
-        crate::actors::encode(&DeviceEvent::DeviceRegistered {
+        codec::encode_device_event(&DeviceEvent::DeviceRegistered {
             device_id: DeviceId::parse(device).unwrap(),
             at: chrono::Utc::now(),
             location: Location::new(52.0, 4.0).unwrap(),
@@ -215,12 +215,9 @@ mod tests {
     #[tokio::test]
     async fn every_damaged_event_and_snapshot_is_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let rule = NewEvent {
-            event_type: "ZoneRemoved",
-            schema_version: SCHEMA_VERSION,
-            data: r#"{"type":"ZoneRemoved","zone_id":"z"}"#.into(),
-            at: None,
-        };
+        let rule = codec::encode_rules_event(&RulesEvent::ZoneRemoved {
+            zone_id: RuleId::parse("z").unwrap(),
+        });
         store_with(
             dir.path(),
             &[
@@ -233,15 +230,18 @@ mod tests {
         .await;
         damage(
             dir.path(),
-            "UPDATE events SET data = '{broken' WHERE stream_id IN ('d-1', '$rules')",
+            "UPDATE events SET payload = CAST('{broken' AS BLOB)
+             WHERE stream IN (SELECT id FROM streams WHERE name IN ('d-1', '$rules'))",
         );
         damage(
             dir.path(),
-            "UPDATE events SET data = x'00ff' WHERE stream_id = 'd-3'",
+            "UPDATE events SET payload = x'00ff'
+             WHERE stream = (SELECT id FROM streams WHERE name = 'd-3')",
         );
         damage(
             dir.path(),
-            "INSERT INTO snapshots VALUES ('d-2', 1, 1, '{not a device')",
+            "INSERT INTO snapshots VALUES
+             ((SELECT id FROM streams WHERE name = 'd-2'), 1, 1, CAST('{not a device' AS BLOB))",
         );
         let report = verify_store(dir.path()).unwrap();
         let named: Vec<(&str, u64, u64)> = report

@@ -365,15 +365,7 @@ async fn a_reading_the_engine_keeps_failing_on_is_retried_a_bounded_number_of_ti
     assert!(engine.terminate().success());
 
     // Damage one device's stored history, as a bad disk would.
-    let db = rusqlite::Connection::open(data.join("events.sqlite3")).unwrap();
-    let damaged = db
-        .execute(
-            "UPDATE events SET data = '{not json' WHERE stream_id = 'damaged-1'",
-            [],
-        )
-        .unwrap();
-    assert!(damaged > 0);
-    drop(db);
+    damage_events(&data, "damaged-1", None);
 
     engine.restart().await;
     engine.wait_broker_connected().await;

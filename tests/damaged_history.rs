@@ -13,20 +13,7 @@ use serde_json::Value;
 
 /// Breaks the stored data of one event of a stopped engine's store; returns its position.
 fn damage(data_dir: &Path, stream: &str, version: u64) -> u64 {
-    let db = rusqlite::Connection::open(data_dir.join("events.sqlite3")).unwrap();
-    let position: i64 = db
-        .query_row(
-            "SELECT position FROM events WHERE stream_id = ?1 AND version = ?2",
-            rusqlite::params![stream, version as i64],
-            |row| row.get(0),
-        )
-        .unwrap();
-    db.execute(
-        "UPDATE events SET data = '{broken' WHERE position = ?1",
-        [position],
-    )
-    .unwrap();
-    position as u64
+    damage_events(data_dir, stream, Some(version))
 }
 
 fn verify(data_dir: &Path) -> (Option<i32>, String) {
@@ -148,7 +135,10 @@ async fn one_damaged_device_event_is_reported_and_the_rest_of_the_fleet_keeps_wo
     assert_eq!(status, 202, "{body}");
     let live = loop {
         match sse.next(Duration::from_secs(10)).await {
-            Next::Block(block) if block.event.as_deref() == Some("TemperatureChanged") => {
+            Next::Block(block)
+                if block.event.as_deref() == Some("ReadingRecorded")
+                    && block.data.as_deref().is_some_and(|d| d.contains("c-sound")) =>
+            {
                 break block
             }
             Next::Block(_) => continue,

@@ -342,29 +342,24 @@ async fn a_catch_up_that_runs_out_of_time_ends_at_the_position_it_reached_and_re
     );
 }
 
-/// Appends `n` events of one stream straight into a stopped engine's store, as a long history.
-fn append_history(data_dir: &std::path::Path, stream: &str, n: u64) {
-    let mut db = rusqlite::Connection::open(data_dir.join("events.sqlite3")).unwrap();
-    let tx = db.transaction().unwrap();
-    {
-        let mut insert = tx
-            .prepare(
-                "INSERT INTO events (stream_id, version, event_type, schema_version, recorded_at, data)
-                 VALUES (?1, ?2, 'Filler', 1, 0, '{}')",
-            )
+/// Appends `n` events of one stream into a stopped engine's store, as a long history.
+async fn append_history(data_dir: &std::path::Path, stream: &str, n: u64) {
+    use fleetwatch::store::{EventStore, NewEvent, SqliteStore, SqliteStoreOptions};
+    let store = SqliteStore::open(data_dir, SqliteStoreOptions::default()).unwrap();
+    let version = store.stream_version(stream).await.unwrap().unwrap_or(0);
+    let filler = NewEvent {
+        event_type: "Filler",
+        schema_version: 1,
+        payload: bytes::Bytes::from_static(b"{}"),
+        at: None,
+    };
+    for chunk in (version..version + n).collect::<Vec<_>>().chunks(1000) {
+        store
+            .append(stream, chunk[0], vec![filler.clone(); chunk.len()], None)
+            .await
             .unwrap();
-        for version in 1..=n {
-            insert
-                .execute(rusqlite::params![stream, version as i64])
-                .unwrap();
-        }
-        tx.execute(
-            "INSERT INTO streams (stream_id, version) VALUES (?1, ?2)",
-            rusqlite::params![stream, n as i64],
-        )
-        .unwrap();
     }
-    tx.commit().unwrap();
+    store.close();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,7 +369,7 @@ async fn a_catch_up_stops_as_soon_as_its_client_goes() {
     let mut engine = Engine::start(&data).await;
     assert!(engine.terminate().success());
     // Long enough that scanning it for a filter that matches nothing takes a while.
-    append_history(&data, "filler", 300_000);
+    append_history(&data, "filler", 300_000).await;
     engine.restart().await;
 
     let response = reqwest::Client::new()

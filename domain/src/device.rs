@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::event::{DeviceEvent, TemperatureDirection};
+use crate::event::DeviceEvent;
 use crate::range::Bound;
 use crate::rules::Rules;
 use crate::values::{DeviceId, Location, Reading, RuleId, Temperature};
@@ -52,7 +52,7 @@ pub struct Device {
     /// Number of events applied: the version of the device's stream.
     version: u64,
     last_reading: Option<LastReading>,
-    /// Where the device was when `LocationChanged` (or registration) last reported it.
+    /// Where the device was when a reading last counted as a move (or at registration).
     reported_location: Option<Location>,
     reported_temperature: Option<Temperature>,
     /// The rules version the last reading was judged by.
@@ -146,31 +146,19 @@ impl Device {
 
         match (self.reported_location, self.reported_temperature) {
             (Some(from), Some(previous)) => {
-                events.push(self.recorded(reading, rules, false));
                 let distance_m = from.distance_m(&location);
-                if distance_m > 0.0 && distance_m >= rules.thresholds.min_move_m {
-                    events.push(DeviceEvent::LocationChanged {
-                        device_id: id.clone(),
-                        at,
-                        from,
-                        to: location,
-                        distance_m,
-                    });
-                }
                 let delta = temperature.celsius() - previous.celsius();
-                if delta != 0.0 && delta.abs() >= rules.thresholds.min_temperature_delta {
-                    events.push(DeviceEvent::TemperatureChanged {
-                        device_id: id.clone(),
-                        at,
-                        from: previous,
-                        to: temperature,
-                        direction: if delta > 0.0 {
-                            TemperatureDirection::Increased
-                        } else {
-                            TemperatureDirection::Decreased
-                        },
-                    });
-                }
+                events.push(DeviceEvent::ReadingRecorded {
+                    device_id: id.clone(),
+                    at,
+                    location,
+                    temperature,
+                    rules_version: rules.version,
+                    moved: distance_m > 0.0 && distance_m >= rules.thresholds.min_move_m,
+                    temperature_changed: delta != 0.0
+                        && delta.abs() >= rules.thresholds.min_temperature_delta,
+                    late: false,
+                });
             }
             _ => {
                 events.push(DeviceEvent::DeviceRegistered {
@@ -242,6 +230,7 @@ impl Device {
         self.last_reading.is_none() || self.rules_version_seen < revision
     }
 
+    /// A recorded reading that is neither a move nor a temperature change.
     fn recorded(&self, reading: &Reading, rules: &Rules, late: bool) -> DeviceEvent {
         DeviceEvent::ReadingRecorded {
             device_id: self.id.clone(),
@@ -249,6 +238,8 @@ impl Device {
             location: reading.location,
             temperature: reading.temperature,
             rules_version: rules.version,
+            moved: false,
+            temperature_changed: false,
             late,
         }
     }
@@ -270,6 +261,8 @@ impl Device {
                 location,
                 temperature,
                 rules_version,
+                moved,
+                temperature_changed,
                 ..
             } => {
                 self.last_reading = Some(LastReading {
@@ -278,6 +271,12 @@ impl Device {
                     temperature: *temperature,
                 });
                 self.rules_version_seen = *rules_version;
+                if *moved {
+                    self.reported_location = Some(*location);
+                }
+                if *temperature_changed {
+                    self.reported_temperature = Some(*temperature);
+                }
             }
             DeviceEvent::LocationChanged { to, .. } => self.reported_location = Some(*to),
             DeviceEvent::TemperatureChanged { to, .. } => self.reported_temperature = Some(*to),
@@ -309,6 +308,14 @@ impl Device {
                 self.range_alarms.remove(range_id);
             }
         }
+    }
+
+    /// Applies an event read back from the device's stream at `version`. The same as
+    /// [`Device::apply`], except that the version is the stored one: a stream whose older
+    /// readings were removed (retention) has gaps in its versions.
+    pub fn apply_at(&mut self, version: u64, event: &DeviceEvent) {
+        self.apply(event);
+        self.version = version;
     }
 
     /// Rebuilds a device from its history.

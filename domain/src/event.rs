@@ -1,8 +1,8 @@
 //! Domain events and their stable JSON shape.
 //!
-//! Each event serialises as one JSON object tagged with `"type"`. The store keeps the type and
-//! [`SCHEMA_VERSION`] beside the payload; [`DeviceEvent::decode`] is where older schema versions
-//! will be upcast once the shape changes.
+//! Each event serialises as one JSON object tagged with `"type"`: the shape the API shows, and the
+//! shape stores of event schema 1 hold. How events are stored, and in which schema versions, is
+//! the engine's codec's business, not the domain's.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -10,9 +10,6 @@ use serde::{Deserialize, Serialize};
 use crate::range::{Bound, TemperatureRange};
 use crate::values::{DeviceId, Location, RuleId, Temperature};
 use crate::zone::Zone;
-
-/// The schema version written with every new event.
-pub const SCHEMA_VERSION: u16 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -33,8 +30,11 @@ pub enum DeviceEvent {
     },
     /// One per accepted reading: the device's last known reading survives restarts, and the
     /// history of readings is queryable. `rules_version` is the rules version it was judged by.
-    /// A `late` reading is older than the device's last one (a store-and-forward tracker
-    /// uploading its backlog): it is history only, and moves neither the live state nor alarms.
+    /// `moved` / `temperature_changed`: the reading is at least the thresholds away from the last
+    /// *reported* location / temperature, and becomes the reported one (what the map shows as
+    /// a move, without a second event per reading). A `late` reading is older than the device's
+    /// last one (a store-and-forward tracker uploading its backlog): it is history only, and
+    /// moves neither the live state nor alarms.
     ReadingRecorded {
         device_id: DeviceId,
         at: DateTime<Utc>,
@@ -42,8 +42,14 @@ pub enum DeviceEvent {
         temperature: Temperature,
         rules_version: u64,
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        moved: bool,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        temperature_changed: bool,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         late: bool,
     },
+    /// Written by stores of event schema 1 only (a meaningful move was a second event then);
+    /// still read, never raised: a move is now `ReadingRecorded { moved: true }`.
     LocationChanged {
         device_id: DeviceId,
         at: DateTime<Utc>,
@@ -51,6 +57,8 @@ pub enum DeviceEvent {
         to: Location,
         distance_m: f64,
     },
+    /// Written by stores of event schema 1 only; a change is now
+    /// `ReadingRecorded { temperature_changed: true }`.
     TemperatureChanged {
         device_id: DeviceId,
         at: DateTime<Utc>,
@@ -91,25 +99,6 @@ pub enum DeviceEvent {
         range_id: RuleId,
         temperature: Temperature,
     },
-}
-
-/// Why a stored event could not be read back.
-#[derive(Debug, thiserror::Error)]
-pub enum EventDecodeError {
-    #[error("unknown schema version {0} (this build reads up to {SCHEMA_VERSION})")]
-    UnknownSchemaVersion(u16),
-    #[error("malformed event: {0}")]
-    Malformed(#[from] serde_json::Error),
-}
-
-fn decode<T: serde::de::DeserializeOwned>(
-    schema_version: u16,
-    json: &str,
-) -> Result<T, EventDecodeError> {
-    match schema_version {
-        1 => Ok(serde_json::from_str(json)?),
-        other => Err(EventDecodeError::UnknownSchemaVersion(other)),
-    }
 }
 
 impl DeviceEvent {
@@ -182,10 +171,6 @@ impl DeviceEvent {
         // Serialising plain data with string keys cannot fail.
         serde_json::to_string(self).expect("device events always serialise")
     }
-
-    pub fn decode(schema_version: u16, json: &str) -> Result<Self, EventDecodeError> {
-        decode(schema_version, json)
-    }
 }
 
 /// Changes to the rule set, stored on the `$rules` stream.
@@ -219,10 +204,6 @@ impl RulesEvent {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("rules events always serialise")
     }
-
-    pub fn decode(schema_version: u16, json: &str) -> Result<Self, EventDecodeError> {
-        decode(schema_version, json)
-    }
 }
 
 #[cfg(test)]
@@ -245,19 +226,13 @@ mod tests {
             json,
             r#"{"type":"LeftZone","device_id":"truck-7","at":"2026-11-23T18:00:00Z","zone_id":"depot","zone_revision":3,"location":{"lat":52.5,"lon":4.9},"found_outside":false}"#
         );
-        assert_eq!(DeviceEvent::decode(SCHEMA_VERSION, &json).unwrap(), event);
-    }
-
-    #[test]
-    fn unknown_schema_versions_are_refused_not_misread() {
-        let err = DeviceEvent::decode(99, "{}").unwrap_err();
-        assert!(matches!(err, EventDecodeError::UnknownSchemaVersion(99)));
+        assert_eq!(serde_json::from_str::<DeviceEvent>(&json).unwrap(), event);
     }
 
     #[test]
     fn rules_events_round_trip() {
         let json = r#"{"type":"ZoneDefined","zone":{"id":"z","name":"Z","shape":{"type":"circle","center":{"lat":1.0,"lon":2.0},"radius_m":10.0},"devices":null,"revision":1}}"#;
-        let event = RulesEvent::decode(1, json).unwrap();
+        let event: RulesEvent = serde_json::from_str(json).unwrap();
         assert_eq!(event.event_type(), "ZoneDefined");
         assert_eq!(event.to_json(), json);
     }

@@ -17,7 +17,7 @@ pub mod values;
 pub mod zone;
 
 pub use device::{Decision, Device, DeviceStatus, RangeAlarm};
-pub use event::{DeviceEvent, EventDecodeError, RulesEvent, TemperatureDirection, SCHEMA_VERSION};
+pub use event::{DeviceEvent, RulesEvent, TemperatureDirection};
 pub use range::{Bound, TemperatureRange};
 pub use rules::{Rules, Thresholds};
 pub use values::{DeviceId, Location, Reading, RuleId, Temperature, ValidationError};

@@ -28,9 +28,8 @@ use actix::prelude::*;
 use fleetwatch_domain::{Decision, Device, DeviceEvent, DeviceId, Reading};
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
-use super::{
-    load_device, lock, ActorSettings, EngineError, IngestOutcome, ShardMap, DEVICE_SNAPSHOT_VERSION,
-};
+use super::{load_device, lock, ActorSettings, EngineError, IngestOutcome, ShardMap};
+use crate::codec;
 use crate::rules::{RuleBook, RULES_STREAM};
 use crate::store::{Appended, EventStore, NewEvent, Snapshot, StoreError, StoreResult, StreamAt};
 
@@ -176,12 +175,7 @@ impl DeviceActor {
     }
 
     fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            stream: self.device.id().to_string(),
-            version: self.device.version(),
-            schema_version: DEVICE_SNAPSHOT_VERSION,
-            data: serde_json::to_string(&self.device).expect("device state always serialises"),
-        }
+        codec::encode_device_snapshot(&self.device)
     }
 
     fn save_snapshot(&mut self, snapshot: Snapshot, ctx: &mut Context<Self>) {
@@ -372,7 +366,9 @@ impl DeviceActor {
             return self.duplicate(ingest);
         }
         self.looking_up = true;
-        let lookup = self.store.has_reading(self.device.id().as_str(), at);
+        let lookup =
+            self.store
+                .has_event_at(self.device.id().as_str(), codec::READING_RECORDED, at);
         ctx.wait(
             actix::fut::wrap_future(lookup).map(move |found, act: &mut Self, ctx| {
                 act.looking_up = false;
@@ -400,7 +396,7 @@ impl DeviceActor {
         ctx: &mut Context<Self>,
     ) {
         let expected = self.device.version();
-        let new_events: Vec<NewEvent> = events.iter().map(super::encode).collect();
+        let new_events: Vec<NewEvent> = events.iter().map(codec::encode_device_event).collect();
         for event in &events {
             self.device.apply(event);
         }

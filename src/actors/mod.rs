@@ -20,16 +20,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
-use fleetwatch_domain::{Device, DeviceEvent, DeviceId, Reading, SCHEMA_VERSION};
+use fleetwatch_domain::{Device, DeviceId, Reading};
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
+use crate::codec;
 use crate::rules::RuleBook;
-use crate::store::{EventStore, NewEvent, Snapshot, StoreError};
+use crate::store::{EventStore, Snapshot, StoreError};
 
 use device::{DeviceActor, GetState, Ingest};
-
-/// The version of the device snapshot format (the serde shape of [`Device`]).
-pub const DEVICE_SNAPSHOT_VERSION: u16 = 1;
 
 /// What became of one reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,16 +227,6 @@ impl Router {
     }
 }
 
-/// A device event as the store keeps it: type name, schema version, JSON payload.
-pub fn encode(event: &DeviceEvent) -> NewEvent {
-    NewEvent {
-        event_type: event.event_type(),
-        schema_version: SCHEMA_VERSION,
-        data: event.to_json(),
-        at: Some(event.at()),
-    }
-}
-
 /// Rebuilds a device from the store: its latest snapshot, then every event after it. A device
 /// with a usable snapshot (or none at all) restores in one read when its tail is short.
 pub async fn load_device(store: &dyn EventStore, id: DeviceId) -> Result<Device, EngineError> {
@@ -257,23 +245,24 @@ pub async fn load_device(store: &dyn EventStore, id: DeviceId) -> Result<Device,
     };
     loop {
         let done = page.len() < PAGE;
+        let mut next = None;
         for recorded in page {
-            let event = crate::decode::device_event(&recorded)?;
-            device.apply(&event);
+            let event = codec::decode_device_event(&recorded)?;
+            // At the stored version: retention may have removed readings before it.
+            device.apply_at(recorded.version, &event);
+            next = Some(recorded.version + 1);
         }
-        if done {
-            return Ok(device);
+        match next {
+            Some(from) if !done => page = store.read_stream(id.as_str(), from, PAGE).await?,
+            _ => return Ok(device),
         }
-        page = store
-            .read_stream(id.as_str(), device.version() + 1, PAGE)
-            .await?;
     }
 }
 
 /// The device a snapshot holds, if this build can read it and it is this device's.
 fn restore_snapshot(id: &DeviceId, snapshot: &Snapshot) -> Option<Device> {
-    use crate::decode::UnreadableSnapshot;
-    match crate::decode::device_snapshot(id, snapshot) {
+    use codec::UnreadableSnapshot;
+    match codec::decode_device_snapshot(id, snapshot) {
         Ok(device) => Some(device),
         Err(UnreadableSnapshot::Format { .. } | UnreadableSnapshot::OtherDevice { .. }) => None,
         Err(e) => {

@@ -6,8 +6,9 @@ use fleetwatch_domain::{Bound, Device, DeviceId, DeviceStatus, Rules};
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, AppState};
+use crate::codec::EventView;
 use crate::engine::DeviceEntry;
-use crate::store::RecordedEvent;
+use crate::store::Retention;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/devices", web::get().to(list_devices))
@@ -158,9 +159,11 @@ struct EventsQuery {
 }
 
 #[derive(Serialize)]
-struct EventPage {
-    events: Vec<RecordedEvent>,
+struct EventPage<'a> {
+    events: Vec<EventView<'a>>,
     next_from_version: Option<u64>,
+    /// Where the device's retained history begins.
+    retention: Retention,
 }
 
 async fn device_events(
@@ -172,21 +175,15 @@ async fn device_events(
     let limit = page_limit(query.limit)?;
     let from = query.from_version.unwrap_or(1).max(1);
     let events = state.engine.device_events(&id, from, limit).await?;
-    if events.is_empty()
-        && state
-            .engine
-            .store()
-            .stream_version(id.as_str())
-            .await?
-            .is_none()
-    {
+    let Some(retention) = state.engine.store().retention(id.as_str()).await? else {
         return Err(ApiError::not_found(format!("device {id}")));
-    }
+    };
     let next_from_version = (events.len() == limit)
         .then(|| events.last().map(|e| e.version + 1))
         .flatten();
     Ok(HttpResponse::Ok().json(EventPage {
-        events,
+        events: events.iter().map(EventView::new).collect(),
         next_from_version,
+        retention,
     }))
 }

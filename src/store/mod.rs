@@ -11,13 +11,16 @@
 //!   published on [`EventStore::subscribe`] after it is durable;
 //! * a store that cannot write (full disk, I/O error, read-only data directory, a writer that
 //!   died) answers [`StoreError::Unavailable`] and says so on [`EventStore::health`] until it
-//!   can write again, which it finds out by itself.
+//!   can write again, which it finds out by itself;
+//! * payloads are opaque bytes: what they mean, in which schema version, is the codec's
+//!   (`crate::codec`). The store indexes an event's time (`at`) for lookups by time.
 
 mod read_only;
 mod sqlite;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
 use serde::Serialize;
@@ -26,37 +29,28 @@ use tokio::sync::{broadcast, watch};
 pub use read_only::{ReadOnlyStore, UnreadableRow};
 pub use sqlite::{SqliteStore, SqliteStoreOptions};
 
-/// An event to append: its type name, schema version and JSON payload, and when what it records
+/// An event to append: its type name, schema version, encoded payload, and when what it records
 /// happened (a device event's reading time), which the store indexes.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
     pub event_type: &'static str,
     pub schema_version: u16,
-    pub data: String,
+    pub payload: Bytes,
     pub at: Option<DateTime<Utc>>,
 }
 
-/// An event as stored.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// An event as stored. `crate::codec` reads its payload, and shows it as JSON.
+#[derive(Debug, Clone, PartialEq)]
 pub struct RecordedEvent {
     pub position: u64,
     pub stream: String,
     pub version: u64,
-    #[serde(rename = "type")]
     pub event_type: String,
     pub schema_version: u16,
+    /// When the store committed it.
     pub recorded_at: DateTime<Utc>,
-    /// The payload, emitted verbatim as JSON; a damaged one (not JSON) as a JSON string.
-    #[serde(serialize_with = "raw_json")]
-    pub data: String,
-}
-
-fn raw_json<S: serde::Serializer>(data: &str, s: S) -> Result<S::Ok, S::Error> {
-    match serde_json::value::RawValue::from_string(data.to_owned()) {
-        Ok(raw) => raw.serialize(s),
-        // One damaged event must not fail a whole history page or live stream.
-        Err(_) => s.serialize_str(data),
-    }
+    pub at: Option<DateTime<Utc>>,
+    pub payload: Bytes,
 }
 
 /// The result of a successful append.
@@ -74,7 +68,25 @@ pub struct Snapshot {
     /// The stream version the snapshot reflects.
     pub version: u64,
     pub schema_version: u16,
-    pub data: String,
+    pub payload: Bytes,
+}
+
+/// What one retention pass over some streams did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pruned {
+    /// Streams looked at.
+    pub streams: usize,
+    /// Events removed.
+    pub events: u64,
+    /// Where the next pass continues (`None`: it went through the last stream).
+    pub next: Option<u64>,
+}
+
+/// Where a stream's retained history begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Retention {
+    /// Readings taken before this were removed (`None`: nothing was removed).
+    pub readings_removed_before: Option<DateTime<Utc>>,
 }
 
 /// A stream's latest snapshot and the events after it.
@@ -187,10 +199,28 @@ pub trait EventStore: Send + Sync + 'static {
     /// The stream's current version, `None` if it does not exist.
     fn stream_version(&self, stream: &str) -> BoxFuture<'static, StoreResult<Option<u64>>>;
 
-    /// Whether `stream` holds a recorded reading (a `ReadingRecorded` event) taken at `at`: how
-    /// a late reading is told from a repeat of one already stored.
-    fn has_reading(&self, stream: &str, at: DateTime<Utc>)
-        -> BoxFuture<'static, StoreResult<bool>>;
+    /// Whether `stream` holds an event of `event_type` at `at`: how a late reading is told from
+    /// a repeat of one already stored.
+    fn has_event_at(
+        &self,
+        stream: &str,
+        event_type: &'static str,
+        at: DateTime<Utc>,
+    ) -> BoxFuture<'static, StoreResult<bool>>;
+
+    /// Removes events of `event_types` whose `at` is before `before`, but only those a snapshot of
+    /// their stream covers, from up to `max_streams` streams after the stream key `after`
+    /// (0: the first). One atomic write, queued like an append.
+    fn prune(
+        &self,
+        event_types: &'static [&'static str],
+        before: DateTime<Utc>,
+        after: u64,
+        max_streams: usize,
+    ) -> BoxFuture<'static, StoreResult<Pruned>>;
+
+    /// Where `stream`'s retained history begins; `None` if the stream does not exist.
+    fn retention(&self, stream: &str) -> BoxFuture<'static, StoreResult<Option<Retention>>>;
 
     /// The position of the last committed event (0 when empty).
     fn head_position(&self) -> BoxFuture<'static, StoreResult<u64>>;

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OpenFlags};
 
-use super::sqlite::row_to_event;
+use super::sqlite::{row_to_event, store_format, EVENT_COLUMNS, STORE_FORMAT};
 use super::{RecordedEvent, Snapshot, StoreError, StoreResult};
 
 /// The file the SQLite backend keeps its events in, inside the data directory.
@@ -78,6 +78,15 @@ impl ReadOnlyStore {
                 path.display()
             )));
         }
+        // Reading never migrates: an older store is checked by starting the engine once first.
+        let format = store_format(&conn).map_err(backend)?;
+        if format != STORE_FORMAT {
+            return Err(backend(format!(
+                "{} is in store format {format}; this build reads format {STORE_FORMAT} \
+                 (start fleetwatch on it once to migrate it)",
+                path.display()
+            )));
+        }
         Ok(Self { conn })
     }
 
@@ -90,14 +99,15 @@ impl ReadOnlyStore {
     ) -> StoreResult<Vec<Result<RecordedEvent, UnreadableRow>>> {
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT position, stream_id, version, event_type, schema_version, recorded_at, data
-                 FROM events WHERE position > ?1 ORDER BY position LIMIT ?2",
-            )
+            .prepare_cached(&format!(
+                "SELECT {EVENT_COLUMNS} FROM events e
+                 LEFT JOIN streams s ON s.id = e.stream LEFT JOIN event_types t ON t.id = e.type
+                 WHERE e.position > ?1 ORDER BY e.position LIMIT ?2"
+            ))
             .map_err(backend)?;
         let rows = stmt
             .query_map(params![after_position as i64, limit as i64], |row| {
-                Ok(row_to_event(None, row).map_err(|e| UnreadableRow {
+                Ok(row_to_event(row).map_err(|e| UnreadableRow {
                     position: row.get::<_, i64>(0).unwrap_or_default() as u64,
                     stream: row.get(1).ok(),
                     version: row.get::<_, i64>(2).ok().map(|v| v as u64),
@@ -113,8 +123,9 @@ impl ReadOnlyStore {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT stream_id, version, schema_version, data FROM snapshots
-                 WHERE stream_id > ?1 ORDER BY stream_id LIMIT ?2",
+                "SELECT s.name, n.version, n.schema, n.payload FROM snapshots n
+                 JOIN streams s ON s.id = n.stream
+                 WHERE s.name > ?1 ORDER BY s.name LIMIT ?2",
             )
             .map_err(backend)?;
         let rows = stmt
@@ -123,7 +134,7 @@ impl ReadOnlyStore {
                     stream: row.get(0)?,
                     version: row.get::<_, i64>(1)? as u64,
                     schema_version: row.get(2)?,
-                    data: row.get(3)?,
+                    payload: bytes::Bytes::from(row.get::<_, Vec<u8>>(3)?),
                 })
             })
             .map_err(backend)?;

@@ -446,3 +446,32 @@ pub fn run_to_exit(args: &[&str], timeout: Duration) -> std::process::Output {
         stderr: stderr.join().expect("stderr reader"),
     }
 }
+
+/// Damages the stored payload of `stream`'s event at `version` (every event of the stream when
+/// `None`) in a stopped engine's store, as a bad disk would; returns the position of the last one
+/// damaged.
+pub fn damage_events(data_dir: &Path, stream: &str, version: Option<u64>) -> u64 {
+    let db = rusqlite::Connection::open(data_dir.join("events.sqlite3")).expect("open the store");
+    let positions: Vec<i64> = db
+        .prepare(
+            "SELECT e.position FROM events e JOIN streams s ON s.id = e.stream
+             WHERE s.name = ?1 AND (?2 IS NULL OR e.version = ?2) ORDER BY e.position",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_map(
+                rusqlite::params![stream, version.map(|v| v as i64)],
+                |row| row.get(0),
+            )?
+            .collect()
+        })
+        .expect("find the events");
+    assert!(!positions.is_empty(), "no event of {stream} to damage");
+    for position in &positions {
+        db.execute(
+            "UPDATE events SET payload = CAST('{broken' AS BLOB) WHERE position = ?1",
+            [position],
+        )
+        .expect("damage the event");
+    }
+    *positions.last().unwrap_or(&0) as u64
+}

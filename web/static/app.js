@@ -20,7 +20,7 @@
   // Constants
 
   const STREAM_TYPES = [
-    'DeviceRegistered', 'LocationChanged', 'TemperatureChanged',
+    'DeviceRegistered', 'ReadingRecorded',
     'LeftZone', 'EnteredZone', 'TemperatureOutOfRange', 'TemperatureBackInRange',
     'ZoneDefined', 'ZoneRemoved', 'TemperatureRangeDefined', 'TemperatureRangeRemoved',
   ];
@@ -511,7 +511,7 @@
       case 'DeviceRegistered':
         return `registered at ${fmtCoord(d.location && d.location.lat)}, ${fmtCoord(d.location && d.location.lon)}, ${fmtTemp(d.temperature)}`;
       case 'ReadingRecorded':
-        return `reading ${fmtCoord(d.location && d.location.lat)}, ${fmtCoord(d.location && d.location.lon)}, ${fmtTemp(d.temperature)}`;
+        return `${d.late ? 'late reading' : 'reading'} ${fmtCoord(d.location && d.location.lat)}, ${fmtCoord(d.location && d.location.lon)}, ${fmtTemp(d.temperature)}`;
       case 'LocationChanged':
         return `moved ${fmtDistance(d.distance_m)}`;
       case 'TemperatureChanged':
@@ -1104,6 +1104,13 @@
     const reading = dev.last_reading || (dev.last_reading = {});
     switch (ev.type) {
       case 'DeviceRegistered':
+        if (d.location) { reading.lat = d.location.lat; reading.lon = d.location.lon; }
+        if (typeof d.temperature === 'number') reading.temperature = d.temperature;
+        reading.timestamp = d.at;
+        break;
+      case 'ReadingRecorded':
+        // A late reading is history only: the device's live state does not move.
+        if (d.late) break;
         if (d.location) { reading.lat = d.location.lat; reading.lon = d.location.lon; }
         if (typeof d.temperature === 'number') reading.temperature = d.temperature;
         reading.timestamp = d.at;

@@ -234,32 +234,58 @@ fn small_moves_and_small_temperature_changes_raise_nothing_but_accumulate() {
     let rules = Rules::new(Thresholds::new(100.0, 1.0).unwrap());
     let mut d = device();
     feed(&mut d, &reading(0, 52.0, 4.0, 5.0), &rules);
+    let flags = |events: &[DeviceEvent]| match events {
+        [DeviceEvent::ReadingRecorded {
+            moved,
+            temperature_changed,
+            ..
+        }] => (*moved, *temperature_changed),
+        other => panic!("one ReadingRecorded, got {other:?}"),
+    };
     // ~55 m north and +0.6 °C: below both thresholds.
     assert_eq!(
-        types(&feed(&mut d, &reading(1, 52.0005, 4.0, 5.6), &rules)),
-        ["ReadingRecorded"]
+        flags(&feed(&mut d, &reading(1, 52.0005, 4.0, 5.6), &rules)),
+        (false, false)
     );
-    // ~111 m from the last *reported* location and +1.1 °C from the last reported temperature.
+    // ~111 m from the last *reported* location and +1.1 °C from the last reported temperature:
+    // still one event per reading, marked as a move and a change.
     let events = feed(&mut d, &reading(2, 52.001, 4.0, 6.1), &rules);
-    assert_eq!(
-        types(&events),
-        ["ReadingRecorded", "LocationChanged", "TemperatureChanged"]
-    );
-    assert!(events.iter().any(|e| matches!(
-        e,
-        DeviceEvent::TemperatureChanged {
-            direction: TemperatureDirection::Increased,
-            ..
-        }
-    )));
+    assert_eq!(flags(&events), (true, true));
+    // Measured from the new reported values now: 0 m moved, -2.1 °C.
     let cooler = feed(&mut d, &reading(3, 52.001, 4.0, 4.0), &rules);
-    assert!(cooler.iter().any(|e| matches!(
-        e,
-        DeviceEvent::TemperatureChanged {
-            direction: TemperatureDirection::Decreased,
+    assert_eq!(flags(&cooler), (false, true));
+}
+
+#[test]
+fn events_of_the_first_schema_still_fold_into_the_state() {
+    let rules = rules_with_depot_and_cold_chain();
+    let mut d = device();
+    feed(&mut d, &inside(0, 5.0), &rules);
+    let moved_to = Location::new(52.375, 4.89).unwrap();
+    d.apply(&DeviceEvent::LocationChanged {
+        device_id: d.id().clone(),
+        at: t0(),
+        from: Location::new(DEPOT.0, DEPOT.1).unwrap(),
+        to: moved_to,
+        distance_m: 556.0,
+    });
+    d.apply(&DeviceEvent::TemperatureChanged {
+        device_id: d.id().clone(),
+        at: t0(),
+        from: Temperature::new(5.0).unwrap(),
+        to: Temperature::new(7.0).unwrap(),
+        direction: crate::event::TemperatureDirection::Increased,
+    });
+    // A reading at the legacy reported location and temperature is neither a move nor a change.
+    let events = feed(&mut d, &reading(1, 52.375, 4.89, 7.0), &rules);
+    assert!(matches!(
+        events.as_slice(),
+        [DeviceEvent::ReadingRecorded {
+            moved: false,
+            temperature_changed: false,
             ..
-        }
-    )));
+        }]
+    ));
 }
 
 #[test]

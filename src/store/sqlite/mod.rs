@@ -1,6 +1,8 @@
 //! The embedded backend: SQLite in WAL mode, one writer thread that group-commits ([`writer`]),
-//! a small pool of reader connections.
+//! a small pool of reader connections. Its tables, and the migration of older stores, are in
+//! [`schema`].
 
+mod schema;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -16,41 +18,11 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{broadcast, oneshot, watch};
 
 use super::{
-    Appended, CommittedBatch, EventStore, NewEvent, RecordedEvent, Snapshot, SnapshotAndTail,
-    StoreError, StoreHealth, StoreResult, StreamAt, StreamInfo,
+    Appended, CommittedBatch, EventStore, NewEvent, Pruned, RecordedEvent, Retention, Snapshot,
+    SnapshotAndTail, StoreError, StoreHealth, StoreResult, StreamAt, StreamInfo,
 };
+pub use schema::{format as store_format, FORMAT as STORE_FORMAT};
 use writer::{HealthSignal, WriteCommand, Writer, WriterConfig};
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS events (
-    position       INTEGER PRIMARY KEY,
-    stream_id      TEXT    NOT NULL,
-    version        INTEGER NOT NULL,
-    event_type     TEXT    NOT NULL,
-    schema_version INTEGER NOT NULL,
-    recorded_at    INTEGER NOT NULL,
-    data           TEXT    NOT NULL,
-    at             INTEGER,
-    UNIQUE (stream_id, version)
-);
--- `at` (microseconds; NULL in stores written before it existed) is added to older stores by
--- `migrate`, after which the index on it is made.
-CREATE TABLE IF NOT EXISTS streams (
-    stream_id TEXT PRIMARY KEY,
-    version   INTEGER NOT NULL
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS snapshots (
-    stream_id      TEXT PRIMARY KEY,
-    version        INTEGER NOT NULL,
-    schema_version INTEGER NOT NULL,
-    data           TEXT    NOT NULL
-) WITHOUT ROWID;
--- The one row a failing store writes to find out whether it can write again.
-CREATE TABLE IF NOT EXISTS probe (
-    id INTEGER PRIMARY KEY,
-    at INTEGER NOT NULL
-);
-";
 
 #[derive(Debug, Clone)]
 pub struct SqliteStoreOptions {
@@ -86,23 +58,6 @@ pub struct SqliteStore {
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
-}
-
-/// Brings a store written by an older build up to this schema.
-fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let has_at: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('events') WHERE name = 'at')",
-        [],
-        |row| row.get(0),
-    )?;
-    if !has_at {
-        conn.execute_batch("ALTER TABLE events ADD COLUMN at INTEGER")?;
-    }
-    // Recorded readings by device and reading time: a late reading is told from a repeat here.
-    conn.execute_batch(
-        "CREATE INDEX IF NOT EXISTS events_reading_at ON events (stream_id, at)
-         WHERE event_type = 'ReadingRecorded'",
-    )
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
@@ -211,22 +166,25 @@ async fn reply<T>(rx: oneshot::Receiver<StoreResult<T>>) -> StoreResult<T> {
     })
 }
 
-pub(super) fn row_to_event(
-    stream: Option<&str>,
-    row: &rusqlite::Row<'_>,
-) -> rusqlite::Result<RecordedEvent> {
-    let micros: i64 = row.get("recorded_at")?;
+fn micros(value: Option<i64>) -> Option<DateTime<Utc>> {
+    value.and_then(DateTime::from_timestamp_micros)
+}
+
+/// The columns every event read selects, in [`row_to_event`]'s order (`e`: events, `t`:
+/// event_types, `s`: streams).
+pub(super) const EVENT_COLUMNS: &str =
+    "e.position, s.name, e.version, t.name, e.schema, e.recorded_at, e.at, e.payload";
+
+pub(super) fn row_to_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<RecordedEvent> {
     Ok(RecordedEvent {
-        position: row.get::<_, i64>("position")? as u64,
-        stream: match stream {
-            Some(s) => s.to_owned(),
-            None => row.get("stream_id")?,
-        },
-        version: row.get::<_, i64>("version")? as u64,
-        event_type: row.get("event_type")?,
-        schema_version: row.get("schema_version")?,
-        recorded_at: DateTime::from_timestamp_micros(micros).unwrap_or_default(),
-        data: row.get("data")?,
+        position: row.get::<_, i64>(0)? as u64,
+        stream: row.get(1)?,
+        version: row.get::<_, i64>(2)? as u64,
+        event_type: row.get(3)?,
+        schema_version: row.get(4)?,
+        recorded_at: micros(row.get(5)?).unwrap_or_default(),
+        at: micros(row.get(6)?),
+        payload: bytes::Bytes::from(row.get::<_, Vec<u8>>(7)?),
     })
 }
 
@@ -237,13 +195,15 @@ fn read_stream_rows(
     from_version: u64,
     limit: usize,
 ) -> rusqlite::Result<Vec<RecordedEvent>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT position, version, event_type, schema_version, recorded_at, data
-         FROM events WHERE stream_id = ?1 AND version >= ?2 ORDER BY version LIMIT ?3",
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {EVENT_COLUMNS} FROM streams s
+         JOIN events e ON e.stream = s.id JOIN event_types t ON t.id = e.type
+         WHERE s.name = ?1 AND e.version >= ?2 ORDER BY e.version LIMIT ?3"
+    ))?;
+    let rows = stmt.query_map(
+        params![stream, from_version as i64, limit as i64],
+        row_to_event,
     )?;
-    let rows = stmt.query_map(params![stream, from_version as i64, limit as i64], |row| {
-        row_to_event(Some(stream), row)
-    })?;
     rows.collect()
 }
 
@@ -286,13 +246,13 @@ impl EventStore for SqliteStore {
         limit: usize,
     ) -> BoxFuture<'static, StoreResult<Vec<RecordedEvent>>> {
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT position, stream_id, version, event_type, schema_version, recorded_at, data
-                 FROM events WHERE position > ?1 ORDER BY position LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![after_position as i64, limit as i64], |row| {
-                row_to_event(None, row)
-            })?;
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {EVENT_COLUMNS} FROM events e
+                 JOIN streams s ON s.id = e.stream JOIN event_types t ON t.id = e.type
+                 WHERE e.position > ?1 ORDER BY e.position LIMIT ?2"
+            ))?;
+            let rows =
+                stmt.query_map(params![after_position as i64, limit as i64], row_to_event)?;
             rows.collect()
         })
     }
@@ -319,14 +279,15 @@ impl EventStore for SqliteStore {
         self.read(move |conn| {
             let snapshot = conn
                 .prepare_cached(
-                    "SELECT version, schema_version, data FROM snapshots WHERE stream_id = ?1",
+                    "SELECT n.version, n.schema, n.payload FROM streams s
+                     JOIN snapshots n ON n.stream = s.id WHERE s.name = ?1",
                 )?
                 .query_row([&stream], |row| {
                     Ok(Snapshot {
                         stream: stream.clone(),
                         version: row.get::<_, i64>(0)? as u64,
                         schema_version: row.get(1)?,
-                        data: row.get(2)?,
+                        payload: bytes::Bytes::from(row.get::<_, Vec<u8>>(2)?),
                     })
                 })
                 .optional()?;
@@ -344,9 +305,9 @@ impl EventStore for SqliteStore {
         let after = after.unwrap_or("").to_owned();
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT stream_id, version FROM streams
-                 WHERE stream_id > ?1 AND substr(stream_id, 1, 1) <> '$'
-                 ORDER BY stream_id LIMIT ?2",
+                "SELECT name, version FROM streams
+                 WHERE name > ?1 AND substr(name, 1, 1) <> '$'
+                 ORDER BY name LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![after, limit as i64], |row| {
                 Ok(StreamInfo {
@@ -361,27 +322,66 @@ impl EventStore for SqliteStore {
     fn stream_version(&self, stream: &str) -> BoxFuture<'static, StoreResult<Option<u64>>> {
         let stream = stream.to_owned();
         self.read(move |conn| {
-            conn.prepare_cached("SELECT version FROM streams WHERE stream_id = ?1")?
+            conn.prepare_cached("SELECT version FROM streams WHERE name = ?1")?
                 .query_row([&stream], |row| row.get::<_, i64>(0))
                 .optional()
                 .map(|v| v.map(|v| v as u64))
         })
     }
 
-    fn has_reading(
+    fn has_event_at(
         &self,
         stream: &str,
+        event_type: &'static str,
         at: DateTime<Utc>,
     ) -> BoxFuture<'static, StoreResult<bool>> {
         let stream = stream.to_owned();
         self.read(move |conn| {
+            let Some(type_id) = schema::event_type_id(conn, event_type)? else {
+                return Ok(false);
+            };
             conn.prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM events
-                   WHERE stream_id = ?1 AND event_type = 'ReadingRecorded' AND at = ?2)",
+                "SELECT EXISTS (SELECT 1 FROM streams s JOIN events e ON e.stream = s.id
+                   WHERE s.name = ?1 AND e.at = ?2 AND e.type = ?3)",
             )?
-            .query_row(params![stream, at.timestamp_micros()], |row| {
+            .query_row(params![stream, at.timestamp_micros(), type_id], |row| {
                 row.get::<_, bool>(0)
             })
+        })
+    }
+
+    fn prune(
+        &self,
+        event_types: &'static [&'static str],
+        before: DateTime<Utc>,
+        after: u64,
+        max_streams: usize,
+    ) -> BoxFuture<'static, StoreResult<Pruned>> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.send(WriteCommand::Prune {
+            event_types,
+            before,
+            after,
+            max_streams,
+            reply: tx,
+        });
+        async move {
+            sent?;
+            reply(rx).await
+        }
+        .boxed()
+    }
+
+    fn retention(&self, stream: &str) -> BoxFuture<'static, StoreResult<Option<Retention>>> {
+        let stream = stream.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached("SELECT readings_removed_before FROM streams WHERE name = ?1")?
+                .query_row([&stream], |row| {
+                    Ok(Retention {
+                        readings_removed_before: micros(row.get(0)?),
+                    })
+                })
+                .optional()
         })
     }
 
@@ -421,7 +421,7 @@ mod tests {
         NewEvent {
             event_type: "Test",
             schema_version: 1,
-            data: format!(r#"{{"n":{n}}}"#),
+            payload: bytes::Bytes::from(format!(r#"{{"n":{n}}}"#)),
             at: None,
         }
     }
@@ -449,7 +449,7 @@ mod tests {
         assert_eq!(b.last_position, 3);
         let stream = s.read_stream("a", 1, 100).await.unwrap();
         assert_eq!(stream.iter().map(|e| e.version).collect::<Vec<_>>(), [1, 2]);
-        assert_eq!(stream[1].data, r#"{"n":2}"#);
+        assert_eq!(&stream[1].payload[..], br#"{"n":2}"#);
         let all = s.read_all(1, 100).await.unwrap();
         assert_eq!(all.iter().map(|e| e.position).collect::<Vec<_>>(), [2, 3]);
         assert_eq!(s.head_position().await.unwrap(), 3);
@@ -500,7 +500,7 @@ mod tests {
             stream: "dev-1".into(),
             version: v,
             schema_version: 1,
-            data: format!("{v}"),
+            payload: bytes::Bytes::from(format!("{v}")),
         };
         s.save_snapshot(snap(5)).await.unwrap();
         s.save_snapshot(snap(3)).await.unwrap();
@@ -542,7 +542,7 @@ mod tests {
             stream: "dev-1".into(),
             version: 2,
             schema_version: 1,
-            data: "{}".into(),
+            payload: bytes::Bytes::from_static(b"{}"),
         })
         .await
         .unwrap();

@@ -25,9 +25,10 @@ use rusqlite::{
 };
 use tokio::sync::{broadcast, oneshot, watch};
 
-use super::{configure, migrate, SCHEMA};
+use super::configure;
+use super::schema::{self, SchemaError};
 use crate::store::{
-    Appended, CommittedBatch, NewEvent, RecordedEvent, Snapshot, StoreError, StoreHealth,
+    Appended, CommittedBatch, NewEvent, Pruned, RecordedEvent, Snapshot, StoreError, StoreHealth,
     StoreResult, StreamAt,
 };
 
@@ -38,8 +39,8 @@ const RESTART_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(10);
 /// A writer that ran this long before dying starts the backoff over.
 const STABLE_RUN: Duration = Duration::from_secs(60);
-/// Streams whose versions the writer keeps in memory before it starts over.
-const VERSION_CACHE_LIMIT: usize = 1_000_000;
+/// Streams the writer keeps in memory (key and version) before it starts over.
+const STREAM_CACHE_LIMIT: usize = 1_000_000;
 
 pub(super) enum WriteCommand {
     Append {
@@ -56,6 +57,13 @@ pub(super) enum WriteCommand {
     Flush {
         reply: oneshot::Sender<StoreResult<()>>,
     },
+    Prune {
+        event_types: &'static [&'static str],
+        before: DateTime<Utc>,
+        after: u64,
+        max_streams: usize,
+        reply: oneshot::Sender<StoreResult<Pruned>>,
+    },
 }
 
 impl WriteCommand {
@@ -65,6 +73,9 @@ impl WriteCommand {
                 let _ = reply.send(Err(error));
             }
             WriteCommand::Snapshot { reply, .. } | WriteCommand::Flush { reply } => {
+                let _ = reply.send(Err(error));
+            }
+            WriteCommand::Prune { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
         }
@@ -134,9 +145,19 @@ pub(super) struct WriterConfig {
 pub(super) struct Writer {
     conn: Connection,
     config: WriterConfig,
-    /// Committed stream versions, so an append need not look its stream up in SQLite. Only the
-    /// writer changes versions, so the cache cannot go stale; it is dropped when it grows large.
-    versions: HashMap<String, u64>,
+    /// Committed streams' keys and versions, so an append need not look its stream up in SQLite.
+    /// Only the writer changes them, so the cache cannot go stale; it is dropped when it grows
+    /// large.
+    streams: HashMap<String, StreamKey>,
+    /// Event type names' keys.
+    types: HashMap<&'static str, i64>,
+}
+
+/// A stream's key in `streams` and its version.
+#[derive(Debug, Clone, Copy)]
+struct StreamKey {
+    id: i64,
+    version: u64,
 }
 
 /// Whether a failed write is the store's fault (it cannot write now) rather than something in
@@ -237,6 +258,58 @@ fn restart_backoff(deaths: u32) -> Duration {
         .min(MAX_RESTART_BACKOFF)
 }
 
+/// Removes the events of `event_types` from before `before` that a snapshot of their stream
+/// covers, in up to `max_streams` streams (with a snapshot) after the key `after`. Never the
+/// store's newest event, so a position is never given out twice.
+fn prune(
+    tx: &Transaction<'_>,
+    event_types: &[&str],
+    before: DateTime<Utc>,
+    after: u64,
+    max_streams: usize,
+) -> rusqlite::Result<Pruned> {
+    let type_ids: Vec<i64> = event_types
+        .iter()
+        .filter_map(|name| schema::event_type_id(tx, name).transpose())
+        .collect::<rusqlite::Result<_>>()?;
+    let mut streams = tx.prepare_cached(
+        "SELECT stream, version FROM snapshots WHERE stream > ?1 ORDER BY stream LIMIT ?2",
+    )?;
+    let covered: Vec<(i64, i64)> = streams
+        .query_map(params![after as i64, max_streams as i64], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let newest: i64 = tx.query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |r| {
+        r.get(0)
+    })?;
+    let mut delete = tx.prepare_cached(
+        "DELETE FROM events WHERE stream = ?1 AND at < ?2 AND version <= ?3 AND position < ?4
+           AND type IN (SELECT value FROM json_each(?5))",
+    )?;
+    let mut mark = tx.prepare_cached(
+        "UPDATE streams SET readings_removed_before = MAX(COALESCE(readings_removed_before, 0), ?2)
+         WHERE id = ?1",
+    )?;
+    let types = serde_json::to_string(&type_ids).unwrap_or_else(|_| "[]".into());
+    let cutoff = before.timestamp_micros();
+    let mut events = 0u64;
+    for (stream, version) in &covered {
+        let removed = delete.execute(params![stream, cutoff, version, newest, types])?;
+        if removed > 0 {
+            mark.execute(params![stream, cutoff])?;
+            events += removed as u64;
+        }
+    }
+    Ok(Pruned {
+        streams: covered.len(),
+        events,
+        next: (covered.len() == max_streams)
+            .then(|| covered.last().map(|(id, _)| *id as u64))
+            .flatten(),
+    })
+}
+
 /// The events a committed batch appended, as stored. Only this writer inserts, so one append's
 /// events have consecutive positions ending at its `last_position`.
 fn committed_events(
@@ -261,47 +334,76 @@ fn committed_events(
                 event_type: event.event_type.to_owned(),
                 schema_version: event.schema_version,
                 recorded_at,
-                data: event.data.clone(),
+                at: event.at,
+                payload: event.payload.clone(),
             });
         }
     }
     committed
 }
 
-/// The version of `stream` as of the batch being staged: staged by it, cached, or stored.
-fn version_of(
-    versions: &HashMap<String, u64>,
-    pending: &HashMap<&str, u64>,
+/// `stream`'s key and version as of the batch being staged: staged by it, cached, or stored.
+/// `None` for a stream that does not exist yet.
+fn stream_key(
+    streams: &HashMap<String, StreamKey>,
+    pending: &HashMap<&str, StreamKey>,
     tx: &Transaction<'_>,
     stream: &str,
-) -> rusqlite::Result<u64> {
-    if let Some(v) = pending.get(stream).or_else(|| versions.get(stream)) {
-        return Ok(*v);
+) -> rusqlite::Result<Option<StreamKey>> {
+    if let Some(key) = pending.get(stream).or_else(|| streams.get(stream)) {
+        return Ok(Some(*key));
     }
-    Ok(tx
-        .prepare_cached("SELECT version FROM streams WHERE stream_id = ?1")?
-        .query_row([stream], |row| row.get::<_, i64>(0))
-        .optional()?
-        .unwrap_or(0) as u64)
+    tx.prepare_cached("SELECT id, version FROM streams WHERE name = ?1")?
+        .query_row([stream], |row| {
+            Ok(StreamKey {
+                id: row.get(0)?,
+                version: row.get::<_, i64>(1)? as u64,
+            })
+        })
+        .optional()
+}
+
+/// The key of an event type, adding it to `event_types` if it is new.
+fn type_key(
+    types: &mut HashMap<&'static str, i64>,
+    tx: &Transaction<'_>,
+    name: &'static str,
+) -> rusqlite::Result<i64> {
+    if let Some(id) = types.get(name) {
+        return Ok(*id);
+    }
+    let id = match schema::event_type_id(tx, name)? {
+        Some(id) => id,
+        None => {
+            tx.prepare_cached("INSERT INTO event_types (name) VALUES (?1)")?
+                .execute([name])?;
+            tx.last_insert_rowid()
+        }
+    };
+    // Cached only once committed would be stricter; a rolled-back type is re-added next time,
+    // and its key is then simply a new one: drop the cache when a batch fails (see `stage`).
+    types.insert(name, id);
+    Ok(id)
 }
 
 /// What one command in a batch came to, before the commit decides whether it stands.
 enum Staged {
     Appended(Appended),
     Conflict(StoreError),
+    Pruned(Pruned),
     Done,
 }
 
 impl Writer {
-    pub(super) fn open(config: WriterConfig) -> rusqlite::Result<Self> {
-        let conn = Connection::open(&config.path)?;
+    pub(super) fn open(config: WriterConfig) -> Result<Self, SchemaError> {
+        let mut conn = Connection::open(&config.path)?;
         configure(&conn)?;
-        conn.execute_batch(SCHEMA)?;
-        migrate(&conn)?;
+        schema::prepare(&mut conn)?;
         Ok(Self {
             conn,
             config,
-            versions: HashMap::new(),
+            streams: HashMap::new(),
+            types: HashMap::new(),
         })
     }
 
@@ -387,7 +489,13 @@ impl Writer {
                         | (WriteCommand::Flush { reply }, _) => {
                             let _ = reply.send(Ok(()));
                         }
-                        (WriteCommand::Append { reply, .. }, Staged::Done) => {
+                        (WriteCommand::Prune { reply, .. }, Staged::Pruned(pruned)) => {
+                            let _ = reply.send(Ok(pruned));
+                        }
+                        (WriteCommand::Prune { reply, .. }, _) => {
+                            let _ = reply.send(Ok(Pruned::default()));
+                        }
+                        (WriteCommand::Append { reply, .. }, Staged::Done | Staged::Pruned(_)) => {
                             let _ = reply
                                 .send(Err(StoreError::Refused("internal: unstaged append".into())));
                         }
@@ -424,6 +532,18 @@ impl Writer {
 
     /// Writes every command of the batch in one transaction and commits it.
     fn stage(&mut self, batch: &[WriteCommand]) -> rusqlite::Result<(Vec<Staged>, DateTime<Utc>)> {
+        let staged = self.stage_uncached(batch);
+        if staged.is_err() {
+            // Keys handed out in the rolled-back transaction are gone with it.
+            self.types.clear();
+        }
+        staged
+    }
+
+    fn stage_uncached(
+        &mut self,
+        batch: &[WriteCommand],
+    ) -> rusqlite::Result<(Vec<Staged>, DateTime<Utc>)> {
         // Stored at microsecond precision; published events must read exactly as stored ones.
         let micros = Utc::now().timestamp_micros();
         let now = DateTime::from_timestamp_micros(micros).unwrap_or_default();
@@ -431,21 +551,21 @@ impl Writer {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut staged = Vec::with_capacity(batch.len());
-        // Versions this batch moves streams to; they count only once it has committed.
-        let mut pending: HashMap<&str, u64> = HashMap::new();
+        // Streams this batch creates or moves; they count only once it has committed.
+        let mut pending: HashMap<&str, StreamKey> = HashMap::new();
         {
             let mut insert_event = tx.prepare_cached(
-                "INSERT INTO events (stream_id, version, event_type, schema_version, recorded_at, data, at)
+                "INSERT INTO events (stream, version, type, schema, recorded_at, at, payload)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
-            let mut upsert_stream = tx.prepare_cached(
-                "INSERT INTO streams (stream_id, version) VALUES (?1, ?2)
-                 ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version",
-            )?;
+            let mut insert_stream =
+                tx.prepare_cached("INSERT INTO streams (name, version) VALUES (?1, ?2)")?;
+            let mut update_stream =
+                tx.prepare_cached("UPDATE streams SET version = ?2 WHERE id = ?1")?;
             let mut upsert_snapshot = tx.prepare_cached(
-                "INSERT INTO snapshots (stream_id, version, schema_version, data) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version,
-                     schema_version = excluded.schema_version, data = excluded.data
+                "INSERT INTO snapshots (stream, version, schema, payload) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (stream) DO UPDATE SET version = excluded.version,
+                     schema = excluded.schema, payload = excluded.payload
                  WHERE excluded.version >= snapshots.version",
             )?;
             for command in batch {
@@ -459,7 +579,8 @@ impl Writer {
                     } => {
                         if let Some(condition) = condition {
                             let actual =
-                                version_of(&self.versions, &pending, &tx, condition.stream)?;
+                                stream_key(&self.streams, &pending, &tx, condition.stream)?
+                                    .map_or(0, |k| k.version);
                             if actual != condition.version {
                                 staged.push(Staged::Conflict(StoreError::Conflict {
                                     stream: condition.stream.to_owned(),
@@ -469,7 +590,8 @@ impl Writer {
                                 continue;
                             }
                         }
-                        let actual = version_of(&self.versions, &pending, &tx, stream)?;
+                        let key = stream_key(&self.streams, &pending, &tx, stream)?;
+                        let actual = key.map_or(0, |k| k.version);
                         if actual != *expected {
                             staged.push(Staged::Conflict(StoreError::Conflict {
                                 stream: stream.clone(),
@@ -478,52 +600,79 @@ impl Writer {
                             }));
                             continue;
                         }
+                        if events.is_empty() {
+                            staged.push(Staged::Appended(Appended {
+                                version: actual,
+                                last_position: 0,
+                            }));
+                            continue;
+                        }
+                        let id = match key {
+                            Some(key) => key.id,
+                            None => {
+                                insert_stream.execute(params![stream, 0])?;
+                                tx.last_insert_rowid()
+                            }
+                        };
                         let mut version = actual;
                         let mut position = 0;
                         for event in events {
                             version += 1;
+                            let type_id = type_key(&mut self.types, &tx, event.event_type)?;
                             insert_event.execute(params![
-                                stream,
+                                id,
                                 version as i64,
-                                event.event_type,
+                                type_id,
                                 event.schema_version,
                                 micros,
-                                event.data,
                                 event.at.map(|at| at.timestamp_micros()),
+                                &event.payload[..],
                             ])?;
                             position = tx.last_insert_rowid() as u64;
                         }
-                        if !events.is_empty() {
-                            upsert_stream.execute(params![stream, version as i64])?;
-                            pending.insert(stream.as_str(), version);
-                        }
+                        update_stream.execute(params![id, version as i64])?;
+                        pending.insert(stream.as_str(), StreamKey { id, version });
                         staged.push(Staged::Appended(Appended {
                             version,
                             last_position: position,
                         }));
                     }
                     WriteCommand::Snapshot { snapshot, .. } => {
-                        upsert_snapshot.execute(params![
-                            snapshot.stream,
-                            snapshot.version as i64,
-                            snapshot.schema_version,
-                            snapshot.data
-                        ])?;
+                        if let Some(key) =
+                            stream_key(&self.streams, &pending, &tx, &snapshot.stream)?
+                        {
+                            upsert_snapshot.execute(params![
+                                key.id,
+                                snapshot.version as i64,
+                                snapshot.schema_version,
+                                &snapshot.payload[..],
+                            ])?;
+                        }
                         staged.push(Staged::Done);
                     }
                     WriteCommand::Flush { .. } => staged.push(Staged::Done),
+                    WriteCommand::Prune {
+                        event_types,
+                        before,
+                        after,
+                        max_streams,
+                        ..
+                    } => {
+                        let pruned = prune(&tx, event_types, *before, *after, *max_streams)?;
+                        staged.push(Staged::Pruned(pruned));
+                    }
                 }
             }
         }
         commit(tx)?;
-        if self.versions.len() + pending.len() > VERSION_CACHE_LIMIT {
-            self.versions.clear();
+        if self.streams.len() + pending.len() > STREAM_CACHE_LIMIT {
+            self.streams.clear();
         }
-        for (stream, version) in pending {
-            match self.versions.get_mut(stream) {
-                Some(cached) => *cached = version,
+        for (stream, key) in pending {
+            match self.streams.get_mut(stream) {
+                Some(cached) => *cached = key,
                 None => {
-                    self.versions.insert(stream.to_owned(), version);
+                    self.streams.insert(stream.to_owned(), key);
                 }
             }
         }
