@@ -155,6 +155,11 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         shutdown: shutdown.clone(),
         access,
     };
+    let retention = crate::retention::spawn(
+        state.engine.store().clone(),
+        config.reading_retention,
+        shutdown.clone(),
+    );
     let mut signals = ShutdownSignals::register()?;
     let server = HttpServer::new(move || {
         // The last `wrap` runs first: log, refuse foreign origins, CORS, then tokens and types.
@@ -225,6 +230,10 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         }
     };
     tokio::join!(stop_http, stop_consumer);
+    if let Some(retention) = retention {
+        // Cancelled above; a pass stops between two of its writes.
+        let _ = retention.await;
+    }
     engine.shutdown().await;
     sqlite.close();
     match http_failure {

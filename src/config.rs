@@ -31,6 +31,12 @@ pub struct Config {
     #[arg(long, env = "FLEETWATCH_SNAPSHOT_EVERY", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     pub snapshot_every: u64,
 
+    /// Raw reading events older than this (by reading time) are removed in the background, once a
+    /// snapshot of their device covers them; alarm, zone and range events are kept for ever.
+    /// `0` keeps everything.
+    #[arg(long, env = "FLEETWATCH_READING_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub reading_retention: Duration,
+
     /// A device actor that handled nothing for this long is stopped (its state stays in the store).
     #[arg(long, env = "FLEETWATCH_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,

@@ -15,6 +15,7 @@ pub mod engine;
 pub mod http;
 pub mod ingest;
 pub mod live;
+pub mod retention;
 pub mod rules;
 pub mod store;
 pub mod telemetry;

@@ -301,6 +301,8 @@ fn prune(
             events += removed as u64;
         }
     }
+    // Test builds only: `FAILPOINTS=store-prune=sleep(ms)` holds a pass's write open, uncommitted.
+    fail::fail_point!("store-prune");
     Ok(Pruned {
         streams: covered.len(),
         events,
