@@ -21,6 +21,9 @@
 //!    writer stages the commit) and to its receipt on SSE (after the commit's fsync). The moment
 //!    it became durable lies between the two.
 //!
+//! `FW_BASELINE_BIN=/path/to/another/fleetwatch` adds a drain by that binary (an older build, say)
+//! to every round, right after this build's: before and after in one run (A B C A B C).
+//!
 //! Every run uses exchange and queue names of its own (`bench.<uuid8>`), deleted at the end.
 //! `FW_BENCH_N` overrides N (default 100,000), `FW_BENCH_RATE` the latency test's readings/s
 //! (default 10,000), `FW_BENCH_SECONDS` its length (default 20); `FW_PHASES` picks the phases
@@ -148,14 +151,31 @@ async fn measure(
         let topology = Topology::new();
         used.push(topology.clone());
         let (engine, engine_publish, engine_drain, engine_cpu, engine_broker_cpu) =
-            engine_run(broker, &topology, backlog).await?;
+            engine_run(broker, &topology, backlog, &this_build()).await?;
         engine.stop()?;
         let left = broker.depth(&topology).await?;
         ensure!(
             left == 0,
             "{left} readings were left unacked after the engine stopped"
         );
+        let baseline = match std::env::var_os("FW_BASELINE_BIN") {
+            None => None,
+            Some(bin) => {
+                eprintln!("round {round}: baseline {}", bin.to_string_lossy());
+                let topology = Topology::new();
+                used.push(topology.clone());
+                let (engine, _, drain, cpu, broker_cpu) =
+                    engine_run(broker, &topology, backlog, &PathBuf::from(bin)).await?;
+                engine.stop()?;
+                Some(Baseline {
+                    drain: rate(backlog.len(), drain),
+                    engine_us: per_reading_us(cpu, backlog.len()),
+                    broker_us: per_reading_us(broker_cpu, backlog.len()),
+                })
+            }
+        };
         rounds.push(Round {
+            baseline,
             bare_publish: rate(backlog.len(), bare_publish),
             engine_publish: rate(backlog.len(), engine_publish),
             bare: rate(backlog.len(), bare_drain),
@@ -234,17 +254,22 @@ async fn bare_consume(topology: &Topology, n: u64) -> Result<Duration> {
 /// Queues the backlog while no engine runs, then starts one and times it until all is durable
 /// and acked. Returns the running engine, the publish time, the drain time, and the CPU seconds
 /// the engine and the broker used while draining.
+fn this_build() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fleetwatch"))
+}
+
 async fn engine_run(
     broker: &Broker,
     topology: &Topology,
     backlog: &[Message],
+    binary: &std::path::Path,
 ) -> Result<(Engine, Duration, Duration, f64, f64)> {
     broker.declare(topology).await?;
     let publish = broker.publish_backlog(topology, backlog).await?;
     let broker_pid = broker_pid()?;
     let broker_before = cpu_seconds(&broker_pid);
     let started = Instant::now();
-    let mut engine = Engine::start(topology)?;
+    let mut engine = Engine::start_binary(topology, binary)?;
     let http = reqwest::Client::new();
     loop {
         if engine.processed(&http).await >= backlog.len() as u64
@@ -668,12 +693,16 @@ struct Engine {
 
 impl Engine {
     fn start(t: &Topology) -> Result<Self> {
+        Self::start_binary(t, &this_build())
+    }
+
+    fn start_binary(t: &Topology, binary: &std::path::Path) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let log = dir.path().join("engine.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_fleetwatch"))
+        let child = Command::new(binary)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(["--http-addr", &format!("127.0.0.1:{port}")])
@@ -771,7 +800,15 @@ impl Drop for Engine {
 }
 
 /// Readings per second of one round.
+/// A drain by `FW_BASELINE_BIN`.
+struct Baseline {
+    drain: f64,
+    engine_us: f64,
+    broker_us: f64,
+}
+
 struct Round {
+    baseline: Option<Baseline>,
     bare_publish: f64,
     engine_publish: f64,
     bare: f64,
@@ -915,6 +952,29 @@ fn print_drains(n: usize, backlog: &[Message], rounds: &[Round]) {
         &micros,
     );
     row("CPU per reading: fleetwatch", &|r| r.engine_us, &micros);
+    if rounds.iter().all(|r| r.baseline.is_some()) {
+        let baseline = |r: &Round| r.baseline.as_ref().map_or(0.0, |b| b.drain);
+        row(
+            "baseline (FW_BASELINE_BIN): durable + acked",
+            &baseline,
+            &per_second,
+        );
+        row(
+            "baseline / bare consumer",
+            &|r| baseline(r) / r.bare,
+            &|v| format!("{:.0} %", v * 100.0),
+        );
+        row(
+            "CPU per reading: broker, baseline run",
+            &|r| r.baseline.as_ref().map_or(0.0, |b| b.broker_us),
+            &micros,
+        );
+        row(
+            "CPU per reading: baseline",
+            &|r| r.baseline.as_ref().map_or(0.0, |b| b.engine_us),
+            &micros,
+        );
+    }
 }
 
 fn print_latency(latency: &Latency) {

@@ -102,11 +102,11 @@ impl ReadOnlyStore {
             .prepare_cached(&format!(
                 "SELECT {EVENT_COLUMNS} FROM events e
                  LEFT JOIN streams s ON s.id = e.stream LEFT JOIN event_types t ON t.id = e.type
-                 WHERE e.position > ?1 ORDER BY e.position LIMIT ?2"
+                 WHERE e.position > ?1 ORDER BY e.position"
             ))
             .map_err(backend)?;
         let rows = stmt
-            .query_map(params![after_position as i64, limit as i64], |row| {
+            .query_map(params![after_position as i64], |row| {
                 Ok(row_to_event(row).map_err(|e| UnreadableRow {
                     position: row.get::<_, i64>(0).unwrap_or_default() as u64,
                     stream: row.get(1).ok(),
@@ -115,7 +115,9 @@ impl ReadOnlyStore {
                 }))
             })
             .map_err(backend)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(backend)
+        rows.take(limit)
+            .collect::<rusqlite::Result<_>>()
+            .map_err(backend)
     }
 
     /// Snapshots of streams after `after_stream` in stream order, at most `limit`.
@@ -125,11 +127,11 @@ impl ReadOnlyStore {
             .prepare_cached(
                 "SELECT s.name, n.version, n.schema, n.payload FROM snapshots n
                  JOIN streams s ON s.id = n.stream
-                 WHERE s.name > ?1 ORDER BY s.name LIMIT ?2",
+                 WHERE s.name > ?1 ORDER BY s.name",
             )
             .map_err(backend)?;
         let rows = stmt
-            .query_map(params![after_stream, limit as i64], |row| {
+            .query_map(params![after_stream], |row| {
                 Ok(Snapshot {
                     stream: row.get(0)?,
                     version: row.get::<_, i64>(1)? as u64,
@@ -138,6 +140,8 @@ impl ReadOnlyStore {
                 })
             })
             .map_err(backend)?;
-        rows.collect::<rusqlite::Result<_>>().map_err(backend)
+        rows.take(limit)
+            .collect::<rusqlite::Result<_>>()
+            .map_err(backend)
     }
 }

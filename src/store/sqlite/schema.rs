@@ -42,7 +42,10 @@ CREATE TABLE events (
     payload     BLOB    NOT NULL
 );
 CREATE UNIQUE INDEX events_by_stream ON events (stream, version);
-CREATE INDEX events_by_time ON events (stream, at) WHERE at IS NOT NULL;
+-- Not a partial index (`WHERE at IS NOT NULL`): SQLite re-prepares a statement that might use a
+-- partial index each time a bound value changes, which cost more than the few rules events the
+-- condition would leave out.
+CREATE INDEX events_by_time ON events (stream, at);
 CREATE TABLE snapshots (
     stream  INTEGER PRIMARY KEY,
     version INTEGER NOT NULL,

@@ -148,7 +148,7 @@ pub(super) struct Writer {
     /// Committed streams' keys and versions, so an append need not look its stream up in SQLite.
     /// Only the writer changes them, so the cache cannot go stale; it is dropped when it grows
     /// large.
-    streams: HashMap<String, StreamKey>,
+    streams: HashMap<String, Option<StreamKey>>,
     /// Event type names' keys.
     types: HashMap<&'static str, i64>,
 }
@@ -273,12 +273,11 @@ fn prune(
         .filter_map(|name| schema::event_type_id(tx, name).transpose())
         .collect::<rusqlite::Result<_>>()?;
     let mut streams = tx.prepare_cached(
-        "SELECT stream, version FROM snapshots WHERE stream > ?1 ORDER BY stream LIMIT ?2",
+        "SELECT stream, version FROM snapshots WHERE stream > ?1 ORDER BY stream",
     )?;
     let covered: Vec<(i64, i64)> = streams
-        .query_map(params![after as i64, max_streams as i64], |row| {
-            Ok((row.get(0)?, row.get(1)?))
-        })?
+        .query_map(params![after as i64], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .take(max_streams)
         .collect::<rusqlite::Result<_>>()?;
     let newest: i64 = tx.query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |r| {
         r.get(0)
@@ -345,24 +344,33 @@ fn committed_events(
 }
 
 /// `stream`'s key and version as of the batch being staged: staged by it, cached, or stored.
-/// `None` for a stream that does not exist yet.
+/// `None` for a stream that does not exist yet, which is cached too: `$rules` is looked up for
+/// every append, and may not exist.
 fn stream_key(
-    streams: &HashMap<String, StreamKey>,
+    streams: &mut HashMap<String, Option<StreamKey>>,
     pending: &HashMap<&str, StreamKey>,
     tx: &Transaction<'_>,
     stream: &str,
 ) -> rusqlite::Result<Option<StreamKey>> {
-    if let Some(key) = pending.get(stream).or_else(|| streams.get(stream)) {
+    if let Some(key) = pending.get(stream) {
         return Ok(Some(*key));
     }
-    tx.prepare_cached("SELECT id, version FROM streams WHERE name = ?1")?
+    if let Some(key) = streams.get(stream) {
+        return Ok(*key);
+    }
+    let stored = tx
+        .prepare_cached("SELECT id, version FROM streams WHERE name = ?1")?
         .query_row([stream], |row| {
             Ok(StreamKey {
                 id: row.get(0)?,
                 version: row.get::<_, i64>(1)? as u64,
             })
         })
-        .optional()
+        .optional()?;
+    // Only this writer creates or moves streams, and a stream this batch creates is in `pending`
+    // first: what is stored stays true until a commit updates the cache.
+    streams.insert(stream.to_owned(), stored);
+    Ok(stored)
 }
 
 /// The key of an event type, adding it to `event_types` if it is new.
@@ -581,7 +589,7 @@ impl Writer {
                     } => {
                         if let Some(condition) = condition {
                             let actual =
-                                stream_key(&self.streams, &pending, &tx, condition.stream)?
+                                stream_key(&mut self.streams, &pending, &tx, condition.stream)?
                                     .map_or(0, |k| k.version);
                             if actual != condition.version {
                                 staged.push(Staged::Conflict(StoreError::Conflict {
@@ -592,7 +600,7 @@ impl Writer {
                                 continue;
                             }
                         }
-                        let key = stream_key(&self.streams, &pending, &tx, stream)?;
+                        let key = stream_key(&mut self.streams, &pending, &tx, stream)?;
                         let actual = key.map_or(0, |k| k.version);
                         if actual != *expected {
                             staged.push(Staged::Conflict(StoreError::Conflict {
@@ -641,7 +649,7 @@ impl Writer {
                     }
                     WriteCommand::Snapshot { snapshot, .. } => {
                         if let Some(key) =
-                            stream_key(&self.streams, &pending, &tx, &snapshot.stream)?
+                            stream_key(&mut self.streams, &pending, &tx, &snapshot.stream)?
                         {
                             upsert_snapshot.execute(params![
                                 key.id,
@@ -672,9 +680,9 @@ impl Writer {
         }
         for (stream, key) in pending {
             match self.streams.get_mut(stream) {
-                Some(cached) => *cached = key,
+                Some(cached) => *cached = Some(key),
                 None => {
-                    self.streams.insert(stream.to_owned(), key);
+                    self.streams.insert(stream.to_owned(), Some(key));
                 }
             }
         }
