@@ -21,6 +21,9 @@
 //!    writer stages the commit) and to its receipt on SSE (after the commit's fsync). The moment
 //!    it became durable lies between the two.
 //!
+//! `FW_ENGINE_ARGS` adds flags to every engine the bench starts (space-separated).
+//! `FW_ENGINE_BIN=/path/to/fleetwatch` measures that binary instead of this build's (e.g. one
+//! built without the test-only `failpoints` feature, or an older build's latency).
 //! `FW_BASELINE_BIN=/path/to/another/fleetwatch` adds a drain by that binary (an older build, say)
 //! to every round, right after this build's: before and after in one run (A B C A B C).
 //!
@@ -254,8 +257,11 @@ async fn bare_consume(topology: &Topology, n: u64) -> Result<Duration> {
 /// Queues the backlog while no engine runs, then starts one and times it until all is durable
 /// and acked. Returns the running engine, the publish time, the drain time, and the CPU seconds
 /// the engine and the broker used while draining.
+/// The engine under test: this build's, or `FW_ENGINE_BIN`.
 fn this_build() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_fleetwatch"))
+    std::env::var_os("FW_ENGINE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_fleetwatch")))
 }
 
 async fn engine_run(
@@ -708,6 +714,7 @@ impl Engine {
             .args(["--http-addr", &format!("127.0.0.1:{port}")])
             .args(["--amqp-url", URL, "--amqp-exchange", &t.exchange])
             .args(["--amqp-queue", &t.queue])
+            .args(std::env::var("FW_ENGINE_ARGS").unwrap_or_default().split_whitespace())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)

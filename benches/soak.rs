@@ -4,12 +4,15 @@
 //! `FW_SOAK_RATE` readings/s (default 2,000) from `FW_SOAK_DEVICES` devices (default 2,000) for
 //! `FW_SOAK_MINUTES` (default 30), with nothing scraping `/metrics` in between. Every
 //! `FW_SOAK_SAMPLE_SECONDS` (default 30) it records the engine's resident memory, open file
-//! descriptors, threads and the readings processed so far, and prints them as a table (and as
-//! CSV to `FW_SOAK_CSV` if set). At the end it checks that the queue drained and nothing was
-//! dead-lettered, and prints the growth of memory and descriptors after the warm-up.
+//! descriptors, threads, the size of its data directory (database and write-ahead log) and the
+//! readings processed so far, and prints them as a table (and as CSV to `FW_SOAK_CSV` if set).
+//! At the end it checks that the queue drained and nothing was dead-lettered, and prints the
+//! growth of memory, descriptors and data after the warm-up. `FW_SOAK_ENGINE_ARGS` adds engine
+//! flags (space-separated), e.g. a short retention to watch the database level off.
 //!
 //! ```sh
 //! cargo bench --bench soak                        # 30 min
+//! FW_SOAK_ENGINE_ARGS="--reading-retention 5m" cargo bench --bench soak
 //! FW_SOAK_MINUTES=2 cargo bench --bench soak      # a quick look
 //! ```
 //!
@@ -35,7 +38,20 @@ struct Sample {
     rss_kib: u64,
     fds: usize,
     threads: u64,
+    data_bytes: u64,
     processed: u64,
+}
+
+/// The bytes of the files in `dir` (the database, its write-ahead log and shared memory).
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn status_field(pid: u32, field: &str) -> Result<u64> {
@@ -66,11 +82,13 @@ async fn metric(http: &reqwest::Client, base: &str, name: &str) -> Result<u64> {
 }
 
 fn spawn_engine(data: &Path, port: u16, names: &str) -> Result<Child> {
+    let extra = std::env::var("FW_SOAK_ENGINE_ARGS").unwrap_or_default();
     Command::new(env!("CARGO_BIN_EXE_fleetwatch"))
         .args(["--data-dir"])
         .arg(data)
         .args(["--http-addr", &format!("127.0.0.1:{port}")])
         .args(["--amqp-exchange", names, "--amqp-queue", names])
+        .args(extra.split_whitespace())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(data.with_extension("log"))?)
@@ -122,8 +140,8 @@ async fn main() -> Result<()> {
     let run = Duration::from_secs(minutes * 60);
     println!("soak: {rate} readings/s from {devices} devices for {minutes} min over RabbitMQ");
     println!(
-        "{:>7} {:>10} {:>5} {:>8} {:>12}",
-        "t (s)", "RSS (MiB)", "fds", "threads", "processed"
+        "{:>7} {:>10} {:>5} {:>8} {:>10} {:>12}",
+        "t (s)", "RSS (MiB)", "fds", "threads", "data (MiB)", "processed"
     );
     let begun = Instant::now();
     loop {
@@ -133,14 +151,16 @@ async fn main() -> Result<()> {
             rss_kib: status_field(pid, "VmRSS:")?,
             fds: open_fds(pid)?,
             threads: status_field(pid, "Threads:")?,
+            data_bytes: dir_bytes(&data),
             processed: metric(&http, &base, "fleetwatch_amqp_processed_total").await?,
         };
         println!(
-            "{:>7} {:>10.1} {:>5} {:>8} {:>12}",
+            "{:>7} {:>10.1} {:>5} {:>8} {:>10.1} {:>12}",
             sample.at_s,
             sample.rss_kib as f64 / 1024.0,
             sample.fds,
             sample.threads,
+            sample.data_bytes as f64 / 1048576.0,
             sample.processed
         );
         samples.push(sample);
@@ -161,10 +181,7 @@ async fn main() -> Result<()> {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let dead = metric(&http, &base, "fleetwatch_amqp_dead_lettered_total").await?;
-    let data_bytes: u64 = std::fs::read_dir(&data)?
-        .filter_map(|e| e.ok()?.metadata().ok())
-        .map(|m| m.len())
-        .sum();
+    let data_bytes = dir_bytes(&data);
     let _ = engine.kill();
     let _ = engine.wait();
     for queue in [names.clone(), format!("{names}.dead")] {
@@ -182,12 +199,12 @@ async fn main() -> Result<()> {
 
     if let Ok(path) = std::env::var("FW_SOAK_CSV") {
         let mut csv = std::fs::File::create(path)?;
-        writeln!(csv, "t_s,rss_kib,fds,threads,processed")?;
+        writeln!(csv, "t_s,rss_kib,fds,threads,data_bytes,processed")?;
         for s in &samples {
             writeln!(
                 csv,
-                "{},{},{},{},{}",
-                s.at_s, s.rss_kib, s.fds, s.threads, s.processed
+                "{},{},{},{},{},{}",
+                s.at_s, s.rss_kib, s.fds, s.threads, s.data_bytes, s.processed
             )?;
         }
     }
@@ -204,7 +221,7 @@ async fn main() -> Result<()> {
         "simulator: {sim_status}; processed {processed} of {published} published; dead-lettered {dead}"
     );
     println!(
-        "after warm-up (t = {} s .. {} s): RSS {:.1} -> {:.1} MiB (max {:.1}), fds {}..{}, threads {} -> {}",
+        "after warm-up (t = {} s .. {} s): RSS {:.1} -> {:.1} MiB (max {:.1}), fds {}..{}, threads {} -> {}, data {:.1} -> {:.1} MiB",
         first.at_s,
         last.at_s,
         first.rss_kib as f64 / 1024.0,
@@ -213,7 +230,9 @@ async fn main() -> Result<()> {
         min_fds,
         max_fds,
         first.threads,
-        last.threads
+        last.threads,
+        first.data_bytes as f64 / 1048576.0,
+        last.data_bytes as f64 / 1048576.0,
     );
     println!(
         "data directory at the end: {:.0} MiB",

@@ -99,6 +99,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         &config.data_dir,
         SqliteStoreOptions {
             max_batch: config.store_max_batch,
+            linger: config.store_linger,
             queue_capacity: config.max_in_flight as usize * 2 + 1024,
             ..SqliteStoreOptions::default()
         },

@@ -528,7 +528,40 @@ pub struct EventView<'a> {
     pub event_type: &'a str,
     pub schema_version: u16,
     pub recorded_at: DateTime<Utc>,
-    pub data: serde_json::Value,
+    pub data: EventData,
+}
+
+/// An event's payload as the API shows it, serialised straight from what was read (no
+/// intermediate JSON tree: the live stream does this for every event it sends).
+pub enum EventData {
+    Device(DeviceEvent),
+    /// A JSON payload (rules events, device events of schema 1), passed through as stored.
+    Json(Box<serde_json::value::RawValue>),
+    Damaged(String),
+}
+
+impl Serialize for EventData {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            EventData::Device(event) => event.serialize(s),
+            EventData::Json(raw) => raw.serialize(s),
+            EventData::Damaged(text) => s.serialize_str(text),
+        }
+    }
+}
+
+impl EventData {
+    pub fn of(recorded: &RecordedEvent) -> Self {
+        let damaged =
+            || EventData::Damaged(String::from_utf8_lossy(&recorded.payload).into_owned());
+        if recorded.stream.starts_with('$') || recorded.schema_version == JSON_SCHEMA {
+            return std::str::from_utf8(&recorded.payload)
+                .ok()
+                .and_then(|text| serde_json::value::RawValue::from_string(text.to_owned()).ok())
+                .map_or_else(damaged, EventData::Json);
+        }
+        decode_device_event(recorded).map_or_else(|_| damaged(), EventData::Device)
+    }
 }
 
 impl<'a> EventView<'a> {
@@ -540,9 +573,7 @@ impl<'a> EventView<'a> {
             event_type: &recorded.event_type,
             schema_version: recorded.schema_version,
             recorded_at: recorded.recorded_at,
-            data: event_json(recorded).unwrap_or_else(|| {
-                serde_json::Value::String(String::from_utf8_lossy(&recorded.payload).into_owned())
-            }),
+            data: EventData::of(recorded),
         }
     }
 }

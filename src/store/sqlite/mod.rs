@@ -34,6 +34,8 @@ pub struct SqliteStoreOptions {
     pub readers: u32,
     /// Capacity of the live feed (in commits) before slow subscribers lag.
     pub live_capacity: usize,
+    /// How long a small batch waits for more appends before it commits.
+    pub linger: Duration,
 }
 
 impl Default for SqliteStoreOptions {
@@ -43,6 +45,7 @@ impl Default for SqliteStoreOptions {
             queue_capacity: 65_536,
             readers: 4,
             live_capacity: 4096,
+            linger: Duration::ZERO,
         }
     }
 }
@@ -80,6 +83,7 @@ impl SqliteStore {
             path: path.clone(),
             live: live.clone(),
             max_batch: options.max_batch.max(1),
+            linger: options.linger,
             health: health.clone(),
         };
         let writer = Writer::open(config.clone())

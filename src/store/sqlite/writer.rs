@@ -39,6 +39,8 @@ const RESTART_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(10);
 /// A writer that ran this long before dying starts the backoff over.
 const STABLE_RUN: Duration = Duration::from_secs(60);
+/// A batch smaller than this waits up to the configured linger for more commands.
+const LINGER_BELOW: usize = 64;
 /// Streams the writer keeps in memory (key and version) before it starts over.
 const STREAM_CACHE_LIMIT: usize = 1_000_000;
 
@@ -139,6 +141,8 @@ pub(super) struct WriterConfig {
     pub path: PathBuf,
     pub live: broadcast::Sender<CommittedBatch>,
     pub max_batch: usize,
+    /// How long a small batch waits for more before it commits.
+    pub linger: Duration,
     pub health: HealthSignal,
 }
 
@@ -437,13 +441,37 @@ impl Writer {
                 }
             };
             batch.push(first);
-            while batch.len() < self.config.max_batch {
-                match commands.try_recv() {
-                    Ok(command) => batch.push(command),
-                    Err(_) => break,
-                }
-            }
+            self.gather(commands, &mut batch);
             self.write_batch(&mut batch);
+        }
+    }
+
+    /// Adds what else has queued to `batch`. A small batch lingers up to `linger` for more, so that
+    /// a steady stream of appends shares commits (and their fsyncs) instead of paying one each.
+    fn gather(&self, commands: &mpsc::Receiver<WriteCommand>, batch: &mut Vec<WriteCommand>) {
+        let max = self.config.max_batch;
+        while batch.len() < max {
+            match commands.try_recv() {
+                Ok(command) => batch.push(command),
+                Err(_) => break,
+            }
+        }
+        if self.config.linger.is_zero() || batch.len() >= LINGER_BELOW {
+            return;
+        }
+        let deadline = Instant::now() + self.config.linger;
+        while batch.len() < LINGER_BELOW {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match commands.recv_timeout(left) {
+                Ok(command) => batch.push(command),
+                Err(_) => return,
+            }
+        }
+        while batch.len() < max {
+            match commands.try_recv() {
+                Ok(command) => batch.push(command),
+                Err(_) => break,
+            }
         }
     }
 
