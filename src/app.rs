@@ -34,6 +34,8 @@ pub enum StartupError {
     Rules(#[from] RulesError),
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
+    #[error("opening the read models: {0}")]
+    ReadModels(#[from] crate::projections::ReadModelError),
     #[error("access settings: {0}")]
     Access(#[from] AccessError),
     #[error("refusing to listen on {0} without admin tokens: anyone who can reach it could change the zones and ranges. Set FLEETWATCH_ADMIN_TOKENS (--admin-tokens), or bind a loopback address such as 127.0.0.1:8080")]
@@ -123,6 +125,8 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     let shutdown = CancellationToken::new();
     let broker = BrokerStatus::new(BrokerState::Disabled);
     let failed = FailedMessages::new(1000);
+    let (read_models, read_models_thread) =
+        crate::projections::start(engine.store().clone(), &config.data_dir, shutdown.clone())?;
     let consumer = if config.amqp_disabled {
         None
     } else {
@@ -143,6 +147,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         tile_url: config.tile_url.clone(),
         broker,
         failed,
+        read_models,
         metrics,
         rule_limits: http::RuleLimits {
             max_zone_vertices: config.max_zone_vertices as usize,
@@ -236,6 +241,13 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         let _ = retention.await;
     }
     engine.shutdown().await;
+    // Cancelled with the rest: it commits what it folded, then stops.
+    if tokio::task::spawn_blocking(move || read_models_thread.join())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the read models did not stop cleanly; they resume from their checkpoint");
+    }
     sqlite.close();
     match http_failure {
         None => {

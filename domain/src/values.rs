@@ -157,6 +157,14 @@ impl Location {
         use geo::{Distance, Geodesic};
         Geodesic.distance(self.point(), other.point())
     }
+
+    /// The heading from here to `other`, in degrees clockwise from north, within [0, 360).
+    pub fn bearing_deg(&self, other: &Location) -> f64 {
+        use geo::{Bearing, Geodesic};
+        Geodesic
+            .bearing(self.point(), other.point())
+            .rem_euclid(360.0)
+    }
 }
 
 /// A temperature in °C.
@@ -277,6 +285,20 @@ mod tests {
         assert!(Temperature::new(200.0).is_ok());
         assert_eq!(Temperature::new(200.1).unwrap_err().field, "temperature");
         assert_eq!(Temperature::new(f64::NAN).unwrap_err().field, "temperature");
+    }
+
+    #[test]
+    fn bearings_point_clockwise_from_north() {
+        let here = Location::new(52.0, 4.0).unwrap();
+        let north = Location::new(52.1, 4.0).unwrap();
+        let east = Location::new(52.0, 4.1).unwrap();
+        let south = Location::new(51.9, 4.0).unwrap();
+        assert!(
+            here.bearing_deg(&north).abs() < 0.01
+                || (here.bearing_deg(&north) - 360.0).abs() < 0.01
+        );
+        assert!((here.bearing_deg(&east) - 90.0).abs() < 0.1);
+        assert!((here.bearing_deg(&south) - 180.0).abs() < 0.01);
     }
 
     #[test]

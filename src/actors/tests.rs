@@ -126,6 +126,18 @@ impl EventStore for FaultyStore {
     ) -> BoxFuture<'static, StoreResult<bool>> {
         self.inner.has_event_at(s, event_type, at)
     }
+    fn read_by_time(
+        &self,
+        s: &str,
+        event_type: &'static str,
+        range: std::ops::Range<DateTime<Utc>>,
+        after: Option<(DateTime<Utc>, u64)>,
+        newest_first: bool,
+        limit: usize,
+    ) -> BoxFuture<'static, StoreResult<Vec<RecordedEvent>>> {
+        self.inner
+            .read_by_time(s, event_type, range, after, newest_first, limit)
+    }
     fn prune(
         &self,
         event_types: &'static [&'static str],

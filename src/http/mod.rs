@@ -5,6 +5,7 @@
 pub mod access;
 mod assets;
 mod devices;
+mod history;
 mod ops;
 mod readings;
 mod rules;
@@ -31,6 +32,7 @@ pub struct AppState {
     pub tile_url: Option<String>,
     pub broker: BrokerStatus,
     pub failed: FailedMessages,
+    pub read_models: crate::projections::ReadModels,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub rule_limits: RuleLimits,
     /// The live streams' limits and their open connections (shared by every worker).
@@ -56,6 +58,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .configure(readings::routes)
             .configure(rules::routes)
             .configure(devices::routes)
+            .configure(history::routes)
             .configure(ops::routes)
             .configure(access::routes)
             .route("/stream", web::get().to(crate::live::stream)),

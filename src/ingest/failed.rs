@@ -20,6 +20,8 @@ pub struct FailedMessage {
 pub struct FailedMessages {
     inner: Arc<Mutex<VecDeque<FailedMessage>>>,
     capacity: usize,
+    /// Dead-lettered since the engine started.
+    total: Arc<std::sync::atomic::AtomicU64>,
 }
 
 const MAX_BODY_CHARS: usize = 4096;
@@ -29,10 +31,18 @@ impl FailedMessages {
         Self {
             inner: Arc::new(Mutex::new(VecDeque::with_capacity(capacity))),
             capacity,
+            total: Arc::default(),
         }
     }
 
+    /// Messages dead-lettered since the engine started.
+    pub fn total(&self) -> u64 {
+        self.total.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn record(&self, reason: &str, routing_key: &str, body: &[u8]) {
+        self.total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let body: String = String::from_utf8_lossy(body)
             .chars()
             .take(MAX_BODY_CHARS)

@@ -208,6 +208,19 @@ pub trait EventStore: Send + Sync + 'static {
         at: DateTime<Utc>,
     ) -> BoxFuture<'static, StoreResult<bool>>;
 
+    /// Events of `stream` and `event_type` with `from <= at < to`, ordered by `at` then position
+    /// (oldest or newest first), after `after` (an `(at, position)` already returned), at most
+    /// `limit`.
+    fn read_by_time(
+        &self,
+        stream: &str,
+        event_type: &'static str,
+        range: std::ops::Range<DateTime<Utc>>,
+        after: Option<(DateTime<Utc>, u64)>,
+        newest_first: bool,
+        limit: usize,
+    ) -> BoxFuture<'static, StoreResult<Vec<RecordedEvent>>>;
+
     /// Removes events of `event_types` whose `at` is before `before`, but only those a snapshot of
     /// their stream covers, from up to `max_streams` streams after the stream key `after`
     /// (0: the first). One atomic write, queued like an append.

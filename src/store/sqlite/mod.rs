@@ -354,6 +354,52 @@ impl EventStore for SqliteStore {
         })
     }
 
+    fn read_by_time(
+        &self,
+        stream: &str,
+        event_type: &'static str,
+        range: std::ops::Range<DateTime<Utc>>,
+        after: Option<(DateTime<Utc>, u64)>,
+        newest_first: bool,
+        limit: usize,
+    ) -> BoxFuture<'static, StoreResult<Vec<RecordedEvent>>> {
+        let stream = stream.to_owned();
+        self.read(move |conn| {
+            let Some(type_id) = schema::event_type_id(conn, event_type)? else {
+                return Ok(Vec::new());
+            };
+            let (after_at, after_position) = match (after, newest_first) {
+                (Some((at, p)), _) => (at.timestamp_micros(), p as i64),
+                (None, false) => (i64::MIN, 0),
+                (None, true) => (i64::MAX, i64::MAX),
+            };
+            let (after_op, order) = if newest_first {
+                ("<", "DESC")
+            } else {
+                (">", "ASC")
+            };
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {EVENT_COLUMNS} FROM streams s
+                 JOIN events e ON e.stream = s.id JOIN event_types t ON t.id = e.type
+                 WHERE s.name = ?1 AND e.type = ?2 AND e.at >= ?3 AND e.at < ?4
+                   AND (e.at, e.position) {after_op} (?5, ?6)
+                 ORDER BY e.at {order}, e.position {order}"
+            ))?;
+            let rows = stmt.query_map(
+                params![
+                    stream,
+                    type_id,
+                    range.start.timestamp_micros(),
+                    range.end.timestamp_micros(),
+                    after_at,
+                    after_position
+                ],
+                row_to_event,
+            )?;
+            rows.take(limit).collect()
+        })
+    }
+
     fn prune(
         &self,
         event_types: &'static [&'static str],

@@ -1,0 +1,377 @@
+//! What the read models make of events, in memory, before a commit writes it: pure folding,
+//! tested without a database.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use fleetwatch_domain::{DeviceEvent, Location, RulesEvent};
+use serde::{Deserialize, Serialize};
+
+/// The width of a temperature bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Bucket {
+    Minute,
+    Hour,
+    Day,
+}
+
+impl Bucket {
+    pub fn seconds(self) -> i64 {
+        match self {
+            Bucket::Minute => 60,
+            Bucket::Hour => 3_600,
+            Bucket::Day => 86_400,
+        }
+    }
+
+    /// The start (Unix seconds, UTC) of the bucket holding `at`.
+    pub fn start_of(self, at: DateTime<Utc>) -> i64 {
+        at.timestamp().div_euclid(self.seconds()) * self.seconds()
+    }
+
+    /// The stored rows it is made of: minute and hour buckets are stored, a day is 24 hours.
+    pub fn stored(self) -> StoredBucket {
+        match self {
+            Bucket::Minute => StoredBucket::Minute,
+            Bucket::Hour | Bucket::Day => StoredBucket::Hour,
+        }
+    }
+}
+
+/// The bucket widths kept as rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StoredBucket {
+    Minute = 0,
+    Hour = 1,
+}
+
+impl StoredBucket {
+    pub const ALL: [StoredBucket; 2] = [StoredBucket::Minute, StoredBucket::Hour];
+
+    pub fn width(self) -> Bucket {
+        match self {
+            StoredBucket::Minute => Bucket::Minute,
+            StoredBucket::Hour => Bucket::Hour,
+        }
+    }
+}
+
+/// One bucket's aggregate: readings, their temperature, where the device was last, how far it
+/// went and the alarms it raised.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Aggregate {
+    pub count: u64,
+    pub sum: f64,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    /// The reading time (microseconds) of the latest reading in the bucket, and where it was.
+    pub last: Option<(i64, Location)>,
+    pub distance_m: f64,
+    pub alarms: u64,
+}
+
+impl Aggregate {
+    pub fn add_reading(&mut self, at: i64, location: Location, celsius: f64) {
+        self.count += 1;
+        self.sum += celsius;
+        self.min = Some(self.min.map_or(celsius, |m| m.min(celsius)));
+        self.max = Some(self.max.map_or(celsius, |m| m.max(celsius)));
+        if self.last.is_none_or(|(last_at, _)| at >= last_at) {
+            self.last = Some((at, location));
+        }
+    }
+
+    pub fn merge(&mut self, other: &Aggregate) {
+        self.count += other.count;
+        self.sum += other.sum;
+        self.min = match (self.min, other.min) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.max = match (self.max, other.max) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some((at, location)) = other.last {
+            if self.last.is_none_or(|(last_at, _)| at >= last_at) {
+                self.last = Some((at, location));
+            }
+        }
+        self.distance_m += other.distance_m;
+        self.alarms += other.alarms;
+    }
+
+    pub fn mean(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum / self.count as f64)
+    }
+}
+
+/// The fleet's rows use this device name (not a valid device id, so it cannot collide).
+pub const FLEET: &str = "*";
+
+/// A zone crossing, as the zone report needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Crossing {
+    pub zone: String,
+    pub device: String,
+    pub at: i64,
+    pub position: u64,
+    pub entered: bool,
+}
+
+/// An alarm open now, kept to count devices in alarm.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OpenAlarm {
+    pub device: String,
+    pub kind: AlarmKind,
+    pub rule: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AlarmKind {
+    Zone = 0,
+    Range = 1,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AlarmChange {
+    Open(OpenAlarm),
+    Close(OpenAlarm),
+    RuleRemoved(AlarmKind, String),
+}
+
+/// What changed since the last commit.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// (device, stored bucket, bucket start) → what to add to the row.
+    pub buckets: HashMap<(String, StoredBucket, i64), Aggregate>,
+    /// Each device's latest reading (time in microseconds, position), for the distance of the
+    /// next one; kept across commits.
+    pub last_seen: HashMap<String, (i64, Location)>,
+    /// Devices first registered, with when.
+    pub registered: HashMap<String, i64>,
+    pub crossings: Vec<Crossing>,
+    /// Alarms opened and closed, and rules removed (closing their alarms), in event order.
+    pub alarms: Vec<AlarmChange>,
+    /// Events folded since the last commit.
+    pub events: u64,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.events == 0
+    }
+
+    fn bucket(&mut self, device: &str, stored: StoredBucket, at: DateTime<Utc>) -> &mut Aggregate {
+        let start = stored.width().start_of(at);
+        self.buckets
+            .entry((device.to_owned(), stored, start))
+            .or_default()
+    }
+
+    /// Folds a device event. `previous` gives a device's latest reading before this batch when
+    /// it is not in `last_seen` yet (looked up in the read model by the caller).
+    pub fn device_event(
+        &mut self,
+        event: &DeviceEvent,
+        position: u64,
+        previous: impl FnOnce(&str) -> Option<(i64, Location)>,
+    ) {
+        self.events += 1;
+        let device = event.device_id().as_str();
+        match event {
+            DeviceEvent::ReadingRecorded {
+                at,
+                location,
+                temperature,
+                late,
+                ..
+            } => {
+                let micros = at.timestamp_micros();
+                // Late readings count in their own buckets, but a device's path is its live one.
+                let moved = if *late {
+                    0.0
+                } else {
+                    let before = match self.last_seen.get(device) {
+                        Some(seen) => Some(*seen),
+                        None => previous(device),
+                    };
+                    self.last_seen
+                        .insert(device.to_owned(), (micros, *location));
+                    before.map_or(0.0, |(_, from)| from.distance_m(location))
+                };
+                for stored in StoredBucket::ALL {
+                    for name in [device, FLEET] {
+                        let aggregate = self.bucket(name, stored, *at);
+                        aggregate.add_reading(micros, *location, temperature.celsius());
+                        aggregate.distance_m += moved;
+                    }
+                }
+            }
+            DeviceEvent::DeviceRegistered { at, .. } => {
+                self.registered
+                    .entry(device.to_owned())
+                    .or_insert(at.timestamp_micros());
+            }
+            DeviceEvent::LeftZone { at, zone_id, .. }
+            | DeviceEvent::EnteredZone { at, zone_id, .. } => {
+                let entered = matches!(event, DeviceEvent::EnteredZone { .. });
+                if !entered {
+                    for name in [device, FLEET] {
+                        self.bucket(name, StoredBucket::Hour, *at).alarms += 1;
+                        self.bucket(name, StoredBucket::Minute, *at).alarms += 1;
+                    }
+                }
+                let alarm = OpenAlarm {
+                    device: device.to_owned(),
+                    kind: AlarmKind::Zone,
+                    rule: zone_id.to_string(),
+                };
+                self.alarms.push(if entered {
+                    AlarmChange::Close(alarm)
+                } else {
+                    AlarmChange::Open(alarm)
+                });
+                self.crossings.push(Crossing {
+                    zone: zone_id.to_string(),
+                    device: device.to_owned(),
+                    at: at.timestamp_micros(),
+                    position,
+                    entered,
+                });
+            }
+            DeviceEvent::TemperatureOutOfRange { at, range_id, .. } => {
+                for name in [device, FLEET] {
+                    self.bucket(name, StoredBucket::Hour, *at).alarms += 1;
+                    self.bucket(name, StoredBucket::Minute, *at).alarms += 1;
+                }
+                self.alarms.push(AlarmChange::Open(OpenAlarm {
+                    device: device.to_owned(),
+                    kind: AlarmKind::Range,
+                    rule: range_id.to_string(),
+                }));
+            }
+            DeviceEvent::TemperatureBackInRange { range_id, .. } => {
+                self.alarms.push(AlarmChange::Close(OpenAlarm {
+                    device: device.to_owned(),
+                    kind: AlarmKind::Range,
+                    rule: range_id.to_string(),
+                }));
+            }
+            // Stores of event schema 1 only; the reading beside them was counted.
+            DeviceEvent::LocationChanged { .. } | DeviceEvent::TemperatureChanged { .. } => {}
+        }
+    }
+
+    pub fn rules_event(&mut self, event: &RulesEvent) {
+        self.events += 1;
+        match event {
+            RulesEvent::ZoneRemoved { zone_id } => self.alarms.push(AlarmChange::RuleRemoved(
+                AlarmKind::Zone,
+                zone_id.to_string(),
+            )),
+            RulesEvent::TemperatureRangeRemoved { range_id } => self.alarms.push(
+                AlarmChange::RuleRemoved(AlarmKind::Range, range_id.to_string()),
+            ),
+            RulesEvent::ZoneDefined { .. } | RulesEvent::TemperatureRangeDefined { .. } => {}
+        }
+    }
+
+    /// An event the read models do not use (still moves the checkpoint).
+    pub fn skip(&mut self) {
+        self.events += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use fleetwatch_domain::{DeviceId, Temperature};
+
+    use super::*;
+
+    fn reading(device: &str, secs: i64, lat: f64, celsius: f64, late: bool) -> DeviceEvent {
+        DeviceEvent::ReadingRecorded {
+            device_id: DeviceId::parse(device).unwrap(),
+            at: Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap()
+                + chrono::Duration::seconds(secs),
+            location: Location::new(lat, 4.0).unwrap(),
+            temperature: Temperature::new(celsius).unwrap(),
+            rules_version: 0,
+            moved: false,
+            temperature_changed: false,
+            late,
+        }
+    }
+
+    #[test]
+    fn readings_aggregate_per_minute_and_hour_for_the_device_and_the_fleet() {
+        let mut changes = Changes::default();
+        for (secs, celsius) in [(0, 4.0), (30, 6.0), (65, 9.0)] {
+            changes.device_event(&reading("d", secs, 52.0, celsius, false), 1, |_| None);
+        }
+        changes.device_event(&reading("e", 10, 52.0, 1.0, false), 1, |_| None);
+        let minute = |device: &str, start: i64| {
+            changes.buckets[&(device.to_owned(), StoredBucket::Minute, start)]
+        };
+        let t = Utc
+            .with_ymd_and_hms(2026, 11, 23, 12, 0, 0)
+            .unwrap()
+            .timestamp();
+        let first = minute("d", t);
+        assert_eq!(
+            (first.count, first.min, first.max, first.mean()),
+            (2, Some(4.0), Some(6.0), Some(5.0))
+        );
+        assert_eq!(minute("d", t + 60).count, 1);
+        let fleet = minute(FLEET, t);
+        assert_eq!((fleet.count, fleet.min), (3, Some(1.0)));
+        let hour = changes.buckets[&("d".to_owned(), StoredBucket::Hour, t)];
+        assert_eq!((hour.count, hour.max), (3, Some(9.0)));
+    }
+
+    #[test]
+    fn distance_follows_the_live_path_and_late_readings_only_count() {
+        let mut changes = Changes::default();
+        let before = Location::new(51.99, 4.0).unwrap();
+        changes.device_event(&reading("d", 10, 52.0, 5.0, false), 1, |_| {
+            Some((0, before))
+        });
+        changes.device_event(&reading("d", 20, 52.01, 5.0, false), 2, |_| None);
+        changes.device_event(&reading("d", 5, 53.0, 5.0, true), 3, |_| None);
+        let t = Utc
+            .with_ymd_and_hms(2026, 11, 23, 12, 0, 0)
+            .unwrap()
+            .timestamp();
+        let hour = changes.buckets[&("d".to_owned(), StoredBucket::Hour, t)];
+        assert_eq!(hour.count, 3);
+        assert!(
+            (hour.distance_m - 2.0 * 1112.0).abs() < 5.0,
+            "{}",
+            hour.distance_m
+        );
+        assert_eq!(
+            hour.last.unwrap().0 % 1_000_000_000,
+            (t * 1_000_000 + 20_000_000) % 1_000_000_000
+        );
+    }
+
+    #[test]
+    fn aggregates_merge_like_their_readings() {
+        let l = Location::new(1.0, 1.0).unwrap();
+        let mut a = Aggregate::default();
+        a.add_reading(10, l, 3.0);
+        let mut b = Aggregate::default();
+        b.add_reading(5, l, 7.0);
+        b.alarms = 1;
+        a.merge(&b);
+        assert_eq!(
+            (a.count, a.min, a.max, a.alarms, a.last.unwrap().0),
+            (2, Some(3.0), Some(7.0), 1, 10)
+        );
+        let mut empty = Aggregate::default();
+        empty.merge(&a);
+        assert_eq!(empty, a);
+    }
+}

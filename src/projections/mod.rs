@@ -1,0 +1,257 @@
+//! Read models: answers about the past, built from the store's events and kept up to date as
+//! events are committed.
+//!
+//! One thread follows the store with a [`Subscription`] from the read models' checkpoint, folds
+//! the events in memory ([`fold`]) and commits what changed with the new checkpoint in one
+//! transaction ([`sqlite`]), every [`COMMIT_EVERY`] or [`COMMIT_EVENTS`] events: a few hundred
+//! row writes a second whatever the ingest rate, since a device's readings within one commit land
+//! in the same minute and hour rows. After a SIGKILL the read models resume from the checkpoint
+//! and never count an event twice. They answer up to a commit behind the events.
+//!
+//! Kept here:
+//! * temperature buckets per device and for the fleet, per minute and per hour (a day is its 24
+//!   hours): count, sum (mean), min, max, the latest position, distance travelled and alarms
+//!   raised; never removed by retention, so they outlive the raw readings;
+//! * zone crossings, for zone reports; devices' registration times;
+//! * the alarms open now, to count devices in alarm;
+//! * readings and events per second over the last minute, in memory ([`Rates`]).
+//!
+//! The storage is behind [`sqlite::Writer`] and [`sqlite::Readers`]; another backend (PostgreSQL)
+//! would implement the same two.
+
+pub mod fold;
+mod rates;
+mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use fleetwatch_domain::Location;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec;
+use crate::rules::RULES_STREAM;
+use crate::store::{EventStore, RecordedEvent, StoreError};
+use crate::subscription::Subscription;
+pub use fold::{Bucket, StoredBucket, FLEET};
+pub use rates::Rates;
+pub use sqlite::Readers as Queries;
+
+/// Longest the read models wait before committing what they folded.
+pub const COMMIT_EVERY: Duration = Duration::from_secs(1);
+/// Events folded before a commit, whatever the time.
+pub const COMMIT_EVENTS: u64 = 100_000;
+/// Events read back at a time while catching up.
+const PAGE: usize = 5_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadModelError {
+    #[error("read model storage: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("read model storage: {0}")]
+    Pool(#[from] r2d2::Error),
+    #[error("read model storage: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("reading the events: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// One bucket of temperature readings.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BucketRow {
+    /// Unix seconds, UTC.
+    #[serde(skip)]
+    pub start: i64,
+    pub count: u64,
+    pub mean: Option<f64>,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    pub last_location: Option<Location>,
+    pub distance_m: f64,
+    pub alarms: u64,
+}
+
+impl BucketRow {
+    pub fn start(&self) -> DateTime<Utc> {
+        DateTime::from_timestamp(self.start, 0).unwrap_or_default()
+    }
+}
+
+/// A zone crossing of one device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Crossing {
+    pub device_id: String,
+    /// Reading time, microseconds.
+    pub at: i64,
+    pub entered: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TopBy {
+    Alarms,
+    Readings,
+    Distance,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopEntry {
+    pub device_id: String,
+    pub value: f64,
+}
+
+/// The query side, cheap to clone.
+#[derive(Clone)]
+pub struct ReadModels {
+    readers: Queries,
+    rates: Rates,
+}
+
+impl ReadModels {
+    pub fn queries(&self) -> &Queries {
+        &self.readers
+    }
+
+    pub fn rates(&self) -> &Rates {
+        &self.rates
+    }
+}
+
+/// Opens the read models in `dir` and starts following `store` on a thread of its own.
+pub fn start(
+    store: Arc<dyn EventStore>,
+    dir: &std::path::Path,
+    shutdown: CancellationToken,
+) -> Result<(ReadModels, std::thread::JoinHandle<()>), ReadModelError> {
+    let (writer, readers) = sqlite::open(dir)?;
+    let rates = Rates::default();
+    let runner = Runner {
+        writer,
+        rates: rates.clone(),
+        seen: std::collections::HashMap::new(),
+    };
+    let thread = std::thread::Builder::new()
+        .name("read-models".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the read models' runtime");
+                    return;
+                }
+            };
+            runtime.block_on(runner.run(store, shutdown));
+        })?;
+    Ok((ReadModels { readers, rates }, thread))
+}
+
+struct Runner {
+    writer: sqlite::Writer,
+    rates: Rates,
+    /// Devices' latest live readings already written, so that the next one's distance needs no
+    /// read; dropped when it grows past [`SEEN_CACHE`].
+    seen: std::collections::HashMap<String, (i64, Location)>,
+}
+
+const SEEN_CACHE: usize = 1_000_000;
+
+impl Runner {
+    async fn run(mut self, store: Arc<dyn EventStore>, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.follow(store.clone(), &shutdown).await {
+                Ok(()) => return,
+                Err(e) => {
+                    // The store or the read model storage failed: start again from the
+                    // checkpoint, which only moves with what was written.
+                    tracing::warn!(error = %e, retry_in = ?backoff, "read models stopped; resuming from their checkpoint");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    /// Folds and commits until shutdown (`Ok`) or a failure.
+    async fn follow(
+        &mut self,
+        store: Arc<dyn EventStore>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ReadModelError> {
+        let mut subscription = Subscription::new(store, self.writer.checkpoint()?, PAGE);
+        let mut changes = fold::Changes::default();
+        let mut due = tokio::time::Instant::now() + COMMIT_EVERY;
+        loop {
+            tokio::select! {
+                delivery = subscription.next() => {
+                    let delivery = delivery?;
+                    for event in delivery.events() {
+                        self.fold(&mut changes, event);
+                    }
+                    if delivery.is_live() {
+                        self.rates.record(delivery.events());
+                    }
+                    if changes.events >= COMMIT_EVENTS {
+                        self.commit(&mut changes, subscription.position())?;
+                        due = tokio::time::Instant::now() + COMMIT_EVERY;
+                    }
+                }
+                _ = tokio::time::sleep_until(due) => {
+                    self.commit(&mut changes, subscription.position())?;
+                    due = tokio::time::Instant::now() + COMMIT_EVERY;
+                }
+                _ = shutdown.cancelled() => {
+                    return self.commit(&mut changes, subscription.position());
+                }
+            }
+        }
+    }
+
+    fn fold(&self, changes: &mut fold::Changes, event: &RecordedEvent) {
+        if event.stream == RULES_STREAM {
+            match codec::decode_rules_event(event) {
+                Ok(rules) => changes.rules_event(&rules),
+                Err(_) => changes.skip(),
+            }
+            return;
+        }
+        if event.stream.starts_with('$') {
+            return changes.skip();
+        }
+        // A damaged event counts for nothing here; the device reports it when asked.
+        match codec::decode_device_event(event) {
+            Ok(device_event) => changes.device_event(&device_event, event.position, |device| {
+                self.seen
+                    .get(device)
+                    .copied()
+                    .or_else(|| self.writer.last_seen(device))
+            }),
+            Err(_) => changes.skip(),
+        }
+    }
+
+    fn commit(&mut self, changes: &mut fold::Changes, position: u64) -> Result<(), ReadModelError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        self.writer.commit(changes, position)?;
+        metrics::histogram!("fleetwatch_read_models_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::gauge!("fleetwatch_read_models_position").set(position as f64);
+        if self.seen.len() + changes.last_seen.len() > SEEN_CACHE {
+            self.seen.clear();
+        }
+        self.seen.extend(std::mem::take(&mut changes.last_seen));
+        *changes = fold::Changes::default();
+        Ok(())
+    }
+}

@@ -1,0 +1,463 @@
+//! The read models' embedded storage: `readmodels.sqlite3` beside the event store, so its writes
+//! never queue behind the event writer's. Every commit writes the changes and the checkpoint in
+//! one transaction: after a crash the read models resume from the checkpoint and never count an
+//! event twice.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fleetwatch_domain::Location;
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::fold::{AlarmChange, AlarmKind, Bucket, Changes, StoredBucket, FLEET};
+use super::{BucketRow, Crossing, ReadModelError, TopBy, TopEntry};
+
+const FILE: &str = "readmodels.sqlite3";
+/// Bump when the tables change: the read models are then rebuilt from the events.
+const FORMAT: i64 = 1;
+
+const TABLES: &str = "
+CREATE TABLE checkpoint (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    position INTEGER NOT NULL
+);
+INSERT INTO checkpoint (id, position) VALUES (1, 0);
+CREATE TABLE devices (
+    id            INTEGER PRIMARY KEY,
+    name          TEXT    NOT NULL UNIQUE,
+    registered_at INTEGER,
+    last_at       INTEGER,
+    last_lat      REAL,
+    last_lon      REAL
+);
+-- Per device (and for the fleet, device named '*') and per minute / hour (bucket 0 / 1): the
+-- readings' count, temperature sum, min and max, the latest position, distance and alarms.
+CREATE TABLE buckets (
+    device   INTEGER NOT NULL,
+    bucket   INTEGER NOT NULL,
+    start    INTEGER NOT NULL,
+    count    INTEGER NOT NULL,
+    sum      REAL    NOT NULL,
+    min      REAL,
+    max      REAL,
+    last_at  INTEGER,
+    last_lat REAL,
+    last_lon REAL,
+    distance REAL    NOT NULL,
+    alarms   INTEGER NOT NULL,
+    PRIMARY KEY (device, bucket, start)
+) WITHOUT ROWID;
+CREATE INDEX buckets_by_time ON buckets (bucket, start);
+CREATE TABLE crossings (
+    zone     TEXT    NOT NULL,
+    device   INTEGER NOT NULL,
+    at       INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    entered  INTEGER NOT NULL,
+    PRIMARY KEY (zone, device, at, position)
+) WITHOUT ROWID;
+CREATE TABLE open_alarms (
+    device INTEGER NOT NULL,
+    kind   INTEGER NOT NULL,
+    rule   TEXT    NOT NULL,
+    PRIMARY KEY (device, kind, rule)
+) WITHOUT ROWID;
+CREATE INDEX open_alarms_by_rule ON open_alarms (kind, rule);
+";
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // A read model is rebuilt from the events if it is lost, so it need not be fsynced at every
+    // commit: NORMAL keeps it consistent after a crash, the checkpoint says where to resume.
+    conn.pragma_update(None, "synchronous", "NORMAL")
+}
+
+/// The writer side: one connection, used by the projection thread only.
+pub struct Writer {
+    conn: Connection,
+    device_ids: HashMap<String, i64>,
+}
+
+/// The read side: a pool of read-only connections.
+#[derive(Clone)]
+pub struct Readers {
+    pool: r2d2::Pool<SqliteConnectionManager>,
+}
+
+pub fn open(dir: &Path) -> Result<(Writer, Readers), ReadModelError> {
+    std::fs::create_dir_all(dir)?;
+    let path: PathBuf = dir.join(FILE);
+    let mut conn = Connection::open(&path)?;
+    configure(&conn)?;
+    let format: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if format != FORMAT {
+        // Older or newer tables: start over, from the first event.
+        let tx = conn.transaction()?;
+        let names: Vec<String> = tx
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")?
+            .query_map([], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        for name in names {
+            tx.execute_batch(&format!("DROP TABLE IF EXISTS \"{name}\""))?;
+        }
+        tx.execute_batch(TABLES)?;
+        tx.pragma_update(None, "user_version", FORMAT)?;
+        tx.commit()?;
+    }
+    let manager = SqliteConnectionManager::file(&path).with_init(|c| {
+        c.busy_timeout(Duration::from_secs(10))?;
+        c.pragma_update(None, "query_only", true)
+    });
+    let pool = r2d2::Pool::builder().max_size(4).build(manager)?;
+    Ok((
+        Writer {
+            conn,
+            device_ids: HashMap::new(),
+        },
+        Readers { pool },
+    ))
+}
+
+fn device_id(
+    tx: &rusqlite::Transaction<'_>,
+    cache: &mut HashMap<String, i64>,
+    name: &str,
+) -> rusqlite::Result<i64> {
+    if let Some(id) = cache.get(name) {
+        return Ok(*id);
+    }
+    let id = match tx
+        .prepare_cached("SELECT id FROM devices WHERE name = ?1")?
+        .query_row([name], |row| row.get(0))
+        .optional()?
+    {
+        Some(id) => id,
+        None => {
+            tx.prepare_cached("INSERT INTO devices (name) VALUES (?1)")?
+                .execute([name])?;
+            tx.last_insert_rowid()
+        }
+    };
+    cache.insert(name.to_owned(), id);
+    Ok(id)
+}
+
+impl Writer {
+    pub fn checkpoint(&self) -> Result<u64, ReadModelError> {
+        Ok(self
+            .conn
+            .query_row("SELECT position FROM checkpoint", [], |row| {
+                row.get::<_, i64>(0)
+            })? as u64)
+    }
+
+    /// The latest live reading of `device` in the read model (for the distance to the next one).
+    pub fn last_seen(&self, device: &str) -> Option<(i64, Location)> {
+        self.conn
+            .prepare_cached("SELECT last_at, last_lat, last_lon FROM devices WHERE name = ?1")
+            .ok()?
+            .query_row([device], |row| {
+                Ok((
+                    row.get::<_, Option<i64>>(0)?,
+                    row.get::<_, Option<f64>>(1)?,
+                    row.get::<_, Option<f64>>(2)?,
+                ))
+            })
+            .ok()
+            .and_then(|(at, lat, lon)| Some((at?, Location::new(lat?, lon?).ok()?)))
+    }
+
+    /// Writes `changes` and moves the checkpoint to `position`, in one transaction. On failure
+    /// nothing is written and the caller folds the same events again.
+    pub fn commit(&mut self, changes: &Changes, position: u64) -> Result<(), ReadModelError> {
+        let result = self.write(changes, position);
+        if result.is_err() {
+            // Ids handed out in the rolled-back transaction are gone with it.
+            self.device_ids.clear();
+        }
+        result
+    }
+
+    fn write(&mut self, changes: &Changes, position: u64) -> Result<(), ReadModelError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let ids = &mut self.device_ids;
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO buckets (device, bucket, start, count, sum, min, max, last_at,
+                                      last_lat, last_lon, distance, alarms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                 ON CONFLICT (device, bucket, start) DO UPDATE SET
+                    count = count + excluded.count,
+                    sum = sum + excluded.sum,
+                    min = MIN(COALESCE(min, excluded.min), COALESCE(excluded.min, min)),
+                    max = MAX(COALESCE(max, excluded.max), COALESCE(excluded.max, max)),
+                    last_lat = CASE WHEN excluded.last_at >= COALESCE(last_at, excluded.last_at)
+                                    THEN excluded.last_lat ELSE last_lat END,
+                    last_lon = CASE WHEN excluded.last_at >= COALESCE(last_at, excluded.last_at)
+                                    THEN excluded.last_lon ELSE last_lon END,
+                    last_at = MAX(COALESCE(last_at, excluded.last_at), COALESCE(excluded.last_at, last_at)),
+                    distance = distance + excluded.distance,
+                    alarms = alarms + excluded.alarms",
+            )?;
+            for ((device, stored, start), a) in &changes.buckets {
+                let id = device_id(&tx, ids, device)?;
+                let (last_at, last_lat, last_lon) = match (device.as_str(), a.last) {
+                    (FLEET, _) | (_, None) => (None, None, None),
+                    (_, Some((at, l))) => (Some(at), Some(l.lat()), Some(l.lon())),
+                };
+                upsert.execute(params![
+                    id,
+                    *stored as i64,
+                    start,
+                    a.count as i64,
+                    a.sum,
+                    a.min,
+                    a.max,
+                    last_at,
+                    last_lat,
+                    last_lon,
+                    a.distance_m,
+                    a.alarms as i64,
+                ])?;
+            }
+            let mut seen = tx.prepare_cached(
+                "UPDATE devices SET last_at = ?2, last_lat = ?3, last_lon = ?4 WHERE id = ?1",
+            )?;
+            for (device, (at, location)) in &changes.last_seen {
+                let id = device_id(&tx, ids, device)?;
+                seen.execute(params![id, at, location.lat(), location.lon()])?;
+            }
+            let mut registered = tx.prepare_cached(
+                "UPDATE devices SET registered_at = COALESCE(registered_at, ?2) WHERE id = ?1",
+            )?;
+            for (device, at) in &changes.registered {
+                let id = device_id(&tx, ids, device)?;
+                registered.execute(params![id, at])?;
+            }
+            let mut crossing = tx.prepare_cached(
+                "INSERT OR IGNORE INTO crossings (zone, device, at, position, entered)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for c in &changes.crossings {
+                let id = device_id(&tx, ids, &c.device)?;
+                crossing.execute(params![c.zone, id, c.at, c.position as i64, c.entered])?;
+            }
+            // In event order: an alarm closed and opened again in one batch stays open.
+            let mut open = tx.prepare_cached(
+                "INSERT OR IGNORE INTO open_alarms (device, kind, rule) VALUES (?1, ?2, ?3)",
+            )?;
+            let mut close = tx.prepare_cached(
+                "DELETE FROM open_alarms WHERE device = ?1 AND kind = ?2 AND rule = ?3",
+            )?;
+            let mut removed =
+                tx.prepare_cached("DELETE FROM open_alarms WHERE kind = ?1 AND rule = ?2")?;
+            for change in &changes.alarms {
+                match change {
+                    AlarmChange::Open(alarm) => {
+                        let id = device_id(&tx, ids, &alarm.device)?;
+                        open.execute(params![id, alarm.kind as i64, alarm.rule])?;
+                    }
+                    AlarmChange::Close(alarm) => {
+                        let id = device_id(&tx, ids, &alarm.device)?;
+                        close.execute(params![id, alarm.kind as i64, alarm.rule])?;
+                    }
+                    AlarmChange::RuleRemoved(kind, rule) => {
+                        removed.execute(params![*kind as i64, rule])?;
+                    }
+                }
+            }
+            tx.prepare_cached("UPDATE checkpoint SET position = ?1")?
+                .execute([position as i64])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
+fn bucket_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<BucketRow> {
+    let count: i64 = row.get(1)?;
+    let sum: f64 = row.get(2)?;
+    let location = match (row.get::<_, Option<f64>>(5)?, row.get::<_, Option<f64>>(6)?) {
+        (Some(lat), Some(lon)) => Location::new(lat, lon).ok(),
+        _ => None,
+    };
+    Ok(BucketRow {
+        start: row.get(0)?,
+        count: count as u64,
+        mean: (count > 0).then(|| sum / count as f64),
+        min: row.get(3)?,
+        max: row.get(4)?,
+        last_location: location,
+        distance_m: row.get(7)?,
+        alarms: row.get::<_, i64>(8)? as u64,
+    })
+}
+
+impl Readers {
+    fn conn(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>, ReadModelError> {
+        Ok(self.pool.get()?)
+    }
+
+    /// Buckets of `device` (or the fleet, [`FLEET`]) with `from <= start < to` (Unix seconds).
+    pub fn buckets(
+        &self,
+        device: &str,
+        width: Bucket,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<BucketRow>, ReadModelError> {
+        self.buckets_of(&[device], width, from, to)
+    }
+
+    /// The buckets of several devices together (a zone's), each bucket over all of them.
+    pub fn buckets_of(
+        &self,
+        devices: &[&str],
+        width: Bucket,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<BucketRow>, ReadModelError> {
+        let conn = self.conn()?;
+        let seconds = width.seconds();
+        let stored = width.stored() as i64;
+        // The bucket's latest position: SQLite takes bare columns from the row of MAX(last_at).
+        let mut stmt = conn.prepare_cached(
+            "SELECT b.start - b.start % ?4 AS bstart, SUM(b.count), SUM(b.sum), MIN(b.min),
+                    MAX(b.max), b.last_lat, b.last_lon, SUM(b.distance), SUM(b.alarms),
+                    MAX(b.last_at)
+             FROM buckets b JOIN devices d ON d.id = b.device
+             WHERE d.name IN (SELECT value FROM json_each(?1)) AND b.bucket = ?5
+               AND b.start >= ?2 AND b.start < ?3
+             GROUP BY bstart ORDER BY bstart",
+        )?;
+        let names = serde_json::to_string(devices).unwrap_or_else(|_| "[]".into());
+        let rows = stmt.query_map(params![names, from, to, seconds, stored], bucket_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The aggregate of `device`'s buckets of `width` with `from <= start < to`.
+    pub fn total(
+        &self,
+        device: &str,
+        width: StoredBucket,
+        from: i64,
+        to: i64,
+    ) -> Result<BucketRow, ReadModelError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT ?2, COALESCE(SUM(b.count), 0), COALESCE(SUM(b.sum), 0), MIN(b.min), MAX(b.max),
+                    b.last_lat, b.last_lon, COALESCE(SUM(b.distance), 0),
+                    COALESCE(SUM(b.alarms), 0), MAX(b.last_at)
+             FROM buckets b JOIN devices d ON d.id = b.device
+             WHERE d.name = ?1 AND b.bucket = ?4 AND b.start >= ?2 AND b.start < ?3",
+        )?;
+        Ok(stmt.query_row(params![device, from, to, width as i64], bucket_row)?)
+    }
+
+    /// The devices with the most of `by` in the hours from `since` (Unix seconds), most first.
+    pub fn top(
+        &self,
+        by: TopBy,
+        since: i64,
+        limit: usize,
+    ) -> Result<Vec<TopEntry>, ReadModelError> {
+        let conn = self.conn()?;
+        let column = match by {
+            TopBy::Alarms => "alarms",
+            TopBy::Readings => "count",
+            TopBy::Distance => "distance",
+        };
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT d.name, SUM(b.{column}) AS total FROM buckets b JOIN devices d ON d.id = b.device
+             WHERE b.bucket = 1 AND b.start >= ?1 AND d.name <> '{FLEET}'
+             GROUP BY b.device HAVING total > 0 ORDER BY total DESC, d.name"
+        ))?;
+        let rows = stmt.query_map([since], |row| {
+            Ok(TopEntry {
+                device_id: row.get(0)?,
+                value: row.get(1)?,
+            })
+        })?;
+        Ok(rows.take(limit).collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Known devices (any event folded), devices with an open zone alarm, with an open range
+    /// alarm.
+    pub fn device_counts(&self) -> Result<(u64, u64, u64), ReadModelError> {
+        let conn = self.conn()?;
+        let known: i64 = conn.query_row(
+            &format!("SELECT COUNT(*) FROM devices WHERE name <> '{FLEET}'"),
+            [],
+            |row| row.get(0),
+        )?;
+        let mut in_alarm =
+            conn.prepare_cached("SELECT COUNT(DISTINCT device) FROM open_alarms WHERE kind = ?1")?;
+        let outside: i64 = in_alarm.query_row([AlarmKind::Zone as i64], |row| row.get(0))?;
+        let out_of_range: i64 = in_alarm.query_row([AlarmKind::Range as i64], |row| row.get(0))?;
+        Ok((known as u64, outside as u64, out_of_range as u64))
+    }
+
+    pub fn checkpoint(&self) -> Result<u64, ReadModelError> {
+        let conn = self.conn()?;
+        Ok(
+            conn.query_row("SELECT position FROM checkpoint", [], |row| {
+                row.get::<_, i64>(0)
+            })? as u64,
+        )
+    }
+
+    /// When each of `devices` registered (microseconds), if it did.
+    pub fn registered(&self, devices: &[String]) -> Result<HashMap<String, i64>, ReadModelError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT name, registered_at FROM devices
+             WHERE name IN (SELECT value FROM json_each(?1)) AND registered_at IS NOT NULL",
+        )?;
+        let names = serde_json::to_string(devices).unwrap_or_else(|_| "[]".into());
+        let rows = stmt.query_map([names], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Registered devices after `after`, in id order, at most `limit`.
+    pub fn registered_devices(
+        &self,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, ReadModelError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT name FROM devices WHERE name > ?1 AND registered_at IS NOT NULL ORDER BY name",
+        )?;
+        let rows = stmt.query_map([after], |row| row.get(0))?;
+        Ok(rows.take(limit).collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The zone's crossings by `devices` before `before` (microseconds), per device in time order.
+    pub fn crossings(
+        &self,
+        zone: &str,
+        devices: &[String],
+        before: i64,
+    ) -> Result<Vec<Crossing>, ReadModelError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT d.name, c.at, c.entered FROM crossings c JOIN devices d ON d.id = c.device
+             WHERE c.zone = ?1 AND d.name IN (SELECT value FROM json_each(?2)) AND c.at < ?3
+             ORDER BY d.name, c.at, c.position",
+        )?;
+        let names = serde_json::to_string(devices).unwrap_or_else(|_| "[]".into());
+        let rows = stmt.query_map(params![zone, names, before], |row| {
+            Ok(Crossing {
+                device_id: row.get(0)?,
+                at: row.get(1)?,
+                entered: row.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
