@@ -1,17 +1,16 @@
 //! Live: every persisted event pushed to browsers as server-sent events.
 //!
-//! A client first gets the matching events after its resume position from the store, then the
-//! live ones from the store's commit feed. It subscribes to the feed *before* reading the store
-//! and skips live events it has already sent, so there is neither a gap nor a duplicate at the
-//! seam. Each client has a bounded buffer; one that falls too far behind is disconnected and
-//! resumes with `Last-Event-ID`, so a slow browser never slows the engine or other clients.
+//! A client follows the store with a [`Subscription`]: the matching events after its resume
+//! position read back from the store, then the live ones, with neither a gap nor a duplicate at
+//! the seam. Each client has a bounded buffer; one that falls too far behind the live feed is
+//! disconnected and resumes with `Last-Event-ID`, so a slow browser never slows the engine or
+//! other clients.
 
 mod limits;
 
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::{header, StatusCode};
@@ -19,13 +18,14 @@ use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Deserialize;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::{ApiError, AppState};
-use crate::store::{EventStore, RecordedEvent};
+use crate::store::RecordedEvent;
+use crate::subscription::Subscription;
 
 pub use limits::{Refusal, StreamLimits, StreamSlot};
 
@@ -190,18 +190,16 @@ pub async fn stream(
         Err(refusal) => return Ok(refused(refusal)),
     };
     let store = state.engine.store().clone();
-    // Subscribe before looking at the store: everything committed from here on is in the feed.
-    let live = store.subscribe();
-    let cursor = match resume {
+    let after = match resume {
         Some(position) => position,
+        // From now: the subscription starts following the feed before it reads the head, so
+        // what is committed in between is not missed.
         None => store.head_position().await?,
     };
     let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
     let feed = Feed {
-        store,
-        live,
+        subscription: Subscription::new(store, after, CATCH_UP_PAGE),
         filter,
-        cursor,
         limit: query.limit.unwrap_or(u64::MAX),
         sent: 0,
         tx,
@@ -223,11 +221,8 @@ pub async fn stream(
 /// its catch-up runs out of time, or the engine shuts down (the client resumes with
 /// `Last-Event-ID`, from this or another engine).
 struct Feed {
-    store: Arc<dyn EventStore>,
-    live: broadcast::Receiver<crate::store::CommittedBatch>,
+    subscription: Subscription,
     filter: Filter,
-    /// The last position scanned: every matching event up to here has been sent.
-    cursor: u64,
     limit: u64,
     sent: u64,
     tx: mpsc::Sender<Bytes>,
@@ -237,21 +232,70 @@ struct Feed {
     _slot: StreamSlot,
 }
 
-/// How a catch-up ended.
-enum CatchUp {
-    /// Everything stored is sent: go live.
-    Done,
-    /// The stream is over.
-    Ended,
-}
-
 impl Feed {
     async fn run(mut self) {
         if !self.send(Bytes::from_static(b"retry: 2000\n\n")).await {
             return;
         }
-        if let CatchUp::Done = self.catch_up().await {
-            self.follow_live().await;
+        let deadline = Instant::now() + self.catch_up_timeout;
+        let mut keep_alive =
+            tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
+        loop {
+            let delivery = tokio::select! {
+                delivery = self.subscription.next() => delivery,
+                // A filter that matches little sends nothing for a long scan: the client's
+                // departure has to be noticed here, not only when a send fails.
+                _ = self.tx.closed() => {
+                    self.abandoned();
+                    return;
+                }
+                _ = keep_alive.tick(), if !self.subscription.is_catching_up() => {
+                    if self.tx.try_send(Bytes::from_static(b": keep-alive\n\n")).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                _ = self.shutdown.cancelled() => return,
+            };
+            let delivery = match delivery {
+                Ok(delivery) => delivery,
+                Err(e) => {
+                    tracing::warn!(error = %e, "SSE stream failed; closing it");
+                    return;
+                }
+            };
+            let live = delivery.is_live();
+            for event in delivery.events().iter().filter(|e| self.filter.matches(e)) {
+                let sent = if live {
+                    // Live, a client that cannot keep up is let go; it resumes from the store.
+                    let sent = self.tx.try_send(frame(event)).is_ok();
+                    if !sent {
+                        metrics::counter!("fleetwatch_sse_slow_clients_total").increment(1);
+                    }
+                    sent
+                } else {
+                    // Catching up, a slow client only slows its own reads.
+                    self.send(frame(event)).await
+                };
+                if !sent {
+                    self.abandoned();
+                    return;
+                }
+                self.sent += 1;
+                if self.sent >= self.limit {
+                    return;
+                }
+            }
+            // Checked after a whole page, so every connection makes progress however small the
+            // timeout; once the head is reached the live feed takes over.
+            if !live && self.subscription.is_catching_up() && Instant::now() >= deadline {
+                metrics::counter!("fleetwatch_sse_catch_up_timeouts_total").increment(1);
+                // An `id:` field without `data:` sets the client's Last-Event-ID without
+                // dispatching an event (SSE spec), so its reconnect resumes from here.
+                let id = format!("id: {}\n\n", self.subscription.position());
+                let _ = self.send(Bytes::from(id)).await;
+                return;
+            }
         }
     }
 
@@ -265,103 +309,8 @@ impl Feed {
 
     /// Records that the client left while stored events were being replayed for it.
     fn abandoned(&self) {
-        if self.tx.is_closed() {
+        if self.tx.is_closed() && self.subscription.is_catching_up() {
             metrics::counter!("fleetwatch_sse_catch_up_abandoned_total").increment(1);
-        }
-    }
-
-    /// Replays the matching stored events after the cursor; a slow client here only slows its own
-    /// reads. Past the catch-up timeout it ends the stream with the position it got to.
-    async fn catch_up(&mut self) -> CatchUp {
-        let deadline = Instant::now() + self.catch_up_timeout;
-        loop {
-            let page = tokio::select! {
-                page = self.store.read_all(self.cursor, CATCH_UP_PAGE) => page,
-                // A filter that matches little sends nothing for a long scan: the client's
-                // departure has to be noticed here, not only when a send fails.
-                _ = self.tx.closed() => {
-                    self.abandoned();
-                    return CatchUp::Ended;
-                }
-                _ = self.shutdown.cancelled() => return CatchUp::Ended,
-            };
-            let page = match page {
-                Ok(page) => page,
-                Err(e) => {
-                    tracing::warn!(error = %e, "SSE catch-up failed; closing the stream");
-                    return CatchUp::Ended;
-                }
-            };
-            let Some(last) = page.last() else {
-                return CatchUp::Done;
-            };
-            let last_position = last.position;
-            for event in page.iter().filter(|e| self.filter.matches(e)) {
-                if !self.send(frame(event)).await {
-                    self.abandoned();
-                    return CatchUp::Ended;
-                }
-                self.sent += 1;
-                if self.sent >= self.limit {
-                    return CatchUp::Ended;
-                }
-            }
-            self.cursor = last_position;
-            // Checked after a whole page, so every connection makes progress however small the
-            // timeout. A short page means the head is reached: the live feed takes over anyway.
-            if page.len() == CATCH_UP_PAGE && Instant::now() >= deadline {
-                metrics::counter!("fleetwatch_sse_catch_up_timeouts_total").increment(1);
-                // An `id:` field without `data:` sets the client's Last-Event-ID without
-                // dispatching an event (SSE spec), so its reconnect resumes from here.
-                let _ = self
-                    .send(Bytes::from(format!("id: {}\n\n", self.cursor)))
-                    .await;
-                return CatchUp::Ended;
-            }
-        }
-    }
-
-    /// Forwards committed events as they come, skipping what the catch-up already covered.
-    async fn follow_live(&mut self) {
-        let mut keep_alive =
-            tokio::time::interval_at(tokio::time::Instant::now() + KEEP_ALIVE, KEEP_ALIVE);
-        loop {
-            tokio::select! {
-                batch = self.live.recv() => match batch {
-                    Ok(batch) => {
-                        for event in batch.iter() {
-                            if event.position <= self.cursor {
-                                continue;
-                            }
-                            self.cursor = event.position;
-                            if !self.filter.matches(event) {
-                                continue;
-                            }
-                            if self.tx.try_send(frame(event)).is_err() {
-                                metrics::counter!("fleetwatch_sse_slow_clients_total").increment(1);
-                                return;
-                            }
-                            self.sent += 1;
-                            if self.sent >= self.limit {
-                                return;
-                            }
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        metrics::counter!("fleetwatch_sse_slow_clients_total").increment(1);
-                        let _ = self.tx.try_send(Bytes::from_static(b": too far behind; reconnect with Last-Event-ID\n\n"));
-                        return;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
-                _ = keep_alive.tick() => {
-                    if self.tx.try_send(Bytes::from_static(b": keep-alive\n\n")).is_err() {
-                        return;
-                    }
-                }
-                _ = self.tx.closed() => return,
-                _ = self.shutdown.cancelled() => return,
-            }
         }
     }
 }
