@@ -37,7 +37,7 @@ use crate::store::{EventStore, RecordedEvent, StoreError};
 use crate::subscription::Subscription;
 pub use fold::{Bucket, StoredBucket, FLEET};
 pub use rates::Rates;
-pub use sqlite::Readers as Queries;
+pub use sqlite::{open as open_storage, Readers as Queries, Writer as Storage};
 
 /// Longest the read models wait before committing what they folded.
 pub const COMMIT_EVERY: Duration = Duration::from_secs(1);

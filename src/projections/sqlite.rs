@@ -146,6 +146,13 @@ fn device_id(
 }
 
 impl Writer {
+    /// Moves the checkpoint without folding anything (seeding a benchmark's read models).
+    pub fn set_checkpoint(&mut self, position: u64) -> Result<(), ReadModelError> {
+        self.conn
+            .execute("UPDATE checkpoint SET position = ?1", [position as i64])?;
+        Ok(())
+    }
+
     pub fn checkpoint(&self) -> Result<u64, ReadModelError> {
         Ok(self
             .conn
