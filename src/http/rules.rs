@@ -33,6 +33,7 @@ pub struct ZoneBody {
     devices: Watched,
     /// Accepted so a GET result can be PUT back unchanged; the server assigns it.
     #[serde(default, rename = "revision")]
+    #[schema(maximum = 9223372036854775807_i64)]
     _revision: Option<u64>,
 }
 
@@ -61,6 +62,7 @@ pub struct RangeBody {
     devices: Watched,
     /// Accepted so a GET result can be PUT back unchanged; the server assigns it.
     #[serde(default, rename = "revision")]
+    #[schema(maximum = 9223372036854775807_i64)]
     _revision: Option<u64>,
 }
 
@@ -106,6 +108,19 @@ impl RuleLimits {
     }
 }
 
+/// A `revision` in a body is ignored, but it must be one the store could have assigned (its
+/// versions are SQLite integers), as the OpenAPI document says.
+fn check_revision(revision: Option<u64>) -> Result<(), ApiError> {
+    match revision {
+        Some(r) if r > i64::MAX as u64 => Err(ApiError::bad_request(format!(
+            "revision: must be at most {}, got {r}",
+            i64::MAX
+        ))
+        .with_field(Some("revision".into()), None)),
+        _ => Ok(()),
+    }
+}
+
 fn rule_id(raw: &str) -> Result<RuleId, ApiError> {
     Ok(RuleId::parse(raw)?)
 }
@@ -132,6 +147,7 @@ fn new_id(body_id: Option<String>) -> Result<RuleId, ApiError> {
 /// Checks the limits, then validates the zone on the blocking pool: a polygon of many vertices
 /// takes a while, and must not hold an HTTP worker (or the health check behind it).
 async fn zone(id: RuleId, body: ZoneBody, limits: RuleLimits) -> Result<Zone, ApiError> {
+    check_revision(body._revision)?;
     limits.check_shape(&body.shape)?;
     limits.check_devices(&body.devices)?;
     web::block(move || -> Result<Zone, ApiError> {
@@ -143,6 +159,7 @@ async fn zone(id: RuleId, body: ZoneBody, limits: RuleLimits) -> Result<Zone, Ap
 }
 
 fn range(id: RuleId, body: RangeBody, limits: RuleLimits) -> Result<TemperatureRange, ApiError> {
+    check_revision(body._revision)?;
     limits.check_devices(&body.devices)?;
     let min = Temperature::checked("min", body.min)?;
     let max = Temperature::checked("max", body.max)?;
