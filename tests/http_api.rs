@@ -297,7 +297,11 @@ async fn devices_page_in_id_order_and_report_their_state() {
         None,
     )
     .await;
-    assert_eq!((status, body["field"].as_str()), (400, Some("after")), "{body}");
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (400, Some("after")),
+        "{body}"
+    );
     assert!(
         body["error"].as_str().unwrap().starts_with("after: "),
         "{body}"

@@ -288,7 +288,11 @@ async fn the_document_and_the_explorer_are_open_when_everything_else_needs_a_tok
         "no online validator"
     );
 
-    let devices = client().get(engine.url("/api/devices")).send().await.unwrap();
+    let devices = client()
+        .get(engine.url("/api/devices"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(devices.status(), 401, "the rest still needs a token");
 }
 

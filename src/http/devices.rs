@@ -108,7 +108,10 @@ pub struct ListQuery {
 enum ListedDevice<'a> {
     State(DeviceView<'a>),
     /// A device whose stored history cannot be read: the error names the unreadable event.
-    Unreadable { device_id: &'a str, error: String },
+    Unreadable {
+        device_id: &'a str,
+        error: String,
+    },
 }
 
 impl<'a> ListedDevice<'a> {

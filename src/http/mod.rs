@@ -58,9 +58,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             ApiError::bad_request(format!("invalid query string: {e}")).into()
         }),
     )
-    .app_data(web::PathConfig::default().error_handler(|e, _| {
-        ApiError::bad_request(format!("invalid path: {e}")).into()
-    }))
+    .app_data(
+        web::PathConfig::default()
+            .error_handler(|e, _| ApiError::bad_request(format!("invalid path: {e}")).into()),
+    )
     .default_service(web::to(|| async {
         ApiError::new(StatusCode::NOT_FOUND, NO_SUCH_ENDPOINT).error_response()
     }));
@@ -174,7 +175,6 @@ impl Routes<'_> {
 
 /// An error response: `{"error": "...", "field": "...", "index": n}`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-#[schema(example = json!({"error": "reading 1: lat: must be a finite number within [-90, 90], got 91", "field": "lat", "index": 1}))]
 pub struct ApiError {
     #[serde(skip)]
     status: StatusCode,

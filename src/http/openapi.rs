@@ -167,12 +167,18 @@ impl Modify for PageFiles {
             let operation = OperationBuilder::new()
                 .tag("page")
                 .summary(Some(format!("The page file {}", asset.path)))
-                .operation_id(Some(format!("page_file{}", asset.path.replace(['/', '.', '-'], "_"))))
+                .operation_id(Some(format!(
+                    "page_file{}",
+                    asset.path.replace(['/', '.', '-'], "_")
+                )))
                 .response(
                     "200",
                     ResponseBuilder::new()
                         .description("The file (embedded in the engine)")
-                        .content(media_type, ContentBuilder::new().schema(Some(schema)).build()),
+                        .content(
+                            media_type,
+                            ContentBuilder::new().schema(Some(schema)).build(),
+                        ),
                 )
                 .build();
             openapi
@@ -191,11 +197,12 @@ const UNAUTHORIZED: &str = "Unauthorized";
 const FORBIDDEN: &str = "Forbidden";
 const NOT_JSON: &str = "UnsupportedMediaType";
 
-fn error_response(description: &str) -> ResponseBuilder {
+fn error_response(description: &str, example: &str) -> ResponseBuilder {
     ResponseBuilder::new().description(description).content(
         "application/json",
         ContentBuilder::new()
             .schema(Some(Ref::from_schema_name("ApiError")))
+            .example(Some(serde_json::json!({ "error": example })))
             .build(),
     )
 }
@@ -232,32 +239,41 @@ impl Modify for AccessRules {
         let responses: [(&str, Response); 3] = [
             (
                 UNAUTHORIZED,
-                error_response("No token, or an unknown one (the scope has tokens configured)")
-                    .header(
-                        "WWW-Authenticate",
-                        HeaderBuilder::new()
-                            .schema(ObjectBuilder::new().schema_type(Type::String))
-                            .description(Some("`Bearer`"))
-                            .build(),
-                    )
-                    .build(),
+                error_response(
+                    "No token, or an unknown one (the scope has tokens configured)",
+                    "this endpoint needs a token: send Authorization: Bearer <token>",
+                )
+                .header(
+                    "WWW-Authenticate",
+                    HeaderBuilder::new()
+                        .schema(ObjectBuilder::new().schema_type(Type::String))
+                        .description(Some("`Bearer`"))
+                        .build(),
+                )
+                .build(),
             ),
             (
                 FORBIDDEN,
                 error_response(
                     "A valid token without the scope, or a request from an `Origin` that is \
                      neither the engine's own nor listed in `--allowed-origins`",
+                    "this token lacks the admin scope",
                 )
                 .build(),
             ),
             (
                 NOT_JSON,
-                error_response("The body is not declared `Content-Type: application/json`")
-                    .build(),
+                error_response(
+                    "The body is not declared `Content-Type: application/json`",
+                    "the body must be JSON: send Content-Type: application/json",
+                )
+                .build(),
             ),
         ];
         for (name, response) in responses {
-            components.responses.insert(name.to_owned(), response.into());
+            components
+                .responses
+                .insert(name.to_owned(), response.into());
         }
 
         for (path, item) in openapi.paths.paths.iter_mut() {
@@ -276,7 +292,10 @@ impl Modify for AccessRules {
             ];
             for (method, operation) in operations {
                 if let Some(operation) = operation {
-                    document_access(operation, access::documented_requirement(&method, &concrete));
+                    document_access(
+                        operation,
+                        access::documented_requirement(&method, &concrete),
+                    );
                 }
             }
         }

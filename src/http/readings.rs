@@ -53,7 +53,8 @@ fn rejected(e: InvalidReading) -> ApiError {
     request_body(content = Readings, content_type = "application/json"),
     responses(
         (status = 202, description = "Every event the readings caused is durable", body = Accepted),
-        (status = 400, description = "The body is not JSON, or a reading is invalid (including a `timestamp` more than `--max-clock-skew` ahead of the engine's clock); `field` names it, `index` its place in a batch. Nothing was applied", body = ApiError),
+        (status = 400, description = "The body is not JSON, or a reading is invalid (including a `timestamp` more than `--max-clock-skew` ahead of the engine's clock); `field` names it, `index` its place in a batch. Nothing was applied", body = ApiError,
+            example = json!({"error": "reading 1: lat: must be a finite number within [-90, 90], got 91", "field": "lat", "index": 1})),
         (status = 413, description = "The body is larger than `--max-body-bytes`", body = ApiError),
         (status = 500, description = "A device's stored history cannot be read (the error names the stored event); other devices work on", body = ApiError),
         (status = 503, description = "The event store cannot write now, or the readings were not all durable within `--http-ingest-timeout`. Nothing was acknowledged: send the request again (repeats are recognised)", body = ApiError,
