@@ -50,14 +50,15 @@ pub struct AppState {
 pub const NO_SUCH_ENDPOINT: &str = "no such endpoint (see /api/docs or docs/api.md)";
 
 /// Mounts every route of [`routes`]; errors from query strings and unknown routes are JSON like
-/// all others. Register nothing here directly: a route outside the table would be served but
-/// missing from the OpenAPI document.
+/// all others. Register no route here directly: `tests/openapi.rs` compares the document with
+/// the table, so a route added outside it would be served undocumented without failing a test.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.app_data(
         web::QueryConfig::default().error_handler(|e, _| {
             ApiError::bad_request(format!("invalid query string: {e}")).into()
         }),
     )
+    // actix answers a path parameter it cannot extract with a plain-text 404 otherwise.
     .app_data(
         web::PathConfig::default()
             .error_handler(|e, _| ApiError::bad_request(format!("invalid path: {e}")).into()),

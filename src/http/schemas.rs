@@ -15,9 +15,6 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// A device or rule id: 1..=128 characters of `[A-Za-z0-9._:-]`.
-pub const ID_PATTERN: &str = "^[A-Za-z0-9._:-]{1,128}$";
-
 /// One reading from a device.
 #[derive(Deserialize, ToSchema)]
 #[schema(example = json!({"device_id": "truck-7", "timestamp": "2026-11-23T18:00:00Z", "lat": 52.37, "lon": 4.89, "temperature": 4.5}))]
