@@ -347,13 +347,15 @@ async fn schemathesis_finds_no_server_error_and_no_response_that_breaks_the_docu
         format!("Authorization: Bearer {TOKEN}"),
         "--checks".to_owned(),
         CHECKS.join(","),
-        // Bounded: about 30 s on a 2-core machine. A fixed seed keeps CI reproducible.
+        // Bounded: about 20 s on a 2-core machine. A fixed seed keeps CI reproducible.
         "--max-examples".to_owned(),
-        "15".to_owned(),
+        "40".to_owned(),
         "--seed".to_owned(),
         "20261130".to_owned(),
+        // One worker: schemathesis 4.32 on Python 3.11 sometimes fails inside itself with
+        // several ("AST constructor recursion depth mismatch"), and is no slower with one here.
         "--workers".to_owned(),
-        "2".to_owned(),
+        "1".to_owned(),
         "--request-timeout".to_owned(),
         "10".to_owned(),
         // The live stream stays open by design: its answer never ends. The routes test above
