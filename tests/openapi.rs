@@ -335,7 +335,9 @@ async fn schemathesis_finds_no_server_error_and_no_response_that_breaks_the_docu
             TOKEN,
         ],
     )
-    .await;
+    .await
+    .with_token(TOKEN);
+    seed_every_kind_of_event(&engine).await;
     let work = dir.path().join("schemathesis");
     std::fs::create_dir_all(&work).unwrap();
     let args = [
@@ -390,6 +392,49 @@ async fn schemathesis_finds_no_server_error_and_no_response_that_breaks_the_docu
         started.elapsed()
     );
     println!("{stdout}");
+}
+
+/// Gives the device, zone and range the document's examples name (`truck-7`, `depot`,
+/// `cold-chain`) a history with every kind of device event, so that schemathesis's first phase,
+/// which requests the examples, checks real events, devices in alarm, a zone and a range
+/// against their schemas.
+async fn seed_every_kind_of_event(engine: &Engine) {
+    const DEVICE: &str = "truck-7";
+    engine.create_depot_and_cold_chain().await;
+    let (inside, outside) = ((DEPOT.0, DEPOT.1), (DEPOT.0 + 0.1, DEPOT.1));
+    for (secs, (lat, lon), temperature) in [
+        (0, inside, 5.0),     // DeviceRegistered
+        (60, outside, 5.0),   // moved, LeftZone
+        (120, outside, 12.0), // temperature_changed, TemperatureOutOfRange
+        (180, inside, 5.0),   // EnteredZone, TemperatureBackInRange
+        (30, inside, 5.0),    // late
+    ] {
+        let (status, body) = engine
+            .post(
+                "/api/readings",
+                &reading(DEVICE, secs, lat, lon, temperature),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+    }
+    let history = engine.history(DEVICE).await;
+    let kinds: BTreeSet<String> = types(&history).into_iter().collect();
+    for kind in [
+        "DeviceRegistered",
+        "ReadingRecorded",
+        "LeftZone",
+        "EnteredZone",
+        "TemperatureOutOfRange",
+        "TemperatureBackInRange",
+    ] {
+        assert!(kinds.contains(kind), "{kind} in {kinds:?}");
+    }
+    for flag in ["moved", "temperature_changed", "late"] {
+        assert!(
+            history.iter().any(|e| e["data"][flag] == true),
+            "a ReadingRecorded with {flag}"
+        );
+    }
 }
 
 /// What schemathesis checks: no 5xx; every response as documented (status code, content type,

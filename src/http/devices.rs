@@ -186,7 +186,7 @@ pub(super) async fn list_devices(
     get,
     path = "/api/devices/{id}",
     tag = "devices",
-    params(("id" = String, Path, description = "The device id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$")),
+    params(("id" = String, Path, description = "The device id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "truck-7")),
     responses(
         (status = 200, description = "The device", body = DeviceView),
         (status = 400, description = "The id is not a valid device id", body = ApiError),
@@ -241,7 +241,7 @@ struct EventPage<'a> {
     path = "/api/devices/{id}/events",
     tag = "devices",
     params(
-        ("id" = String, Path, description = "The device id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$"),
+        ("id" = String, Path, description = "The device id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "truck-7"),
         EventsQuery,
     ),
     responses(

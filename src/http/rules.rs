@@ -191,7 +191,7 @@ pub(super) async fn list_zones(state: web::Data<AppState>) -> HttpResponse {
     get,
     path = "/api/zones/{id}",
     tag = "zones",
-    params(("id" = String, Path, description = "The zone's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$")),
+    params(("id" = String, Path, description = "The zone's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "depot")),
     responses(
         (status = 200, description = "The zone", body = ZoneSchema),
         (status = 400, description = "The id is not valid", body = ApiError),
@@ -250,7 +250,7 @@ pub(super) async fn create_zone(
     put,
     path = "/api/zones/{id}",
     tag = "zones",
-    params(("id" = String, Path, description = "The zone's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$")),
+    params(("id" = String, Path, description = "The zone's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "depot")),
     request_body(content = ZoneBody, content_type = "application/json"),
     responses(
         (status = 200, description = "The zone as stored", body = ZoneSchema),
@@ -281,7 +281,7 @@ pub(super) async fn put_zone(
     delete,
     path = "/api/zones/{id}",
     tag = "zones",
-    params(("id" = String, Path, description = "The zone's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$")),
+    params(("id" = String, Path, description = "The zone's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "depot")),
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "The id is not valid", body = ApiError),
@@ -318,7 +318,7 @@ pub(super) async fn list_ranges(state: web::Data<AppState>) -> HttpResponse {
     get,
     path = "/api/temperature-ranges/{id}",
     tag = "temperature ranges",
-    params(("id" = String, Path, description = "The range's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$")),
+    params(("id" = String, Path, description = "The range's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "cold-chain")),
     responses(
         (status = 200, description = "The range", body = RangeSchema),
         (status = 400, description = "The id is not valid", body = ApiError),
@@ -373,7 +373,7 @@ pub(super) async fn create_range(
     put,
     path = "/api/temperature-ranges/{id}",
     tag = "temperature ranges",
-    params(("id" = String, Path, description = "The range's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$")),
+    params(("id" = String, Path, description = "The range's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "cold-chain")),
     request_body(content = RangeBody, content_type = "application/json"),
     responses(
         (status = 200, description = "The range as stored", body = RangeSchema),
@@ -404,7 +404,7 @@ pub(super) async fn put_range(
     delete,
     path = "/api/temperature-ranges/{id}",
     tag = "temperature ranges",
-    params(("id" = String, Path, description = "The range's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$")),
+    params(("id" = String, Path, description = "The range's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "cold-chain")),
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "The id is not valid", body = ApiError),
