@@ -1,6 +1,8 @@
 //! Installs the map page's third-party libraries (Leaflet, leaflet-geoman, world-atlas,
-//! topojson-client) from the npm registry into `web/node_modules`, so that the binary can embed
-//! them: the page loads nothing from outside the engine.
+//! topojson-client) and the API explorer's (swagger-ui-dist) from the npm registry into
+//! `web/node_modules`, so that the binary can embed them: the pages load nothing from outside the
+//! engine. `--ignore-scripts` also keeps swagger-ui-dist's dependency `@scarf/scarf` from running
+//! its install script (which reports the install over the network).
 
 use std::path::Path;
 use std::process::Command;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs and starts what fleetwatch's tests need on a Debian machine (run as root, or with sudo):
 # Node.js + npm (the map page's libraries and the browser test), Chromium (headless browser test),
-# RabbitMQ (ingest tests; started if it is not answering), docker-compose (validates the compose file).
+# RabbitMQ (ingest tests; started if it is not answering), docker-compose (validates the compose file),
+# schemathesis (from PyPI: fuzzes the HTTP API against its OpenAPI document).
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,19 @@ fi
 amqp_up || { echo "RabbitMQ is not answering on 127.0.0.1:5672" >&2; exit 1; }
 # Wait until the broker itself is ready, not just the port.
 $SUDO rabbitmqctl await_startup >/dev/null 2>&1 || true
+
+# The OpenAPI test's fuzzer (tests/openapi.rs runs its CLI against the engine).
+if ! command -v schemathesis >/dev/null; then
+  echo "installing schemathesis"
+  if ! command -v pip3 >/dev/null && ! command -v pip >/dev/null; then
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-pip >/dev/null
+  fi
+  pip_cmd=$(command -v pip3 || command -v pip)
+  # Debian's own Python refuses system-wide installs without this (PEP 668).
+  $pip_cmd install --quiet 'schemathesis>=4,<5' \
+    || $pip_cmd install --quiet --break-system-packages 'schemathesis>=4,<5'
+fi
 
 # The browser test's driver (playwright-core drives Debian's chromium; it downloads no browser).
 if [ -f tests/browser/package-lock.json ]; then

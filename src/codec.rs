@@ -519,15 +519,23 @@ pub fn event_json(recorded: &RecordedEvent) -> Option<serde_json::Value> {
 /// The envelope the API shows for a stored event. A payload this build cannot read is shown as a
 /// string (its bytes, lossily as text) so that one damaged event neither fails a page nor ends a
 /// live stream.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Event, example = json!({"position": 1234, "stream": "truck-7", "version": 42, "type": "LeftZone", "schema_version": 2, "recorded_at": "2026-11-23T18:00:00.123456Z", "data": {"type": "LeftZone", "device_id": "truck-7", "at": "2026-11-23T18:00:00Z", "zone_id": "depot", "zone_revision": 3, "location": {"lat": 52.4, "lon": 4.95}, "found_outside": false}}))]
 pub struct EventView<'a> {
+    /// Global position in the store: strictly increasing.
     pub position: u64,
+    /// The device id, or `$rules` for zone and range changes.
     pub stream: &'a str,
+    /// 1-based version within its stream.
     pub version: u64,
     #[serde(rename = "type")]
     pub event_type: &'a str,
+    /// How the event is stored (see docs/design.md); its JSON here is the same in every schema.
     pub schema_version: u16,
+    /// When the store committed it.
     pub recorded_at: DateTime<Utc>,
+    /// The event itself (it repeats `type`).
+    #[schema(value_type = crate::http::schemas::EventData)]
     pub data: EventData,
 }
 

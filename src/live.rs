@@ -37,12 +37,20 @@ const CATCH_UP_PAGE: usize = 1000;
 const RETRY_AFTER_SECS: &str = "5";
 const ZONE_TYPES: [&str; 4] = ["LeftZone", "EnteredZone", "ZoneDefined", "ZoneRemoved"];
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StreamQuery {
+    /// Comma-separated device ids: only these devices' events (rules events always pass).
     devices: Option<String>,
+    /// Comma-separated zone ids: only zone events (`LeftZone`, `EnteredZone`, `ZoneDefined`,
+    /// `ZoneRemoved`) of these zones.
     zones: Option<String>,
+    /// Comma-separated event types; `alarms` stands for the four alarm types.
     types: Option<String>,
+    /// Replay every matching event after this position, then go live (`Last-Event-ID` wins).
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
     since: Option<u64>,
+    /// Close the stream after this many events.
     limit: Option<u64>,
 }
 
@@ -135,16 +143,27 @@ pub fn frame(event: &RecordedEvent) -> Bytes {
 }
 
 fn resume_position(req: &HttpRequest, since: Option<u64>) -> Result<Option<u64>, ApiError> {
+    // Positions are SQLite integers (i64): a larger one would wrap around to the start.
+    let position = |v: u64| (v <= i64::MAX as u64).then_some(v);
     match req.headers().get("Last-Event-ID") {
         Some(value) => value
             .to_str()
             .ok()
             .and_then(|v| v.trim().parse::<u64>().ok())
+            .and_then(position)
             .map(Some)
             .ok_or_else(|| {
                 ApiError::bad_request("Last-Event-ID must be an event position (a number)")
+                    .with_field(Some("Last-Event-ID".into()), None)
             }),
-        None => Ok(since),
+        None => since
+            .map(|v| {
+                position(v).ok_or_else(|| {
+                    ApiError::bad_request(format!("since must be at most {}, got {v}", i64::MAX))
+                        .with_field(Some("since".into()), None)
+                })
+            })
+            .transpose(),
     }
 }
 
@@ -178,6 +197,36 @@ fn refused(refusal: Refusal) -> HttpResponse {
     response
 }
 
+/// The live stream of stored events, as server-sent events.
+///
+/// Each matching event as `id: <position>`, `event: <type>`, `data: <event as JSON>` (the same
+/// envelope as the history); a `: keep-alive` comment every 15 s. A stream that starts from a
+/// past position (`since` or `Last-Event-ID`) first replays stored events, for at most
+/// `--sse-catch-up-timeout`; then it sends the position reached as an `id:` line without data and
+/// ends, and the client resumes from there. When reads need a token, send it as a bearer token,
+/// or (browsers' `EventSource` cannot send headers) a ticket from `POST /api/stream/tickets` in
+/// `ticket`.
+#[utoipa::path(
+    get,
+    path = "/api/stream",
+    tag = "live stream",
+    params(
+        StreamQuery,
+        ("ticket" = Option<String>, Query, description = "A ticket from `POST /api/stream/tickets`, instead of a bearer token"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this position (wins over `since`); sent by `EventSource` when it reconnects"),
+    ),
+    responses(
+        (status = 200, description = "The stream (it stays open)", content_type = "text/event-stream", body = String,
+            example = json!("retry: 2000\n\nid: 1234\nevent: LeftZone\ndata: {\"position\":1234,\"stream\":\"truck-7\",\"version\":42,\"type\":\"LeftZone\",...}\n\n")),
+        (status = 400, description = "An invalid query parameter or `Last-Event-ID`", body = ApiError),
+        (status = 401, description = "No token, an unknown token, or an unknown or expired ticket", body = ApiError,
+            headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 429, description = "This client address has `--max-sse-per-client` streams open", body = ApiError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+        (status = 503, description = "`--max-sse-connections` streams are open, or the store cannot be read", body = ApiError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    )
+)]
 pub async fn stream(
     req: HttpRequest,
     state: web::Data<AppState>,

@@ -5,6 +5,10 @@
 //!
 //! With read and admin tokens set, the page asks for a token before showing anything, and shows
 //! devices and live events once given one (`tests/browser/auth.mjs`, `target/browser/auth.png`).
+//!
+//! The API explorer (`/api/docs`) loads without a token and from the engine alone, and its
+//! Authorize button's token is sent with "Try it out" (`tests/browser/explorer.mjs`,
+//! `target/browser/explorer.png`).
 
 mod common;
 
@@ -39,6 +43,18 @@ async fn the_map_asks_for_a_token_when_the_engine_needs_one() {
     )
     .await;
     run_scenario(&engine, "auth", &[READ, ADMIN]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_explorer_loads_from_the_engine_alone_and_sends_a_token() {
+    const READ: &str = "browser-explorer-read-7a3b";
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::start_with(
+        &dir.path().join("data"),
+        &["--amqp-disabled", "--read-tokens", READ],
+    )
+    .await;
+    run_scenario(&engine, "explorer", &[READ]).await;
 }
 
 /// Runs `tests/browser/<name>.mjs <base> <screenshot> <args...>` and asserts that it passed.

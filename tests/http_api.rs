@@ -289,6 +289,35 @@ async fn devices_page_in_id_order_and_report_their_state() {
         .0,
         400
     );
+    // A bad `after` is the query parameter's fault: the error names it, not `device_id`.
+    let (status, body) = send(
+        &engine,
+        reqwest::Method::GET,
+        "/api/devices?after=not%20an%20id",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (400, Some("after")),
+        "{body}"
+    );
+    assert!(
+        body["error"].as_str().unwrap().starts_with("after: "),
+        "{body}"
+    );
+    let (status, body) = send(
+        &engine,
+        reqwest::Method::GET,
+        "/api/devices/d-00/events?from_version=18446744073709551615",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (400, Some("from_version")),
+        "a version beyond the store's integers: {body}"
+    );
     let (status, body) = send(
         &engine,
         reqwest::Method::GET,

@@ -70,7 +70,14 @@ fn requirement(method: &Method, path: &str) -> Requirement {
         Method::GET | Method::HEAD => {
             // Load balancers probe health; the page needs its settings (and its own files) to
             // learn that it must ask for a token.
-            if path == "/api/health" || path == "/api/config" || super::assets::is_asset(path) {
+            // The API's description and its explorer are open too, so the explorer loads
+            // without a token (it then sends one, from its Authorize button).
+            if path == "/api/health"
+                || path == "/api/config"
+                || path == super::openapi::DOCUMENT_PATH
+                || path == super::openapi::EXPLORER_PATH
+                || super::assets::is_asset(path)
+            {
                 Requirement {
                     scope: None,
                     json_body: false,
@@ -84,6 +91,13 @@ fn requirement(method: &Method, path: &str) -> Requirement {
         Method::POST | Method::PUT if is_rules => need(Scope::Admin, true),
         _ => need(Scope::Admin, false),
     }
+}
+
+/// What the OpenAPI document says about a route, from the same table the middleware enforces:
+/// the scope its token needs (`None`: open) and whether its body must be JSON.
+pub(super) fn documented_requirement(method: &Method, path: &str) -> (Option<&'static str>, bool) {
+    let need = requirement(method, path);
+    (need.scope.map(scope_name), need.json_body)
 }
 
 /// Invalid access settings.
@@ -180,7 +194,7 @@ impl TokenTable {
 }
 
 /// Whether each scope needs a token: what `GET /api/config` tells the page.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
 pub struct AuthRequired {
     pub read: bool,
     pub ingest: bool,
@@ -475,21 +489,33 @@ pub async fn authorize(
     next.call(req).await
 }
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route(
-        TICKETS_PATH.trim_start_matches("/api"),
-        web::post().to(issue_ticket),
-    );
-}
-
-#[derive(Serialize)]
+/// A live-stream ticket.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"ticket": "9f0c2d7e4b1a8c3f6e5d0a9b8c7d6e5f", "expires_in": 60}))]
 struct TicketView {
+    /// Opens `GET /api/stream?ticket=...` until it expires, as often as needed; it grants
+    /// nothing else.
     ticket: String,
+    /// Seconds it stays valid (`--stream-ticket-ttl`).
     expires_in: u64,
 }
 
-/// `POST /api/stream/tickets` (read scope): a ticket for `GET /api/stream?ticket=...`.
-async fn issue_ticket(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+/// Issues a short-lived ticket that opens the live stream (read scope).
+///
+/// Browsers' `EventSource` cannot send an `Authorization` header: the page gets a ticket with its
+/// token and opens `GET /api/stream?ticket=...` with it. A ticket in a URL shows in request logs,
+/// which is why it is short-lived and grants reading the stream only.
+#[utoipa::path(
+    post,
+    path = "/api/stream/tickets",
+    tag = "live stream",
+    responses(
+        (status = 201, description = "A new ticket", body = TicketView,
+            headers(("Cache-Control" = String, description = "`no-store`"))),
+        (status = 503, description = "Too many live tickets are valid; retry once some expire", body = ApiError),
+    )
+)]
+pub(super) async fn issue_ticket(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let ticket = state.access.tickets.issue().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -537,6 +563,14 @@ mod tests {
         };
         assert_eq!(scope(Method::GET, "/api/health"), open);
         assert_eq!(scope(Method::GET, "/api/config"), open);
+        assert_eq!(scope(Method::GET, "/api/openapi.json"), open);
+        assert_eq!(scope(Method::GET, "/api/docs"), open);
+        assert_eq!(scope(Method::GET, "/api/docs/swagger-ui-bundle.js"), open);
+        assert_eq!(
+            scope(Method::GET, "/api/docs/elsewhere"),
+            need(Scope::Read, false),
+            "only the explorer's own files are open"
+        );
         assert_eq!(scope(Method::GET, "/"), open);
         assert_eq!(scope(Method::GET, "/static/app.js"), open);
         assert_eq!(

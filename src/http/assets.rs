@@ -1,12 +1,15 @@
-//! The live map page and its libraries, embedded in the binary at build time (`build.rs` installs
-//! the libraries from the npm registry), so the page needs nothing but the engine.
+//! The live map page and its libraries, and the API explorer's (Swagger UI), embedded in the
+//! binary at build time (`build.rs` installs the libraries from the npm registry), so the pages
+//! need nothing but the engine.
 
 use actix_web::http::header;
-use actix_web::{web, HttpResponse};
+use actix_web::HttpResponse;
 
-struct Asset {
-    path: &'static str,
-    content_type: &'static str,
+use super::Routes;
+
+pub(super) struct Asset {
+    pub path: &'static str,
+    pub content_type: &'static str,
     body: &'static [u8],
 }
 
@@ -20,7 +23,7 @@ macro_rules! asset {
     };
 }
 
-static ASSETS: &[Asset] = &[
+pub(super) static ASSETS: &[Asset] = &[
     asset!("/", "text/html; charset=utf-8", "static/index.html"),
     asset!(
         "/static/app.js",
@@ -87,6 +90,27 @@ static ASSETS: &[Asset] = &[
         "application/json",
         "node_modules/world-atlas/countries-110m.json"
     ),
+    // The API explorer (`/api/docs`, see `openapi.rs`).
+    asset!(
+        "/api/docs/explorer.js",
+        "text/javascript; charset=utf-8",
+        "static/explorer.js"
+    ),
+    asset!(
+        "/api/docs/swagger-ui-bundle.js",
+        "text/javascript; charset=utf-8",
+        "node_modules/swagger-ui-dist/swagger-ui-bundle.js"
+    ),
+    asset!(
+        "/api/docs/swagger-ui.css",
+        "text/css; charset=utf-8",
+        "node_modules/swagger-ui-dist/swagger-ui.css"
+    ),
+    asset!(
+        "/api/docs/favicon-32x32.png",
+        "image/png",
+        "node_modules/swagger-ui-dist/favicon-32x32.png"
+    ),
 ];
 
 /// Whether `path` is one of the page's own files (open to anyone: it holds no data).
@@ -94,16 +118,15 @@ pub fn is_asset(path: &str) -> bool {
     ASSETS.iter().any(|asset| asset.path == path)
 }
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
+pub(super) fn routes(r: &mut Routes<'_>) {
     for asset in ASSETS {
-        cfg.route(
-            asset.path,
-            web::get().to(move || async move {
-                HttpResponse::Ok()
-                    .insert_header((header::CONTENT_TYPE, asset.content_type))
-                    .insert_header((header::CACHE_CONTROL, "no-cache"))
-                    .body(asset.body)
-            }),
-        );
+        r.get(asset.path, move || async move { serve(asset) });
     }
+}
+
+fn serve(asset: &'static Asset) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, asset.content_type))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .body(asset.body)
 }

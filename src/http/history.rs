@@ -7,24 +7,15 @@ use actix_web::{web, HttpResponse};
 use chrono::{DateTime, Duration, DurationRound, Utc};
 use fleetwatch_domain::{DeviceEvent, DeviceId, Location, RuleId, Watched};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, AppState};
+use super::{schemas, ApiError, AppState};
 use crate::codec;
-use crate::projections::{Bucket, BucketRow, StoredBucket, TopBy, TopEntry, FLEET};
+use crate::projections::{Bucket, BucketRow, StoredBucket, TopBy, FLEET};
 use crate::store::Retention;
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/devices/{id}/readings", web::get().to(readings))
-        .route(
-            "/devices/{id}/temperature",
-            web::get().to(device_temperature),
-        )
-        .route("/devices/{id}/summary", web::get().to(summary))
-        .route("/zones/{id}/report", web::get().to(zone_report))
-        .route("/stats", web::get().to(stats))
-        .route("/stats/temperature", web::get().to(fleet_temperature))
-        .route("/stats/top", web::get().to(top));
-}
+/// The OpenAPI description of a device id in a path.
+const DEVICE_ID: &str = "The device id: 1..=128 characters of `[A-Za-z0-9._:-]`";
 
 /// Most readings in one page.
 const MAX_READINGS_PAGE: usize = 1_000;
@@ -101,15 +92,24 @@ fn read_model_error(e: crate::projections::ReadModelError) -> ApiError {
 // ---------------------------------------------------------------------------------------------
 // Readings by time
 
-#[derive(Deserialize)]
-struct ReadingsQuery {
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ReadingsQuery {
+    /// RFC 3339, inclusive; default 24 hours before `to`.
+    #[param(example = "2026-11-23T00:00:00Z")]
     from: Option<String>,
+    /// RFC 3339, exclusive; default now.
+    #[param(example = "2026-11-24T00:00:00Z")]
     to: Option<String>,
+    /// Readings per page, 1..=1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
+    /// The previous page's `next_after`.
     after: Option<String>,
 }
 
-#[derive(Serialize)]
+/// One recorded reading.
+#[derive(Serialize, ToSchema)]
 struct ReadingView {
     timestamp: DateTime<Utc>,
     lat: f64,
@@ -121,7 +121,8 @@ struct ReadingView {
     temperature_changed: bool,
 }
 
-#[derive(Serialize)]
+/// A page of a device's readings, in time order.
+#[derive(Serialize, ToSchema)]
 struct ReadingsPage {
     device_id: String,
     from: DateTime<Utc>,
@@ -143,7 +144,22 @@ fn cursor(raw: &str) -> Result<(DateTime<Utc>, u64), ApiError> {
     parsed.ok_or_else(|| bad("after", format!("not a cursor from next_after: {raw:?}")))
 }
 
-async fn readings(
+/// A device's readings by time, late ones included, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/api/devices/{id}/readings",
+    tag = "history",
+    params(("id" = String, Path, description = DEVICE_ID, example = "truck-7"), ReadingsQuery),
+    responses(
+        (status = 200, description = "A page of readings", body = ReadingsPage),
+        (status = 400, description = "An invalid id, time, range, limit or cursor (`field` names it)", body = ApiError),
+        (status = 404, description = "No such device", body = ApiError),
+        (status = 500, description = "A stored reading cannot be read", body = ApiError),
+        (status = 503, description = "The event store cannot be read now", body = ApiError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    )
+)]
+pub(super) async fn readings(
     state: web::Data<AppState>,
     path: web::Path<String>,
     query: web::Query<ReadingsQuery>,
@@ -217,27 +233,60 @@ async fn readings(
 // ---------------------------------------------------------------------------------------------
 // Temperature buckets
 
-#[derive(Deserialize)]
-struct BucketsQuery {
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct BucketsQuery {
+    /// RFC 3339; moved back to the start of its bucket. Default: 1 hour (minute), 24 hours
+    /// (hour) or 30 days (day) before `to`.
     from: Option<String>,
+    /// RFC 3339, exclusive; default now.
     to: Option<String>,
+    /// `minute`, `hour` (default) or `day`.
+    #[param(example = "hour")]
     bucket: Option<String>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct FleetBucketsQuery {
+    /// RFC 3339; moved back to the start of its bucket.
+    from: Option<String>,
+    /// RFC 3339, exclusive; default now.
+    to: Option<String>,
+    /// `minute`, `hour` (default) or `day`.
+    #[param(example = "hour")]
+    bucket: Option<String>,
+    /// Only the devices this zone watches (all devices for a zone watching every device).
     zone: Option<String>,
 }
 
-#[derive(Serialize)]
+/// One bucket of readings.
+#[derive(Serialize, ToSchema)]
 struct BucketView {
+    /// The bucket's start, UTC.
     start: DateTime<Utc>,
-    #[serde(flatten)]
-    row: BucketRow,
+    count: u64,
+    mean: Option<f64>,
+    min: Option<f64>,
+    max: Option<f64>,
+    /// Where the bucket's latest reading was (`null` for the fleet and zones).
+    #[schema(value_type = Option<schemas::Location>)]
+    last_location: Option<Location>,
+    /// Between consecutive live readings ending in the bucket.
+    distance_m: f64,
+    /// Alarms raised, dated in the bucket.
+    alarms: u64,
 }
 
-#[derive(Serialize)]
+/// Temperature buckets over a range.
+#[derive(Serialize, ToSchema)]
 struct BucketsPage {
     #[serde(skip_serializing_if = "Option::is_none")]
     device_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     zone_id: Option<String>,
+    /// `minute`, `hour` or `day`.
+    #[schema(value_type = String)]
     bucket: Bucket,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
@@ -245,8 +294,12 @@ struct BucketsPage {
 }
 
 /// The bucket width and its aligned range, refusing a range with too many buckets.
-fn bucket_range(query: &BucketsQuery) -> Result<(Bucket, DateTime<Utc>, DateTime<Utc>), ApiError> {
-    let bucket = match query.bucket.as_deref().unwrap_or("hour") {
+fn bucket_range(
+    from: Option<&str>,
+    to: Option<&str>,
+    bucket: Option<&str>,
+) -> Result<(Bucket, DateTime<Utc>, DateTime<Utc>), ApiError> {
+    let bucket = match bucket.unwrap_or("hour") {
         "minute" => Bucket::Minute,
         "hour" => Bucket::Hour,
         "day" => Bucket::Day,
@@ -262,7 +315,7 @@ fn bucket_range(query: &BucketsQuery) -> Result<(Bucket, DateTime<Utc>, DateTime
         Bucket::Hour => Duration::hours(24),
         Bucket::Day => Duration::days(30),
     };
-    let (from, to) = time_range(query.from.as_deref(), query.to.as_deref(), span)?;
+    let (from, to) = time_range(from, to, span)?;
     let width = Duration::seconds(bucket.seconds());
     // Whole buckets: the one holding `from` through the one holding the instant before `to`.
     let from = from.duration_trunc(width).unwrap_or(from);
@@ -281,18 +334,42 @@ fn views(rows: Vec<BucketRow>) -> Vec<BucketView> {
     rows.into_iter()
         .map(|row| BucketView {
             start: row.start(),
-            row,
+            count: row.count,
+            mean: row.mean,
+            min: row.min,
+            max: row.max,
+            last_location: row.last_location,
+            distance_m: row.distance_m,
+            alarms: row.alarms,
         })
         .collect()
 }
 
-async fn device_temperature(
+/// A device's temperature per minute, hour or day: count, mean, min, max and its last position.
+#[utoipa::path(
+    get,
+    path = "/api/devices/{id}/temperature",
+    tag = "history",
+    params(("id" = String, Path, description = DEVICE_ID, example = "truck-7"), BucketsQuery),
+    responses(
+        (status = 200, description = "The device's buckets with data", body = BucketsPage),
+        (status = 400, description = "An invalid id, bucket, time or range (`field` names it; more than 10,000 buckets names `from`)", body = ApiError),
+        (status = 404, description = "No such device", body = ApiError),
+        (status = 503, description = "The read models cannot be read now", body = ApiError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    )
+)]
+pub(super) async fn device_temperature(
     state: web::Data<AppState>,
     path: web::Path<String>,
     query: web::Query<BucketsQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let id = device_id(path.into_inner())?;
-    let (bucket, from, to) = bucket_range(&query)?;
+    let (bucket, from, to) = bucket_range(
+        query.from.as_deref(),
+        query.to.as_deref(),
+        query.bucket.as_deref(),
+    )?;
     known(&state, &id).await?;
     let queries = state.read_models.queries().clone();
     let name = id.to_string();
@@ -310,11 +387,29 @@ async fn device_temperature(
     }))
 }
 
-async fn fleet_temperature(
+/// The fleet's temperature per minute, hour or day, or that of the devices a zone watches.
+#[utoipa::path(
+    get,
+    path = "/api/stats/temperature",
+    tag = "history",
+    params(FleetBucketsQuery),
+    responses(
+        (status = 200, description = "The buckets with data", body = BucketsPage),
+        (status = 400, description = "An invalid bucket, time, range or zone id (`field` names it)", body = ApiError),
+        (status = 404, description = "No such zone", body = ApiError),
+        (status = 503, description = "The read models cannot be read now", body = ApiError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    )
+)]
+pub(super) async fn fleet_temperature(
     state: web::Data<AppState>,
-    query: web::Query<BucketsQuery>,
+    query: web::Query<FleetBucketsQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let (bucket, from, to) = bucket_range(&query)?;
+    let (bucket, from, to) = bucket_range(
+        query.from.as_deref(),
+        query.to.as_deref(),
+        query.bucket.as_deref(),
+    )?;
     // A zone's devices: the fleet's rows when it watches every device, else its listed ones.
     let devices: Vec<String> = match query.zone.as_deref().filter(|z| !z.is_empty()) {
         None => vec![FLEET.to_owned()],
@@ -352,7 +447,8 @@ async fn fleet_temperature(
 // ---------------------------------------------------------------------------------------------
 // A device's summary
 
-#[derive(Serialize)]
+/// Temperature over a period.
+#[derive(Serialize, ToSchema)]
 struct TemperatureSummary {
     count: u64,
     mean: Option<f64>,
@@ -371,9 +467,11 @@ impl From<BucketRow> for TemperatureSummary {
     }
 }
 
-#[derive(Serialize)]
+/// The last reading's position and how the device was moving.
+#[derive(Serialize, ToSchema)]
 struct Motion {
     timestamp: DateTime<Utc>,
+    #[schema(value_type = schemas::Location)]
     location: Location,
     /// From the previous reading; `null` without one, or when both have the same time.
     speed_m_per_s: Option<f64>,
@@ -381,7 +479,8 @@ struct Motion {
     heading_deg: Option<f64>,
 }
 
-#[derive(Serialize)]
+/// A device at a glance.
+#[derive(Serialize, ToSchema)]
 struct Summary {
     device_id: String,
     last_hour: TemperatureSummary,
@@ -391,7 +490,22 @@ struct Summary {
     distance_today_m: f64,
 }
 
-async fn summary(
+/// A device's last hour and day of temperature, speed and heading, and distance today.
+#[utoipa::path(
+    get,
+    path = "/api/devices/{id}/summary",
+    tag = "history",
+    params(("id" = String, Path, description = DEVICE_ID, example = "truck-7")),
+    responses(
+        (status = 200, description = "The device's summary", body = Summary),
+        (status = 400, description = "An invalid device id", body = ApiError),
+        (status = 404, description = "No such device", body = ApiError),
+        (status = 500, description = "The device's stored history cannot be read", body = ApiError),
+        (status = 503, description = "The store or the read models cannot be read now", body = ApiError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    )
+)]
+pub(super) async fn summary(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
@@ -475,15 +589,22 @@ async fn summary(
 // ---------------------------------------------------------------------------------------------
 // Zone reports
 
-#[derive(Deserialize)]
-struct ReportQuery {
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ReportQuery {
+    /// RFC 3339; default 24 hours before `to`.
     from: Option<String>,
+    /// RFC 3339, exclusive; default now.
     to: Option<String>,
+    /// The previous page's `next_after` (a device id).
     after: Option<String>,
+    /// Devices per page, 1..=1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+/// One device's time in and out of a zone.
+#[derive(Debug, Serialize, PartialEq, ToSchema)]
 pub struct DeviceInZone {
     pub device_id: String,
     pub entries: u64,
@@ -492,7 +613,8 @@ pub struct DeviceInZone {
     pub seconds_outside: f64,
 }
 
-#[derive(Serialize)]
+/// A zone's report over a range, a page of devices at a time.
+#[derive(Serialize, ToSchema)]
 struct ZoneReport {
     zone_id: String,
     from: DateTime<Utc>,
@@ -545,7 +667,21 @@ pub fn in_zone(device: &str, crossings: &[(i64, bool)], start: i64, end: i64) ->
     report
 }
 
-async fn zone_report(
+/// Per device the zone watches: entries, exits, and time inside and outside over a range.
+#[utoipa::path(
+    get,
+    path = "/api/zones/{id}/report",
+    tag = "history",
+    params(("id" = String, Path, description = "The zone id", example = "depot"), ReportQuery),
+    responses(
+        (status = 200, description = "A page of the report", body = ZoneReport),
+        (status = 400, description = "An invalid zone id, time, range or limit (`field` names it)", body = ApiError),
+        (status = 404, description = "No such zone", body = ApiError),
+        (status = 503, description = "The read models cannot be read now", body = ApiError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    )
+)]
+pub(super) async fn zone_report(
     state: web::Data<AppState>,
     path: web::Path<String>,
     query: web::Query<ReportQuery>,
@@ -618,13 +754,15 @@ async fn zone_report(
 // ---------------------------------------------------------------------------------------------
 // Fleet statistics
 
-#[derive(Serialize)]
+/// A rate over the last complete second and minute.
+#[derive(Serialize, ToSchema)]
 struct PerSecond {
     last_second: f64,
     last_minute: f64,
 }
 
-#[derive(Serialize)]
+/// Devices by state.
+#[derive(Serialize, ToSchema)]
 struct DeviceCounts {
     active: usize,
     known: u64,
@@ -632,7 +770,8 @@ struct DeviceCounts {
     out_of_range: u64,
 }
 
-#[derive(Serialize)]
+/// The fleet now.
+#[derive(Serialize, ToSchema)]
 struct Stats {
     readings_per_second: PerSecond,
     events_per_second: PerSecond,
@@ -643,7 +782,18 @@ struct Stats {
     store_position: u64,
 }
 
-async fn stats(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+/// Readings and events per second, devices by state, dead letters.
+#[utoipa::path(
+    get,
+    path = "/api/stats",
+    tag = "history",
+    responses(
+        (status = 200, description = "The statistics", body = Stats),
+        (status = 503, description = "The store or the read models cannot be read now", body = ApiError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    )
+)]
+pub(super) async fn stats(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let rates = state.read_models.rates().snapshot();
     let queries = state.read_models.queries().clone();
     let ((known, outside, out_of_range), read_models_position) = web::block(move || {
@@ -676,22 +826,54 @@ async fn stats(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     }))
 }
 
-#[derive(Deserialize)]
-struct TopQuery {
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TopQuery {
+    /// `alarms`, `readings` (default) or `distance`.
+    #[param(example = "readings")]
     by: Option<String>,
+    /// A duration such as `1h` (default), `24h` or `7d`, at most `31d`; whole hours.
+    #[param(example = "24h")]
     window: Option<String>,
+    /// Devices, 1..=100 (default 10).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<usize>,
 }
 
-#[derive(Serialize)]
-struct TopPage {
-    by: TopBy,
-    window: String,
-    since: DateTime<Utc>,
-    devices: Vec<TopEntry>,
+/// A device and its total.
+#[derive(Serialize, ToSchema)]
+struct TopDevice {
+    device_id: String,
+    /// Alarms, readings or metres.
+    value: f64,
 }
 
-async fn top(
+/// The top devices over a window, most first.
+#[derive(Serialize, ToSchema)]
+struct TopPage {
+    /// `alarms`, `readings` or `distance`.
+    #[schema(value_type = String)]
+    by: TopBy,
+    window: String,
+    /// The start of the hour the window begins in.
+    since: DateTime<Utc>,
+    devices: Vec<TopDevice>,
+}
+
+/// The devices with the most alarms, readings or distance over a window.
+#[utoipa::path(
+    get,
+    path = "/api/stats/top",
+    tag = "history",
+    params(TopQuery),
+    responses(
+        (status = 200, description = "The top devices", body = TopPage),
+        (status = 400, description = "An invalid `by`, `window` or `limit` (`field` names it)", body = ApiError),
+        (status = 503, description = "The read models cannot be read now", body = ApiError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    )
+)]
+pub(super) async fn top(
     state: web::Data<AppState>,
     query: web::Query<TopQuery>,
 ) -> Result<HttpResponse, ApiError> {
@@ -731,7 +913,13 @@ async fn top(
         by,
         window: window_text,
         since,
-        devices,
+        devices: devices
+            .into_iter()
+            .map(|d| TopDevice {
+                device_id: d.device_id,
+                value: d.value,
+            })
+            .collect(),
     }))
 }
 

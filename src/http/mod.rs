@@ -1,17 +1,22 @@
 //! The HTTP API (actix-web): readings, zones, temperature ranges, devices, the live stream, the
 //! map page and operations endpoints. Routes are thin: they parse, call the engine, and map
 //! errors to JSON responses in one place ([`ApiError`]).
+//!
+//! Every route is registered from one table, [`routes`]; the OpenAPI document ([`openapi`]) is
+//! checked against that table by `tests/openapi.rs`.
 
 pub mod access;
 mod assets;
 mod devices;
 mod history;
+pub mod openapi;
 mod ops;
 mod readings;
 mod rules;
+pub mod schemas;
 
-use actix_web::http::StatusCode;
-use actix_web::{web, HttpResponse, ResponseError};
+use actix_web::http::{Method, StatusCode};
+use actix_web::{web, FromRequest, Handler, HttpResponse, Responder, ResponseError};
 use serde::Serialize;
 
 use crate::engine::{Engine, EngineError};
@@ -43,41 +48,156 @@ pub struct AppState {
     pub access: std::sync::Arc<access::Access>,
 }
 
-/// Mounts every route; errors from query strings and unknown routes are JSON like all others.
+/// The error of a request to a path and method the engine does not serve.
+pub const NO_SUCH_ENDPOINT: &str = "no such endpoint (see /api/docs or docs/api.md)";
+
+/// Mounts every route of [`routes`]; errors from query strings and unknown routes are JSON like
+/// all others. Register no route here directly: `tests/openapi.rs` compares the document with
+/// the table, so a route added outside it would be served undocumented without failing a test.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.app_data(
         web::QueryConfig::default().error_handler(|e, _| {
             ApiError::bad_request(format!("invalid query string: {e}")).into()
         }),
     )
-    .default_service(web::to(|| async {
-        ApiError::new(StatusCode::NOT_FOUND, "no such endpoint (see docs/api.md)").error_response()
-    }))
-    .service(
-        web::scope("/api")
-            .configure(readings::routes)
-            .configure(rules::routes)
-            .configure(devices::routes)
-            .configure(history::routes)
-            .configure(ops::routes)
-            .configure(access::routes)
-            .route("/stream", web::get().to(crate::live::stream)),
+    // actix answers a path parameter it cannot extract with a plain-text 404 otherwise.
+    .app_data(
+        web::PathConfig::default()
+            .error_handler(|e, _| ApiError::bad_request(format!("invalid path: {e}")).into()),
     )
-    .route("/metrics", web::get().to(ops::metrics))
-    .configure(assets::routes);
+    .default_service(web::to(|| async {
+        ApiError::new(StatusCode::NOT_FOUND, NO_SUCH_ENDPOINT).error_response()
+    }));
+    routes(&mut Routes {
+        cfg: Some(cfg),
+        listed: Vec::new(),
+    });
+}
+
+/// Every route the engine serves, as one table: [`configure`] registers it, [`served_routes`]
+/// lists it, and `tests/openapi.rs` checks that the OpenAPI document has exactly these routes.
+///
+/// To add an endpoint: write its handler with `#[utoipa::path(...)]`, add one line here, and
+/// list the handler in `paths(...)` of [`openapi::ApiDoc`]. Which token it needs comes from
+/// `access::requirement` (the document takes it from there too).
+fn routes(r: &mut Routes<'_>) {
+    r.post("/api/readings", readings::post_readings)
+        .get("/api/zones", rules::list_zones)
+        .post("/api/zones", rules::create_zone)
+        .get("/api/zones/{id}", rules::get_zone)
+        .put("/api/zones/{id}", rules::put_zone)
+        .delete("/api/zones/{id}", rules::delete_zone)
+        .get("/api/temperature-ranges", rules::list_ranges)
+        .post("/api/temperature-ranges", rules::create_range)
+        .get("/api/temperature-ranges/{id}", rules::get_range)
+        .put("/api/temperature-ranges/{id}", rules::put_range)
+        .delete("/api/temperature-ranges/{id}", rules::delete_range)
+        .get("/api/devices", devices::list_devices)
+        .get("/api/devices/{id}", devices::get_device)
+        .get("/api/devices/{id}/events", devices::device_events)
+        .get("/api/devices/{id}/readings", history::readings)
+        .get("/api/devices/{id}/temperature", history::device_temperature)
+        .get("/api/devices/{id}/summary", history::summary)
+        .get("/api/zones/{id}/report", history::zone_report)
+        .get("/api/stats", history::stats)
+        .get("/api/stats/temperature", history::fleet_temperature)
+        .get("/api/stats/top", history::top)
+        .get("/api/stream", crate::live::stream)
+        .post("/api/stream/tickets", access::issue_ticket)
+        .get("/api/health", ops::health)
+        .get("/api/config", ops::page_config)
+        .get("/api/failed-messages", ops::failed_messages)
+        .get("/metrics", ops::metrics)
+        .get("/api/openapi.json", openapi::document)
+        .get("/api/docs", openapi::explorer);
+    // The page's own files (and the explorer's): documented from the same table.
+    assets::routes(r);
+}
+
+/// The routes of [`routes`], as `(method, path)` with actix's `{param}` placeholders (the same
+/// notation as OpenAPI's).
+pub fn served_routes() -> Vec<(Method, &'static str)> {
+    let mut r = Routes {
+        cfg: None,
+        listed: Vec::new(),
+    };
+    routes(&mut r);
+    r.listed
+}
+
+/// Registers routes with actix (when it has a `ServiceConfig`) and lists them, so the list and
+/// what is served cannot differ.
+pub struct Routes<'a> {
+    cfg: Option<&'a mut web::ServiceConfig>,
+    listed: Vec<(Method, &'static str)>,
+}
+
+impl Routes<'_> {
+    fn add<F, Args>(&mut self, method: Method, path: &'static str, handler: F) -> &mut Self
+    where
+        F: Handler<Args>,
+        Args: FromRequest + 'static,
+        F::Output: Responder + 'static,
+    {
+        if let Some(cfg) = self.cfg.as_deref_mut() {
+            cfg.route(path, web::method(method.clone()).to(handler));
+        }
+        self.listed.push((method, path));
+        self
+    }
+
+    fn get<F, Args>(&mut self, path: &'static str, handler: F) -> &mut Self
+    where
+        F: Handler<Args>,
+        Args: FromRequest + 'static,
+        F::Output: Responder + 'static,
+    {
+        self.add(Method::GET, path, handler)
+    }
+
+    fn post<F, Args>(&mut self, path: &'static str, handler: F) -> &mut Self
+    where
+        F: Handler<Args>,
+        Args: FromRequest + 'static,
+        F::Output: Responder + 'static,
+    {
+        self.add(Method::POST, path, handler)
+    }
+
+    fn put<F, Args>(&mut self, path: &'static str, handler: F) -> &mut Self
+    where
+        F: Handler<Args>,
+        Args: FromRequest + 'static,
+        F::Output: Responder + 'static,
+    {
+        self.add(Method::PUT, path, handler)
+    }
+
+    fn delete<F, Args>(&mut self, path: &'static str, handler: F) -> &mut Self
+    where
+        F: Handler<Args>,
+        Args: FromRequest + 'static,
+        F::Output: Responder + 'static,
+    {
+        self.add(Method::DELETE, path, handler)
+    }
 }
 
 /// An error response: `{"error": "...", "field": "...", "index": n}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ApiError {
     #[serde(skip)]
     status: StatusCode,
     /// Seconds, sent as `Retry-After`.
     #[serde(skip)]
     retry_after: Option<u32>,
+    /// What went wrong, for a person to read.
     error: String,
+    /// The offending field, when one is to blame: a body field (`lat`, `shape.points`), a query
+    /// parameter (`limit`, `after`) or a path parameter.
     #[serde(skip_serializing_if = "Option::is_none")]
     field: Option<String>,
+    /// In a batch of readings, the 0-based index of the offending reading.
     #[serde(skip_serializing_if = "Option::is_none")]
     index: Option<usize>,
     /// A 401 that asks for a bearer token (`WWW-Authenticate: Bearer`).

@@ -1,29 +1,47 @@
 //! Operations: health, the page's settings, failed messages, Prometheus metrics.
 
-use actix_web::{web, HttpResponse};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpResponse, ResponseError};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::access::AuthRequired;
-use super::AppState;
+use super::{ApiError, AppState};
+use crate::ingest::failed::FailedMessage;
 use crate::store::StoreHealth;
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/health", web::get().to(health))
-        .route("/config", web::get().to(page_config))
-        .route("/failed-messages", web::get().to(failed_messages));
-}
-
-#[derive(Serialize)]
+/// The engine's health.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"status": "ok", "store": "ok", "broker": "connected", "devices_active": 12}))]
 struct Health {
+    /// `ok`, or `degraded` when the store cannot write or be read.
+    #[schema(value_type = String, pattern = "^(ok|degraded)$")]
     status: &'static str,
+    /// `ok`, `failing: <cause>` (it cannot write; ingest pauses) or `error: <cause>` (it cannot
+    /// be read).
     store: String,
+    /// Since when the store cannot write.
     #[serde(skip_serializing_if = "Option::is_none")]
     store_failing_since: Option<chrono::DateTime<chrono::Utc>>,
+    /// `connected`, `connecting` or `disabled`.
+    #[schema(value_type = String, pattern = "^(connected|connecting|disabled)$")]
     broker: &'static str,
+    /// Device actors in memory.
     devices_active: usize,
 }
 
-async fn health(state: web::Data<AppState>) -> HttpResponse {
+/// The engine's health (open to anyone, for load balancers).
+#[utoipa::path(
+    get,
+    path = "/api/health",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Healthy", body = Health),
+        (status = 503, description = "Degraded: the store cannot write (ingest is paused) or cannot be read", body = Health,
+            example = json!({"status": "degraded", "store": "failing: database or disk is full", "store_failing_since": "2026-11-30T11:02:19Z", "broker": "connected", "devices_active": 12})),
+    )
+)]
+pub(super) async fn health(state: web::Data<AppState>) -> HttpResponse {
     let failing = match &*state.engine.store_health().borrow() {
         StoreHealth::Available => None,
         StoreHealth::Failing { cause, since } => Some((format!("failing: {cause}"), *since)),
@@ -51,37 +69,79 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
-#[derive(Serialize)]
+/// What the map page needs to know before anything else.
+#[derive(Serialize, ToSchema)]
 struct PageConfig<'a> {
+    /// The map tile URL template (`--tile-url`); `null`: the offline world outline.
     tile_url: Option<&'a str>,
     /// Which scopes need a token, so the page knows to ask for one.
     auth: AuthRequired,
 }
 
-async fn page_config(state: web::Data<AppState>) -> HttpResponse {
+/// The map page's settings, and which scopes need a token (open to anyone).
+#[utoipa::path(
+    get,
+    path = "/api/config",
+    tag = "operations",
+    responses((status = 200, description = "The settings", body = PageConfig)),
+)]
+pub(super) async fn page_config(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(PageConfig {
         tile_url: state.tile_url.as_deref(),
         auth: state.access.required(),
     })
 }
 
-#[derive(Deserialize)]
-struct FailedQuery {
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct FailedQuery {
+    /// At most this many (default 100; the engine keeps the last 1,000).
+    #[param(minimum = 0)]
     limit: Option<usize>,
 }
 
-async fn failed_messages(
+/// Messages from RabbitMQ that were dead-lettered, newest first.
+///
+/// A quick view kept in memory (the last 1,000, empty after a restart); the dead-letter queue
+/// `<queue>.dead` keeps the messages themselves, with the reason in the `x-fleetwatch-reason`
+/// header.
+#[utoipa::path(
+    get,
+    path = "/api/failed-messages",
+    tag = "operations",
+    params(FailedQuery),
+    responses(
+        (status = 200, description = "Newest first", body = [FailedMessage]),
+        (status = 400, description = "An invalid query parameter", body = ApiError),
+    )
+)]
+pub(super) async fn failed_messages(
     state: web::Data<AppState>,
     query: web::Query<FailedQuery>,
 ) -> HttpResponse {
     HttpResponse::Ok().json(state.failed.newest(query.limit.unwrap_or(100)))
 }
 
-pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+/// Prometheus metrics, in the text exposition format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The metrics", content_type = "text/plain", body = String),
+        (status = 404, description = "Metrics are not enabled in this process", body = ApiError),
+    )
+)]
+pub(super) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     match &state.metrics {
         Some(handle) => HttpResponse::Ok()
             .content_type("text/plain; version=0.0.4")
             .body(handle.render()),
-        None => HttpResponse::NotFound().body("metrics are not enabled in this process"),
+        // JSON like every other error.
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "metrics are not enabled in this process",
+        )
+        .error_response(),
     }
 }

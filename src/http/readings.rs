@@ -1,22 +1,39 @@
 //! `POST /api/readings`.
 
 use actix_web::{web, HttpResponse};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
+use super::schemas::Reading;
 use super::{read_body, ApiError, AppState};
 use crate::engine::IngestOutcome;
 use crate::ingest::wire::{check_clock, parse_readings, InvalidReading};
 use crate::store::StoreHealth;
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/readings", web::post().to(post_readings));
+/// The body of `POST /api/readings`: one reading, or an array of readings (applied all or none).
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code)] // A schema only: `ingest::wire` parses the body (naming the failing index).
+#[schema(example = json!([
+    {"device_id": "truck-7", "timestamp": "2026-11-23T18:00:00Z", "lat": 52.37, "lon": 4.89, "temperature": 4.5},
+    {"device_id": "truck-8", "timestamp": "2026-11-23T18:00:05Z", "lat": 52.38, "lon": 4.9, "temperature": 3.9}
+]))]
+#[serde(untagged)]
+pub enum Readings {
+    One(Reading),
+    Many(Vec<Reading>),
 }
 
-#[derive(Serialize)]
-struct Accepted {
+/// What became of the readings of one request, once every event they caused is durable.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"accepted": 10, "duplicates": 1, "late": 1, "events": 14}))]
+pub struct Accepted {
+    /// Readings in the request.
     accepted: usize,
+    /// Exact repeats (same device and timestamp as a stored reading): they change nothing.
     duplicates: usize,
+    /// Readings older than their device's last one: stored as history only.
     late: usize,
+    /// Events stored for the request.
     events: usize,
 }
 
@@ -25,7 +42,26 @@ fn rejected(e: InvalidReading) -> ApiError {
     ApiError::bad_request(e.to_string()).with_field(e.field, e.index)
 }
 
-async fn post_readings(
+/// Posts one reading or an array of readings.
+///
+/// Answers once every event the readings caused is durable. A batch is validated whole first:
+/// one invalid reading (its `index` in the error) and nothing of the batch is applied.
+#[utoipa::path(
+    post,
+    path = "/api/readings",
+    tag = "readings",
+    request_body(content = Readings, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Every event the readings caused is durable", body = Accepted),
+        (status = 400, description = "The body is not JSON, or a reading is invalid (including a `timestamp` more than `--max-clock-skew` ahead of the engine's clock); `field` names it, `index` its place in a batch. Nothing was applied", body = ApiError,
+            example = json!({"error": "reading 1: lat: must be a finite number within [-90, 90], got 91", "field": "lat", "index": 1})),
+        (status = 413, description = "The body is larger than `--max-body-bytes`", body = ApiError),
+        (status = 500, description = "A device's stored history cannot be read (the error names the stored event); other devices work on", body = ApiError),
+        (status = 503, description = "The event store cannot write now, or the readings were not all durable within `--http-ingest-timeout`. Nothing was acknowledged: send the request again (repeats are recognised)", body = ApiError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    )
+)]
+pub(super) async fn post_readings(
     state: web::Data<AppState>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {

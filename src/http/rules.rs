@@ -6,48 +6,63 @@ use fleetwatch_domain::{
     RuleId, ShapeSpec, Temperature, TemperatureRange, Watched, Zone, ZoneShape,
 };
 use serde::Deserialize;
+use utoipa::ToSchema;
 
+use super::schemas::{Shape, TemperatureRange as RangeSchema, Zone as ZoneSchema};
 use super::{parse_json, read_body, ApiError, AppState};
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/zones", web::get().to(list_zones))
-        .route("/zones", web::post().to(create_zone))
-        .route("/zones/{id}", web::get().to(get_zone))
-        .route("/zones/{id}", web::put().to(put_zone))
-        .route("/zones/{id}", web::delete().to(delete_zone))
-        .route("/temperature-ranges", web::get().to(list_ranges))
-        .route("/temperature-ranges", web::post().to(create_range))
-        .route("/temperature-ranges/{id}", web::get().to(get_range))
-        .route("/temperature-ranges/{id}", web::put().to(put_range))
-        .route("/temperature-ranges/{id}", web::delete().to(delete_range));
-}
-
-#[derive(Deserialize)]
+/// A zone to create or replace.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ZoneBody {
+#[schema(example = json!({"id": "depot", "name": "Depot Amsterdam", "shape": {"type": "circle", "center": {"lat": 52.37, "lon": 4.89}, "radius_m": 500.0}, "devices": ["truck-7", "truck-8"]}))]
+pub struct ZoneBody {
+    /// Optional on `POST` (a UUID is generated); on `PUT`, if given, it must match the path.
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     id: Option<String>,
+    /// Free text, up to 200 characters.
     #[serde(default)]
+    #[schema(max_length = 200)]
     name: String,
     /// Validated by the domain, so errors name the exact field (`shape.radius_m`, ...).
+    #[schema(value_type = Shape)]
     shape: ShapeSpec,
+    /// The devices the zone watches (at most `--max-rule-devices`); `null` or absent: every
+    /// device.
     #[serde(default)]
+    #[schema(value_type = Option<Vec<String>>)]
     devices: Watched,
     /// Accepted so a GET result can be PUT back unchanged; the server assigns it.
     #[serde(default, rename = "revision")]
+    #[schema(maximum = 9223372036854775807_i64)]
     _revision: Option<u64>,
 }
 
-#[derive(Deserialize)]
+/// A temperature range to create or replace.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RangeBody {
+#[schema(example = json!({"id": "cold-chain", "name": "Cold chain", "min": 2.0, "max": 8.0, "devices": null}))]
+pub struct RangeBody {
+    /// Optional on `POST` (a UUID is generated); on `PUT`, if given, it must match the path.
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     id: Option<String>,
+    /// Free text, up to 200 characters.
     #[serde(default)]
+    #[schema(max_length = 200)]
     name: String,
+    /// °C, within [-100, 200]; less than `max`.
+    #[schema(minimum = -100.0, maximum = 200.0)]
     min: f64,
+    /// °C, within [-100, 200].
+    #[schema(minimum = -100.0, maximum = 200.0)]
     max: f64,
+    /// The devices the range watches (at most `--max-rule-devices`); `null` or absent: every
+    /// device.
     #[serde(default)]
+    #[schema(value_type = Option<Vec<String>>)]
     devices: Watched,
+    /// Accepted so a GET result can be PUT back unchanged; the server assigns it.
     #[serde(default, rename = "revision")]
+    #[schema(maximum = 9223372036854775807_i64)]
     _revision: Option<u64>,
 }
 
@@ -93,6 +108,19 @@ impl RuleLimits {
     }
 }
 
+/// A `revision` in a body is ignored, but it must be one the store could have assigned (its
+/// versions are SQLite integers), as the OpenAPI document says.
+fn check_revision(revision: Option<u64>) -> Result<(), ApiError> {
+    match revision {
+        Some(r) if r > i64::MAX as u64 => Err(ApiError::bad_request(format!(
+            "revision: must be at most {}, got {r}",
+            i64::MAX
+        ))
+        .with_field(Some("revision".into()), None)),
+        _ => Ok(()),
+    }
+}
+
 fn rule_id(raw: &str) -> Result<RuleId, ApiError> {
     Ok(RuleId::parse(raw)?)
 }
@@ -119,6 +147,7 @@ fn new_id(body_id: Option<String>) -> Result<RuleId, ApiError> {
 /// Checks the limits, then validates the zone on the blocking pool: a polygon of many vertices
 /// takes a while, and must not hold an HTTP worker (or the health check behind it).
 async fn zone(id: RuleId, body: ZoneBody, limits: RuleLimits) -> Result<Zone, ApiError> {
+    check_revision(body._revision)?;
     limits.check_shape(&body.shape)?;
     limits.check_devices(&body.devices)?;
     web::block(move || -> Result<Zone, ApiError> {
@@ -130,6 +159,7 @@ async fn zone(id: RuleId, body: ZoneBody, limits: RuleLimits) -> Result<Zone, Ap
 }
 
 fn range(id: RuleId, body: RangeBody, limits: RuleLimits) -> Result<TemperatureRange, ApiError> {
+    check_revision(body._revision)?;
     limits.check_devices(&body.devices)?;
     let min = Temperature::checked("min", body.min)?;
     let max = Temperature::checked("max", body.max)?;
@@ -142,12 +172,33 @@ fn range(id: RuleId, body: RangeBody, limits: RuleLimits) -> Result<TemperatureR
     )?)
 }
 
-async fn list_zones(state: web::Data<AppState>) -> HttpResponse {
+/// Lists every zone.
+#[utoipa::path(
+    get,
+    path = "/api/zones",
+    tag = "zones",
+    responses(
+        (status = 200, description = "Every zone", body = [ZoneSchema]),
+    )
+)]
+pub(super) async fn list_zones(state: web::Data<AppState>) -> HttpResponse {
     let rules = state.engine.rules().current();
     HttpResponse::Ok().json(rules.zones.values().collect::<Vec<_>>())
 }
 
-async fn get_zone(
+/// One zone.
+#[utoipa::path(
+    get,
+    path = "/api/zones/{id}",
+    tag = "zones",
+    params(("id" = String, Path, description = "The zone's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "depot")),
+    responses(
+        (status = 200, description = "The zone", body = ZoneSchema),
+        (status = 400, description = "The id is not valid", body = ApiError),
+        (status = 404, description = "No such zone", body = ApiError),
+    )
+)]
+pub(super) async fn get_zone(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
@@ -160,7 +211,25 @@ async fn get_zone(
     Ok(HttpResponse::Ok().json(zone))
 }
 
-async fn create_zone(
+/// Creates a zone.
+///
+/// The answer adds `revision`: the version of the `$rules` stream that created the zone.
+#[utoipa::path(
+    post,
+    path = "/api/zones",
+    tag = "zones",
+    request_body(content = ZoneBody, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The zone as stored", body = ZoneSchema),
+        (status = 400, description = "The body is not a valid zone: `field` names the offending field (`shape.points` beyond `--max-zone-vertices`, `devices` beyond `--max-rule-devices`); without `field` when `--max-rules` zones and ranges exist", body = ApiError),
+        (status = 409, description = "A zone with this id exists", body = ApiError),
+        (status = 413, description = "The body is larger than `--max-body-bytes`", body = ApiError),
+        (status = 500, description = "The stored zones and ranges cannot be read", body = ApiError),
+        (status = 503, description = "The event store cannot write now; nothing was changed", body = ApiError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    )
+)]
+pub(super) async fn create_zone(
     state: web::Data<AppState>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
@@ -174,7 +243,25 @@ async fn create_zone(
     Ok(HttpResponse::Created().json(stored))
 }
 
-async fn put_zone(
+/// Creates or replaces a zone.
+///
+/// Replacing a zone keeps its revision, so editing a shape does not raise active alarms again.
+#[utoipa::path(
+    put,
+    path = "/api/zones/{id}",
+    tag = "zones",
+    params(("id" = String, Path, description = "The zone's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "depot")),
+    request_body(content = ZoneBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The zone as stored", body = ZoneSchema),
+        (status = 400, description = "The body is not a valid zone: `field` names the offending field (`shape.points` beyond `--max-zone-vertices`, `devices` beyond `--max-rule-devices`); without `field` when `--max-rules` zones and ranges exist", body = ApiError),
+        (status = 413, description = "The body is larger than `--max-body-bytes`", body = ApiError),
+        (status = 500, description = "The stored zones and ranges cannot be read", body = ApiError),
+        (status = 503, description = "The event store cannot write now; nothing was changed", body = ApiError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    )
+)]
+pub(super) async fn put_zone(
     state: web::Data<AppState>,
     path: web::Path<String>,
     payload: web::Payload,
@@ -189,7 +276,22 @@ async fn put_zone(
     Ok(HttpResponse::Ok().json(stored))
 }
 
-async fn delete_zone(
+/// Deletes a zone.
+#[utoipa::path(
+    delete,
+    path = "/api/zones/{id}",
+    tag = "zones",
+    params(("id" = String, Path, description = "The zone's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "depot")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "The id is not valid", body = ApiError),
+        (status = 404, description = "No such zone", body = ApiError),
+        (status = 500, description = "The stored zones and ranges cannot be read", body = ApiError),
+        (status = 503, description = "The event store cannot write now; nothing was changed", body = ApiError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    )
+)]
+pub(super) async fn delete_zone(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
@@ -197,12 +299,33 @@ async fn delete_zone(
     Ok(HttpResponse::NoContent().finish())
 }
 
-async fn list_ranges(state: web::Data<AppState>) -> HttpResponse {
+/// Lists every temperature range.
+#[utoipa::path(
+    get,
+    path = "/api/temperature-ranges",
+    tag = "temperature ranges",
+    responses(
+        (status = 200, description = "Every range", body = [RangeSchema]),
+    )
+)]
+pub(super) async fn list_ranges(state: web::Data<AppState>) -> HttpResponse {
     let rules = state.engine.rules().current();
     HttpResponse::Ok().json(rules.ranges.values().collect::<Vec<_>>())
 }
 
-async fn get_range(
+/// One temperature range.
+#[utoipa::path(
+    get,
+    path = "/api/temperature-ranges/{id}",
+    tag = "temperature ranges",
+    params(("id" = String, Path, description = "The range's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "cold-chain")),
+    responses(
+        (status = 200, description = "The range", body = RangeSchema),
+        (status = 400, description = "The id is not valid", body = ApiError),
+        (status = 404, description = "No such range", body = ApiError),
+    )
+)]
+pub(super) async fn get_range(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
@@ -215,7 +338,23 @@ async fn get_range(
     Ok(HttpResponse::Ok().json(range))
 }
 
-async fn create_range(
+/// Creates a temperature range.
+#[utoipa::path(
+    post,
+    path = "/api/temperature-ranges",
+    tag = "temperature ranges",
+    request_body(content = RangeBody, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The range as stored", body = RangeSchema),
+        (status = 400, description = "The body is not a valid range (`min` must be less than `max`): `field` names the offending field (`devices` beyond `--max-rule-devices`); without `field` when `--max-rules` zones and ranges exist", body = ApiError),
+        (status = 409, description = "A range with this id exists", body = ApiError),
+        (status = 413, description = "The body is larger than `--max-body-bytes`", body = ApiError),
+        (status = 500, description = "The stored zones and ranges cannot be read", body = ApiError),
+        (status = 503, description = "The event store cannot write now; nothing was changed", body = ApiError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    )
+)]
+pub(super) async fn create_range(
     state: web::Data<AppState>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
@@ -229,7 +368,23 @@ async fn create_range(
     Ok(HttpResponse::Created().json(stored))
 }
 
-async fn put_range(
+/// Creates or replaces a temperature range.
+#[utoipa::path(
+    put,
+    path = "/api/temperature-ranges/{id}",
+    tag = "temperature ranges",
+    params(("id" = String, Path, description = "The range's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "cold-chain")),
+    request_body(content = RangeBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The range as stored", body = RangeSchema),
+        (status = 400, description = "The body is not a valid range (`min` must be less than `max`): `field` names the offending field (`devices` beyond `--max-rule-devices`); without `field` when `--max-rules` zones and ranges exist", body = ApiError),
+        (status = 413, description = "The body is larger than `--max-body-bytes`", body = ApiError),
+        (status = 500, description = "The stored zones and ranges cannot be read", body = ApiError),
+        (status = 503, description = "The event store cannot write now; nothing was changed", body = ApiError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    )
+)]
+pub(super) async fn put_range(
     state: web::Data<AppState>,
     path: web::Path<String>,
     payload: web::Payload,
@@ -244,7 +399,22 @@ async fn put_range(
     Ok(HttpResponse::Ok().json(stored))
 }
 
-async fn delete_range(
+/// Deletes a temperature range.
+#[utoipa::path(
+    delete,
+    path = "/api/temperature-ranges/{id}",
+    tag = "temperature ranges",
+    params(("id" = String, Path, description = "The range's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "cold-chain")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "The id is not valid", body = ApiError),
+        (status = 404, description = "No such range", body = ApiError),
+        (status = 500, description = "The stored zones and ranges cannot be read", body = ApiError),
+        (status = 503, description = "The event store cannot write now; nothing was changed", body = ApiError,
+            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+    )
+)]
+pub(super) async fn delete_range(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {

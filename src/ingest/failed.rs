@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-#[derive(Debug, Clone, Serialize)]
+/// A message that was dead-lettered, and why.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct FailedMessage {
     pub received_at: DateTime<Utc>,
     pub reason: String,

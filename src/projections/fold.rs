@@ -40,7 +40,7 @@ impl Bucket {
 }
 
 /// The bucket widths kept as rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum StoredBucket {
     Minute = 0,
     Hour = 1,

@@ -92,6 +92,8 @@ pub fn open(dir: &Path) -> Result<(Writer, Readers), ReadModelError> {
     let path: PathBuf = dir.join(FILE);
     let mut conn = Connection::open(&path)?;
     configure(&conn)?;
+    // The writer's page cache (negative: KiB): a commit's rows span many devices' pages.
+    conn.pragma_update(None, "cache_size", -65_536)?;
     let format: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
     if format != FORMAT {
         // Older or newer tables: start over, from the first event.
@@ -211,7 +213,11 @@ impl Writer {
                     distance = distance + excluded.distance,
                     alarms = alarms + excluded.alarms",
             )?;
-            for ((device, stored, start), a) in &changes.buckets {
+            // In key order: rows of one device and bucket width sit together, so the writes
+            // touch pages in order instead of all over the table.
+            let mut rows: Vec<_> = changes.buckets.iter().collect();
+            rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            for ((device, stored, start), a) in rows {
                 let id = device_id(&tx, ids, device)?;
                 let (last_at, last_lat, last_lon) = match (device.as_str(), a.last) {
                     (FLEET, _) | (_, None) => (None, None, None),

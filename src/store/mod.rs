@@ -83,7 +83,7 @@ pub struct Pruned {
 }
 
 /// Where a stream's retained history begins.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Retention {
     /// Readings taken before this were removed (`None`: nothing was removed).
     pub readings_removed_before: Option<DateTime<Utc>>,
