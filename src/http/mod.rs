@@ -5,6 +5,7 @@
 pub mod access;
 mod assets;
 mod devices;
+pub mod observe;
 mod ops;
 mod readings;
 mod rules;

@@ -4,7 +4,7 @@ use actix_web::{web, HttpResponse};
 use serde::Serialize;
 
 use super::{read_body, ApiError, AppState};
-use crate::engine::IngestOutcome;
+use crate::engine::{IngestOutcome, Source};
 use crate::ingest::wire::{check_clock, parse_readings, InvalidReading};
 use crate::store::StoreHealth;
 
@@ -50,7 +50,7 @@ async fn post_readings(
         // Submitted in body order, so readings of one device keep their order.
         let mut tickets = Vec::with_capacity(count);
         for reading in readings {
-            tickets.push(engine.submit(reading).await?);
+            tickets.push(engine.submit(reading, Source::Http).await?);
         }
         let mut accepted = Accepted {
             accepted: count,
