@@ -1,5 +1,5 @@
 //! The live map page and its libraries, embedded in the binary at build time (`build.rs` installs
-//! the libraries from the npm registry), so the page needs nothing but the engine.
+//! the libraries from the npm registry into `OUT_DIR`), so the page needs nothing but the engine.
 
 use actix_web::http::header;
 use actix_web::{web, HttpResponse};
@@ -20,7 +20,8 @@ macro_rules! asset {
     };
 }
 
-static ASSETS: &[Asset] = &[
+/// The page's own files, from the source tree.
+static PAGE: &[Asset] = &[
     asset!("/", "text/html; charset=utf-8", "static/index.html"),
     asset!(
         "/static/app.js",
@@ -32,70 +33,32 @@ static ASSETS: &[Asset] = &[
         "text/css; charset=utf-8",
         "static/app.css"
     ),
-    asset!(
-        "/vendor/leaflet/leaflet.js",
-        "text/javascript; charset=utf-8",
-        "node_modules/leaflet/dist/leaflet.js"
-    ),
-    asset!(
-        "/vendor/leaflet/leaflet.css",
-        "text/css; charset=utf-8",
-        "node_modules/leaflet/dist/leaflet.css"
-    ),
-    asset!(
-        "/vendor/leaflet/images/layers.png",
-        "image/png",
-        "node_modules/leaflet/dist/images/layers.png"
-    ),
-    asset!(
-        "/vendor/leaflet/images/layers-2x.png",
-        "image/png",
-        "node_modules/leaflet/dist/images/layers-2x.png"
-    ),
-    asset!(
-        "/vendor/leaflet/images/marker-icon.png",
-        "image/png",
-        "node_modules/leaflet/dist/images/marker-icon.png"
-    ),
-    asset!(
-        "/vendor/leaflet/images/marker-icon-2x.png",
-        "image/png",
-        "node_modules/leaflet/dist/images/marker-icon-2x.png"
-    ),
-    asset!(
-        "/vendor/leaflet/images/marker-shadow.png",
-        "image/png",
-        "node_modules/leaflet/dist/images/marker-shadow.png"
-    ),
-    asset!(
-        "/vendor/geoman/leaflet-geoman.js",
-        "text/javascript; charset=utf-8",
-        "node_modules/@geoman-io/leaflet-geoman-free/dist/leaflet-geoman.js"
-    ),
-    asset!(
-        "/vendor/geoman/leaflet-geoman.css",
-        "text/css; charset=utf-8",
-        "node_modules/@geoman-io/leaflet-geoman-free/dist/leaflet-geoman.css"
-    ),
-    asset!(
-        "/vendor/topojson-client/topojson-client.min.js",
-        "text/javascript; charset=utf-8",
-        "node_modules/topojson-client/dist/topojson-client.min.js"
-    ),
-    asset!(
-        "/vendor/world-atlas/countries-110m.json",
-        "application/json",
-        "node_modules/world-atlas/countries-110m.json"
-    ),
 ];
+
+/// The npm files listed in `web/vendor.rs`, from where build.rs installed them (under `OUT_DIR`,
+/// never the source tree: a checkout without `web/node_modules` builds too).
+macro_rules! vendor_files {
+    ($($url:literal, $content_type:literal, $file:literal;)*) => {
+        &[$(Asset {
+            path: $url,
+            content_type: $content_type,
+            body: include_bytes!(concat!(env!("OUT_DIR"), "/web/node_modules/", $file)),
+        }),*]
+    };
+}
+static VENDOR: &[Asset] = include!("../../web/vendor.rs");
+
+fn assets() -> impl Iterator<Item = &'static Asset> {
+    PAGE.iter().chain(VENDOR)
+}
 
 /// Whether `path` is one of the page's own files (open to anyone: it holds no data).
 pub fn is_asset(path: &str) -> bool {
-    ASSETS.iter().any(|asset| asset.path == path)
+    assets().any(|asset| asset.path == path)
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    for asset in ASSETS {
+    for asset in assets() {
         cfg.route(
             asset.path,
             web::get().to(move || async move {
