@@ -714,7 +714,11 @@ impl Engine {
             .args(["--http-addr", &format!("127.0.0.1:{port}")])
             .args(["--amqp-url", URL, "--amqp-exchange", &t.exchange])
             .args(["--amqp-queue", &t.queue])
-            .args(std::env::var("FW_ENGINE_ARGS").unwrap_or_default().split_whitespace())
+            .args(
+                std::env::var("FW_ENGINE_ARGS")
+                    .unwrap_or_default()
+                    .split_whitespace(),
+            )
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
