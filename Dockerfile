@@ -7,7 +7,7 @@
 #
 # Stages: `chef` (Rust + Node, cargo-chef), `planner` (dependency recipe from the manifests),
 # `builder` (dependencies first, in a layer that only changes when Cargo.toml/Cargo.lock do; then
-# the web page's npm packages; then the workspace), `runtime` (Debian slim, non-root).
+# the web page's npm packages, into npm's cache; then the workspace), `runtime` (Debian slim, non-root).
 # Works with the classic builder and BuildKit alike.
 
 ARG RUST_IMAGE=rust:1-bookworm
@@ -30,11 +30,12 @@ FROM chef AS builder
 # 1. Dependencies (cached until Cargo.toml / Cargo.lock change).
 COPY --from=planner /src/recipe.json recipe.json
 RUN cargo chef cook --release --recipe-path recipe.json
-# 2. The map page's npm packages (cached until web/package*.json change). build.rs skips its
-#    own `npm ci` when web/node_modules is newer than web/package-lock.json, as it is here
-#    (.dockerignore keeps the host's node_modules out of the context).
-COPY web/package.json web/package-lock.json web/
-RUN cd web && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+# 2. The map page's npm packages, into npm's cache (a layer cached until web/package*.json
+#    change): build.rs installs them into its OUT_DIR with `npm ci --prefer-offline`, which then
+#    takes them from this cache instead of the registry.
+COPY web/package.json web/package-lock.json /tmp/web/
+RUN cd /tmp/web && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error \
+ && rm -rf /tmp/web
 # 3. The workspace.
 COPY . .
 RUN cargo build --release --locked --bins \

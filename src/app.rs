@@ -168,13 +168,15 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     );
     let mut signals = ShutdownSignals::register()?;
     let server = HttpServer::new(move || {
-        // The last `wrap` runs first: log, refuse foreign origins, CORS, then tokens and types.
+        // The last `wrap` runs first: time the request, log, refuse foreign origins, CORS, then
+        // tokens and types.
         App::new()
             .app_data(web::Data::new(state.clone()))
             .wrap(middleware::from_fn(http::access::authorize))
             .wrap(state.access.cors())
             .wrap(middleware::from_fn(http::access::check_origin))
             .wrap(tracing_actix_web::TracingLogger::default())
+            .wrap(middleware::from_fn(http::observe::request_duration))
             .configure(http::configure)
     })
     .shutdown_timeout(INGEST_STOP_TIMEOUT.as_secs())

@@ -5,7 +5,8 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
 
 use fleetwatch_domain::{Device, DeviceId, Reading, Thresholds};
 use futures_util::StreamExt;
@@ -42,6 +43,25 @@ struct Inner {
     router: Router,
     in_flight: Arc<Semaphore>,
     max_in_flight: u32,
+    /// `fleetwatch_ingest_durable_seconds` by [`Source`], registered once: a ticket carries a
+    /// clone (a reference count), so recording looks nothing up per reading.
+    durable: [metrics::Histogram; 2],
+}
+
+/// Where a reading came from: the `source` label of `fleetwatch_ingest_durable_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Http,
+    Amqp,
+}
+
+impl Source {
+    fn index(self) -> usize {
+        match self {
+            Source::Http => 0,
+            Source::Amqp => 1,
+        }
+    }
 }
 
 /// One device of a page of [`Engine::devices`].
@@ -63,18 +83,25 @@ impl DeviceEntry {
     }
 }
 
-/// A submitted reading; resolves once its events are durable.
+/// A submitted reading; resolves once its events are durable. Resolving successfully records the
+/// time since its submission in `fleetwatch_ingest_durable_seconds` (a ticket dropped unresolved,
+/// e.g. by an HTTP request that timed out, records nothing).
 pub struct Ticket {
     rx: oneshot::Receiver<Result<IngestOutcome, EngineError>>,
+    submitted: Instant,
+    durable: metrics::Histogram,
 }
 
 impl Future for Ticket {
     type Output = Result<IngestOutcome, EngineError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.rx)
-            .poll(cx)
-            .map(|r| r.unwrap_or(Err(EngineError::ActorGone)))
+        let result = ready!(Pin::new(&mut self.rx).poll(cx)).unwrap_or(Err(EngineError::ActorGone));
+        // A duplicate is answered once the original is durable: it counts too.
+        if result.is_ok() {
+            self.durable.record(self.submitted.elapsed().as_secs_f64());
+        }
+        Poll::Ready(result)
     }
 }
 
@@ -100,13 +127,19 @@ impl Engine {
                 router,
                 in_flight: Arc::new(Semaphore::new(settings.max_in_flight as usize)),
                 max_in_flight: settings.max_in_flight,
+                durable: [
+                    metrics::histogram!("fleetwatch_ingest_durable_seconds", "source" => "http"),
+                    metrics::histogram!("fleetwatch_ingest_durable_seconds", "source" => "amqp"),
+                ],
             }),
         })
     }
 
-    /// Routes `reading` to its device. Waits only while the engine is at its in-flight bound;
-    /// readings submitted one after another are handled in that order.
-    pub async fn submit(&self, reading: Reading) -> Result<Ticket, EngineError> {
+    /// Routes `reading`, which came in over `source`, to its device. Waits only while the engine
+    /// is at its in-flight bound; readings submitted one after another are handled in that order.
+    pub async fn submit(&self, reading: Reading, source: Source) -> Result<Ticket, EngineError> {
+        // From here, so the ingest-to-durable latency includes any wait for room in flight.
+        let submitted = Instant::now();
         let permit = self
             .inner
             .in_flight
@@ -116,12 +149,23 @@ impl Engine {
             .map_err(|_| EngineError::ShuttingDown)?;
         Ok(Ticket {
             rx: self.inner.router.route(reading, permit),
+            submitted,
+            durable: self.inner.durable[source.index()].clone(),
         })
     }
 
     /// Submits and waits until durable.
-    pub async fn ingest(&self, reading: Reading) -> Result<IngestOutcome, EngineError> {
-        self.submit(reading).await?.await
+    pub async fn ingest(
+        &self,
+        reading: Reading,
+        source: Source,
+    ) -> Result<IngestOutcome, EngineError> {
+        self.submit(reading, source).await?.await
+    }
+
+    /// Readings accepted and not yet durable (each holds an in-flight permit until it settles).
+    pub fn readings_in_flight(&self) -> usize {
+        (self.inner.max_in_flight as usize).saturating_sub(self.inner.in_flight.available_permits())
     }
 
     pub fn rules(&self) -> &RuleBook {

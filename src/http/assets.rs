@@ -1,6 +1,6 @@
 //! The live map page and its libraries, and the API explorer's (Swagger UI), embedded in the
-//! binary at build time (`build.rs` installs the libraries from the npm registry), so the pages
-//! need nothing but the engine.
+//! binary at build time (`build.rs` installs the libraries from the npm registry into
+//! `OUT_DIR`), so the pages need nothing but the engine.
 
 use actix_web::http::header;
 use actix_web::HttpResponse;
@@ -23,7 +23,8 @@ macro_rules! asset {
     };
 }
 
-pub(super) static ASSETS: &[Asset] = &[
+/// The pages' own files, from the source tree.
+static PAGE: &[Asset] = &[
     asset!("/", "text/html; charset=utf-8", "static/index.html"),
     asset!(
         "/static/app.js",
@@ -35,91 +36,39 @@ pub(super) static ASSETS: &[Asset] = &[
         "text/css; charset=utf-8",
         "static/app.css"
     ),
-    asset!(
-        "/vendor/leaflet/leaflet.js",
-        "text/javascript; charset=utf-8",
-        "node_modules/leaflet/dist/leaflet.js"
-    ),
-    asset!(
-        "/vendor/leaflet/leaflet.css",
-        "text/css; charset=utf-8",
-        "node_modules/leaflet/dist/leaflet.css"
-    ),
-    asset!(
-        "/vendor/leaflet/images/layers.png",
-        "image/png",
-        "node_modules/leaflet/dist/images/layers.png"
-    ),
-    asset!(
-        "/vendor/leaflet/images/layers-2x.png",
-        "image/png",
-        "node_modules/leaflet/dist/images/layers-2x.png"
-    ),
-    asset!(
-        "/vendor/leaflet/images/marker-icon.png",
-        "image/png",
-        "node_modules/leaflet/dist/images/marker-icon.png"
-    ),
-    asset!(
-        "/vendor/leaflet/images/marker-icon-2x.png",
-        "image/png",
-        "node_modules/leaflet/dist/images/marker-icon-2x.png"
-    ),
-    asset!(
-        "/vendor/leaflet/images/marker-shadow.png",
-        "image/png",
-        "node_modules/leaflet/dist/images/marker-shadow.png"
-    ),
-    asset!(
-        "/vendor/geoman/leaflet-geoman.js",
-        "text/javascript; charset=utf-8",
-        "node_modules/@geoman-io/leaflet-geoman-free/dist/leaflet-geoman.js"
-    ),
-    asset!(
-        "/vendor/geoman/leaflet-geoman.css",
-        "text/css; charset=utf-8",
-        "node_modules/@geoman-io/leaflet-geoman-free/dist/leaflet-geoman.css"
-    ),
-    asset!(
-        "/vendor/topojson-client/topojson-client.min.js",
-        "text/javascript; charset=utf-8",
-        "node_modules/topojson-client/dist/topojson-client.min.js"
-    ),
-    asset!(
-        "/vendor/world-atlas/countries-110m.json",
-        "application/json",
-        "node_modules/world-atlas/countries-110m.json"
-    ),
-    // The API explorer (`/api/docs`, see `openapi.rs`).
+    // The API explorer (`/api/docs`, see `openapi.rs`); Swagger UI itself is in web/vendor.rs.
     asset!(
         "/api/docs/explorer.js",
         "text/javascript; charset=utf-8",
         "static/explorer.js"
     ),
-    asset!(
-        "/api/docs/swagger-ui-bundle.js",
-        "text/javascript; charset=utf-8",
-        "node_modules/swagger-ui-dist/swagger-ui-bundle.js"
-    ),
-    asset!(
-        "/api/docs/swagger-ui.css",
-        "text/css; charset=utf-8",
-        "node_modules/swagger-ui-dist/swagger-ui.css"
-    ),
-    asset!(
-        "/api/docs/favicon-32x32.png",
-        "image/png",
-        "node_modules/swagger-ui-dist/favicon-32x32.png"
-    ),
 ];
+
+/// The npm files listed in `web/vendor.rs`, from where build.rs installed them (under `OUT_DIR`,
+/// never the source tree: a checkout without `web/node_modules` builds too).
+macro_rules! vendor_files {
+    ($($url:literal, $content_type:literal, $file:literal;)*) => {
+        &[$(Asset {
+            path: $url,
+            content_type: $content_type,
+            body: include_bytes!(concat!(env!("OUT_DIR"), "/web/node_modules/", $file)),
+        }),*]
+    };
+}
+static VENDOR: &[Asset] = include!("../../web/vendor.rs");
+
+/// Every embedded file: the pages' own and the npm ones.
+pub(super) fn assets() -> impl Iterator<Item = &'static Asset> {
+    PAGE.iter().chain(VENDOR)
+}
 
 /// Whether `path` is one of the page's own files (open to anyone: it holds no data).
 pub fn is_asset(path: &str) -> bool {
-    ASSETS.iter().any(|asset| asset.path == path)
+    assets().any(|asset| asset.path == path)
 }
 
 pub(super) fn routes(r: &mut Routes<'_>) {
-    for asset in ASSETS {
+    for asset in assets() {
         r.get(asset.path, move || async move { serve(asset) });
     }
 }

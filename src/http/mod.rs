@@ -9,6 +9,7 @@ pub mod access;
 mod assets;
 mod devices;
 mod history;
+pub mod observe;
 pub mod openapi;
 mod ops;
 mod readings;

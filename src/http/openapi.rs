@@ -158,7 +158,7 @@ struct PageFiles;
 
 impl Modify for PageFiles {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        for asset in assets::ASSETS {
+        for asset in assets::assets() {
             let media_type = asset
                 .content_type
                 .split(';')

@@ -134,9 +134,15 @@ pub(super) async fn failed_messages(
 )]
 pub(super) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     match &state.metrics {
-        Some(handle) => HttpResponse::Ok()
-            .content_type("text/plain; version=0.0.4")
-            .body(handle.render()),
+        Some(handle) => {
+            // Read from the engine's in-flight semaphore at the scrape: nothing to update per
+            // reading.
+            metrics::gauge!("fleetwatch_readings_in_flight")
+                .set(state.engine.readings_in_flight() as f64);
+            HttpResponse::Ok()
+                .content_type("text/plain; version=0.0.4")
+                .body(handle.render())
+        }
         // JSON like every other error.
         None => ApiError::new(
             StatusCode::NOT_FOUND,

@@ -6,7 +6,7 @@ use utoipa::ToSchema;
 
 use super::schemas::Reading;
 use super::{read_body, ApiError, AppState};
-use crate::engine::IngestOutcome;
+use crate::engine::{IngestOutcome, Source};
 use crate::ingest::wire::{check_clock, parse_readings, InvalidReading};
 use crate::store::StoreHealth;
 
@@ -86,7 +86,7 @@ pub(super) async fn post_readings(
         // Submitted in body order, so readings of one device keep their order.
         let mut tickets = Vec::with_capacity(count);
         for reading in readings {
-            tickets.push(engine.submit(reading).await?);
+            tickets.push(engine.submit(reading, Source::Http).await?);
         }
         let mut accepted = Accepted {
             accepted: count,

@@ -44,7 +44,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Engine, EngineError};
+use crate::engine::{Engine, EngineError, Source};
 use crate::ingest::failed::FailedMessages;
 use crate::ingest::wire::{check_clock, parse_reading};
 use crate::store::StoreError;
@@ -468,7 +468,7 @@ impl Consumer {
         }
         // `submit` fails only when shutting down: the delivery stays unacked and the broker
         // redelivers it.
-        let ticket = self.engine.submit(reading).await.ok()?;
+        let ticket = self.engine.submit(reading, Source::Amqp).await.ok()?;
         Some(Box::pin(async move {
             match ticket.await {
                 Ok(_) => {
