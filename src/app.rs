@@ -13,10 +13,10 @@ use crate::actors::ActorSettings;
 use crate::config::Config;
 use crate::engine::{Engine, EngineSettings};
 use crate::http::access::{Access, AccessError};
+use crate::http::StreamLimits;
 use crate::http::{self, AppState};
 use crate::ingest::amqp::{BrokerState, BrokerStatus};
 use crate::ingest::failed::FailedMessages;
-use crate::live::StreamLimits;
 use crate::rules::RulesError;
 use crate::store::{EventStore, SqliteStore, SqliteStoreOptions, StoreError};
 

@@ -14,7 +14,6 @@ pub mod config;
 pub mod engine;
 pub mod http;
 pub mod ingest;
-pub mod live;
 pub mod projections;
 pub mod retention;
 pub mod rules;

@@ -15,6 +15,7 @@ mod ops;
 mod readings;
 mod rules;
 pub mod schemas;
+mod stream;
 
 use actix_web::http::{Method, StatusCode};
 use actix_web::{web, FromRequest, Handler, HttpResponse, Responder, ResponseError};
@@ -27,6 +28,7 @@ use crate::rules::RulesError;
 use crate::store::StoreError;
 
 pub use rules::RuleLimits;
+pub use stream::StreamLimits;
 
 /// Everything the handlers share.
 #[derive(Clone)]
@@ -42,7 +44,7 @@ pub struct AppState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub rule_limits: RuleLimits,
     /// The live streams' limits and their open connections (shared by every worker).
-    pub streams: crate::live::StreamLimits,
+    pub streams: StreamLimits,
     /// Cancelled when the engine starts shutting down; long-lived responses (SSE) end then.
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Tokens, origins and stream tickets (see [`access`]).
@@ -103,7 +105,7 @@ fn routes(r: &mut Routes<'_>) {
         .get("/api/stats", history::stats)
         .get("/api/stats/temperature", history::fleet_temperature)
         .get("/api/stats/top", history::top)
-        .get("/api/stream", crate::live::stream)
+        .get("/api/stream", stream::stream)
         .post("/api/stream/tickets", access::issue_ticket)
         .get("/api/health", ops::health)
         .get("/api/config", ops::page_config)

@@ -81,7 +81,7 @@ unknown token gets `401`, a valid one without the scope `403`; a request from a 
         history::stats,
         history::fleet_temperature,
         history::top,
-        crate::live::stream,
+        crate::http::stream::stream,
         access::issue_ticket,
         ops::health,
         ops::page_config,

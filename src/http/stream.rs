@@ -1,4 +1,4 @@
-//! Live: every persisted event pushed to browsers as server-sent events.
+//! `GET /api/stream`: every persisted event pushed to browsers as server-sent events.
 //!
 //! A client follows the store with a [`Subscription`]: the matching events after its resume
 //! position read back from the store, then the live ones, with neither a gap nor a duplicate at
@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::http::{ApiError, AppState};
+use super::{ApiError, AppState};
 use crate::store::RecordedEvent;
 use crate::subscription::Subscription;
 
