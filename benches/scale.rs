@@ -220,10 +220,13 @@ async fn write_device(
     let mut appends = Vec::new();
     let mut snapshot_saves = Vec::new();
     let mut since_snapshot = 0;
+    // One reading a second, ending about now: a history inside the retention period, so the
+    // engine under test has nothing to prune.
+    let start = Utc::now().timestamp() - events_wanted as i64 - 60;
     let mut secs = 0i64;
     while (device.version() as usize) < events_wanted {
         secs += 1;
-        let at = Utc.timestamp_opt(1_700_000_000 + secs, 0).unwrap();
+        let at = Utc.timestamp_opt(start + secs, 0).unwrap();
         let reading =
             // A zigzag of ~111 m steps that stays near 52° N however long the history.
             Reading::new(id.as_str(), at, 52.0 + ((secs % 2000) - 1000).abs() as f64 * 1e-3, 4.0, 5.0)
@@ -256,7 +259,8 @@ async fn write_device(
 
 /// Seeds a store with `devices` devices of `per_device` events each, plus `long` (with
 /// snapshots) and `long-nosnap` (without) of `long_events` events each.
-async fn seed_store(dir: &Path, devices: usize, per_device: usize, long_events: usize) {
+/// Returns the store's head position.
+async fn seed_store(dir: &Path, devices: usize, per_device: usize, long_events: usize) -> u64 {
     use futures_util::StreamExt;
     let store =
         Arc::new(SqliteStore::open(dir, SqliteStoreOptions::default()).expect("open store"));
@@ -292,15 +296,17 @@ async fn seed_store(dir: &Path, devices: usize, per_device: usize, long_events: 
         false,
     )
     .await;
+    let head = store.head_position().await.expect("head position");
     store.close();
     println!(
         "| events written to seed the store | {total} at {:.0} events/s (store API, snapshots every 100) |",
         total as f64 / started.elapsed().as_secs_f64()
     );
+    head
 }
 
 async fn time_first_event(http: &reqwest::Client, base: &str, device: &str) -> f64 {
-    let body = json!([{"device_id": device, "timestamp": "2030-01-01T00:00:00Z", "lat": 52.5, "lon": 4.5, "temperature": 6.0}]);
+    let body = json!([{"device_id": device, "timestamp": Utc::now().to_rfc3339(), "lat": 52.5, "lon": 4.5, "temperature": 6.0}]);
     let started = Instant::now();
     let r = http
         .post(format!("{base}/api/readings"))
@@ -318,7 +324,7 @@ async fn recovery(http: &reqwest::Client) {
     let long_events = scaled(100_000);
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
-    seed_store(&data, devices, per_device, long_events).await;
+    let head = seed_store(&data, devices, per_device, long_events).await;
     let size: u64 = std::fs::read_dir(&data)
         .map(|d| {
             d.filter_map(|e| e.ok()?.metadata().ok())
@@ -345,7 +351,50 @@ async fn recovery(http: &reqwest::Client) {
     println!("| cold device with {long_events} events, with snapshots → 202 | {long:.1} ms |");
     let nosnap = time_first_event(http, &engine.base, "long-nosnap").await;
     println!("| cold device with {long_events} events, no snapshot (full replay) → 202 | {nosnap:.1} ms |");
+    // The seeded store has no read models: the engine builds them from the whole history in the
+    // background, as after an upgrade to a version that has them.
+    let caught_up = read_models_caught_up(http, &engine.base, head).await;
+    println!(
+        "| read models built from {head} events in the background | {caught_up:.1} s ({:.0} events/s) |",
+        head as f64 / caught_up
+    );
     engine.stop();
+
+    let engine = EngineProcess::start(&data, &[]);
+    let serve = engine.wait_healthy(http).await;
+    println!(
+        "| restart with current read models until `/api/health` answers | {:.0} ms |",
+        serve * 1000.0
+    );
+    let cold = time_first_event(http, &engine.base, "dev-43").await;
+    println!(
+        "| then cold device with {per_device} events (snapshot + tail) → 202 | {cold:.1} ms |"
+    );
+    engine.stop();
+}
+
+/// Seconds until `/api/stats` says the read models have folded every event up to `head`.
+async fn read_models_caught_up(http: &reqwest::Client, base: &str, head: u64) -> f64 {
+    let started = Instant::now();
+    loop {
+        let stats: Value = http
+            .get(format!("{base}/api/stats"))
+            .send()
+            .await
+            .expect("GET /api/stats")
+            .json()
+            .await
+            .expect("stats JSON");
+        let position = stats["read_models_position"].as_u64().unwrap_or(0);
+        if position >= head {
+            return started.elapsed().as_secs_f64();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3600),
+            "read models stuck at {position} of {head}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn main() {
