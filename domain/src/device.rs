@@ -3,9 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::alarm::{AckRefused, ActiveAlarm, AlarmId, AlarmKey, AlarmKind, Condition, Severity};
 use crate::event::DeviceEvent;
 use crate::range::Bound;
 use crate::rules::Rules;
@@ -60,6 +61,35 @@ pub struct Device {
     /// Zones the device is outside of, with the zone revision the alarm belongs to.
     outside: BTreeMap<RuleId, u64>,
     range_alarms: BTreeMap<RuleId, RangeAlarm>,
+    /// Conditions that hold now (outside a zone, out of a range, offline).
+    #[serde(default)]
+    conditions: BTreeMap<AlarmKey, Condition>,
+    /// When the conditions of alarms still active ended: they clear after the rule's dwell.
+    #[serde(default)]
+    ended: BTreeMap<AlarmKey, DateTime<Utc>>,
+    /// Alarms not cleared, one per condition at most.
+    #[serde(default)]
+    alarms: BTreeMap<AlarmKey, ActiveAlarm>,
+    /// Alarms ever opened: the number of the next one's id follows it.
+    #[serde(default)]
+    alarms_opened: u64,
+    #[serde(default)]
+    offline_since: Option<DateTime<Utc>>,
+    /// The device's own offline period (seconds), instead of the rules' default.
+    #[serde(default)]
+    offline_after_s: Option<u64>,
+}
+
+/// What a rule says about its alarms, for the condition an alarm key names.
+#[derive(Debug, Clone, Copy)]
+struct AlarmTerms {
+    revision: u64,
+    severity: Severity,
+    dwell: TimeDelta,
+}
+
+fn seconds(s: u64) -> TimeDelta {
+    TimeDelta::seconds(i64::try_from(s).unwrap_or(i64::MAX).min(i64::MAX / 1_000_000))
 }
 
 impl Device {
@@ -73,6 +103,12 @@ impl Device {
             rules_version_seen: 0,
             outside: BTreeMap::new(),
             range_alarms: BTreeMap::new(),
+            conditions: BTreeMap::new(),
+            ended: BTreeMap::new(),
+            alarms: BTreeMap::new(),
+            alarms_opened: 0,
+            offline_since: None,
+            offline_after_s: None,
         }
     }
 
@@ -111,6 +147,29 @@ impl Device {
                 .filter(|r| r.revision == alarm.revision && r.watches(&self.id))
                 .map(|_| (id, alarm.bound))
         })
+    }
+
+    /// The device's alarms that have not cleared.
+    pub fn alarms(&self) -> impl Iterator<Item = (&AlarmKey, &ActiveAlarm)> {
+        self.alarms.iter()
+    }
+
+    /// Since when the device is offline, if it is.
+    pub fn offline_since(&self) -> Option<DateTime<Utc>> {
+        self.offline_since
+    }
+
+    /// The device's own offline period (seconds), if it has one.
+    pub fn own_offline_after(&self) -> Option<u64> {
+        self.offline_after_s
+    }
+
+    /// The offline period in force for this device under `rules`.
+    pub fn offline_after(&self, rules: &Rules) -> TimeDelta {
+        seconds(
+            self.offline_after_s
+                .unwrap_or(rules.thresholds.offline_after_s),
+        )
     }
 
     pub fn status(&self, rules: &Rules) -> DeviceStatus {
@@ -171,11 +230,22 @@ impl Device {
             }
         }
 
+        if let Some(offline_since) = self.offline_since {
+            events.push(DeviceEvent::DeviceBackOnline {
+                device_id: id.clone(),
+                at,
+                offline_since,
+            });
+        }
+
+        // Every exit before any entry: a reading that leaves one zone for another says so in
+        // that order.
+        let mut entries = Vec::new();
         for zone in rules.zones.values().filter(|z| z.watches(id)) {
             let was_outside = self.outside.get(&zone.id) == Some(&zone.revision);
             let is_inside = zone.shape.contains(&location);
             if was_outside && is_inside {
-                events.push(DeviceEvent::EnteredZone {
+                entries.push(DeviceEvent::EnteredZone {
                     device_id: id.clone(),
                     at,
                     zone_id: zone.id.clone(),
@@ -192,6 +262,7 @@ impl Device {
                 });
             }
         }
+        events.append(&mut entries);
 
         for range in rules.ranges.values().filter(|r| r.watches(id)) {
             let active = self
@@ -222,7 +293,195 @@ impl Device {
                 _ => {}
             }
         }
+        self.settle_alarms(at, rules, &mut events);
         Decision::Events(events)
+    }
+
+    /// Decides what the passing of time to `now` means: the device went offline, a condition
+    /// held for its dwell (the alarm opens), or one has been gone for it (the alarm clears).
+    /// Empty when nothing is due; [`Device::next_deadline`] says when something will be.
+    pub fn handle_time(&self, now: DateTime<Utc>, rules: &Rules) -> Vec<DeviceEvent> {
+        let mut events = Vec::new();
+        if self.offline_since.is_none() {
+            if let Some(last) = &self.last_reading {
+                let deadline = last.timestamp + self.offline_after(rules);
+                if deadline <= now {
+                    events.push(DeviceEvent::DeviceWentOffline {
+                        device_id: self.id.clone(),
+                        at: deadline,
+                        last_seen: last.timestamp,
+                    });
+                }
+            }
+        }
+        self.settle_alarms(now, rules, &mut events);
+        events
+    }
+
+    /// The earliest time at which [`Device::handle_time`] will have something to decide, if
+    /// no reading comes first.
+    pub fn next_deadline(&self, rules: &Rules) -> Option<DateTime<Utc>> {
+        let offline = match (self.offline_since, &self.last_reading) {
+            (None, Some(last)) => Some(last.timestamp + self.offline_after(rules)),
+            _ => None,
+        };
+        let opening = self.conditions.iter().filter_map(|(key, condition)| {
+            let terms = self.terms(key, rules)?;
+            (terms.revision == condition.revision && !self.alarms.contains_key(key))
+                .then(|| condition.since + terms.dwell)
+        });
+        let clearing = self.alarms.keys().map(|key| match self.terms(key, rules) {
+            Some(terms) if self.holds(key, &terms) => DateTime::<Utc>::MAX_UTC,
+            Some(terms) => self
+                .ended
+                .get(key)
+                .map_or(DateTime::<Utc>::MIN_UTC, |ended| *ended + terms.dwell),
+            // The rule is gone: the alarm clears at the next decision.
+            None => DateTime::<Utc>::MIN_UTC,
+        });
+        offline
+            .into_iter()
+            .chain(opening)
+            .chain(clearing)
+            .filter(|t| *t != DateTime::<Utc>::MAX_UTC)
+            .min()
+    }
+
+    /// Decides an acknowledgement of `alarm` by `by`, at `now`.
+    pub fn acknowledge(
+        &self,
+        alarm: &AlarmId,
+        by: &str,
+        comment: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Result<DeviceEvent, AckRefused> {
+        let active = self
+            .alarms
+            .values()
+            .find(|a| &a.id == alarm)
+            .ok_or_else(|| AckRefused::NotActive(alarm.to_string()))?;
+        if active.acknowledged {
+            return Err(AckRefused::AlreadyAcknowledged(alarm.to_string()));
+        }
+        Ok(DeviceEvent::AlarmAcknowledged {
+            device_id: self.id.clone(),
+            at: now,
+            alarm_id: alarm.clone(),
+            sequence: active.sequence + 1,
+            by: by.to_string(),
+            comment,
+        })
+    }
+
+    /// Decides giving the device its own offline period (`None`: the default again).
+    pub fn set_offline_after(&self, seconds: Option<u64>, now: DateTime<Utc>) -> DeviceEvent {
+        DeviceEvent::OfflineAfterSet {
+            device_id: self.id.clone(),
+            at: now,
+            offline_after_s: seconds,
+        }
+    }
+
+    /// What the rule behind `key` says, if it (still) applies to this device.
+    fn terms(&self, key: &AlarmKey, rules: &Rules) -> Option<AlarmTerms> {
+        let rule = key.rule.as_ref();
+        match key.kind {
+            AlarmKind::OutsideZone => rules
+                .zones
+                .get(rule?)
+                .filter(|z| z.watches(&self.id))
+                .map(|z| AlarmTerms {
+                    revision: z.revision,
+                    severity: z.severity,
+                    dwell: seconds(z.dwell),
+                }),
+            AlarmKind::TemperatureOutOfRange => rules
+                .ranges
+                .get(rule?)
+                .filter(|r| r.watches(&self.id))
+                .map(|r| AlarmTerms {
+                    revision: r.revision,
+                    severity: r.severity,
+                    dwell: seconds(r.dwell),
+                }),
+            // The offline period is the offline condition's own dwell.
+            AlarmKind::Offline => Some(AlarmTerms {
+                revision: 0,
+                severity: Severity::default(),
+                dwell: TimeDelta::zero(),
+            }),
+        }
+    }
+
+    /// Whether the condition `key` names holds under the rule's current revision.
+    fn holds(&self, key: &AlarmKey, terms: &AlarmTerms) -> bool {
+        self.conditions
+            .get(key)
+            .is_some_and(|c| c.revision == terms.revision)
+    }
+
+    /// Appends to `events` the alarm changes due at `now` once `events` are applied: alarms
+    /// whose condition has held for the dwell open, alarms whose condition has been gone for
+    /// it (or whose rule no longer applies) clear.
+    fn settle_alarms(&self, now: DateTime<Utc>, rules: &Rules, events: &mut Vec<DeviceEvent>) {
+        if self.conditions.is_empty()
+            && self.alarms.is_empty()
+            && !events.iter().any(|e| {
+                matches!(
+                    e,
+                    DeviceEvent::LeftZone { .. }
+                        | DeviceEvent::TemperatureOutOfRange { .. }
+                        | DeviceEvent::DeviceWentOffline { .. }
+                )
+            })
+        {
+            return; // the common case: nothing is wrong, nothing began
+        }
+        let mut next = self.clone();
+        for event in events.iter() {
+            next.apply(event);
+        }
+        let mut changes = Vec::new();
+        for (key, condition) in &next.conditions {
+            let Some(terms) = next.terms(key, rules) else {
+                continue;
+            };
+            let due = condition.since + terms.dwell;
+            if terms.revision == condition.revision && !next.alarms.contains_key(key) && due <= now
+            {
+                changes.push(DeviceEvent::AlarmOpened {
+                    device_id: self.id.clone(),
+                    at: due,
+                    alarm_id: AlarmId::new(
+                        self.id.clone(),
+                        next.alarms_opened + 1 + changes.len() as u64,
+                    ),
+                    kind: key.kind,
+                    rule_id: key.rule.clone(),
+                    severity: terms.severity,
+                    cause_version: condition.cause_version,
+                });
+            }
+        }
+        for (key, alarm) in &next.alarms {
+            let cleared_at = match next.terms(key, rules) {
+                Some(terms) if next.holds(key, &terms) => continue,
+                Some(terms) => next
+                    .ended
+                    .get(key)
+                    .map_or(now, |ended| *ended + terms.dwell),
+                None => now,
+            };
+            if cleared_at <= now {
+                changes.push(DeviceEvent::AlarmCleared {
+                    device_id: self.id.clone(),
+                    at: cleared_at,
+                    alarm_id: alarm.id.clone(),
+                    sequence: alarm.sequence + 1,
+                });
+            }
+        }
+        events.append(&mut changes);
     }
 
     /// Whether no earlier reading was judged by a rule set containing a rule of this revision.
@@ -283,17 +542,21 @@ impl Device {
             DeviceEvent::LeftZone {
                 zone_id,
                 zone_revision,
+                at,
                 ..
             } => {
                 self.outside.insert(zone_id.clone(), *zone_revision);
+                self.condition_began(AlarmKey::zone(zone_id), *at, *zone_revision);
             }
-            DeviceEvent::EnteredZone { zone_id, .. } => {
+            DeviceEvent::EnteredZone { zone_id, at, .. } => {
                 self.outside.remove(zone_id);
+                self.condition_ended(AlarmKey::zone(zone_id), *at);
             }
             DeviceEvent::TemperatureOutOfRange {
                 range_id,
                 range_revision,
                 bound,
+                at,
                 ..
             } => {
                 self.range_alarms.insert(
@@ -303,10 +566,93 @@ impl Device {
                         revision: *range_revision,
                     },
                 );
+                self.condition_began(AlarmKey::range(range_id), *at, *range_revision);
             }
-            DeviceEvent::TemperatureBackInRange { range_id, .. } => {
+            DeviceEvent::TemperatureBackInRange { range_id, at, .. } => {
                 self.range_alarms.remove(range_id);
+                self.condition_ended(AlarmKey::range(range_id), *at);
             }
+            DeviceEvent::DeviceWentOffline { at, .. } => {
+                self.offline_since = Some(*at);
+                self.condition_began(AlarmKey::offline(), *at, 0);
+            }
+            DeviceEvent::DeviceBackOnline { at, .. } => {
+                self.offline_since = None;
+                self.condition_ended(AlarmKey::offline(), *at);
+            }
+            DeviceEvent::OfflineAfterSet {
+                offline_after_s, ..
+            } => self.offline_after_s = *offline_after_s,
+            DeviceEvent::AlarmOpened {
+                at,
+                alarm_id,
+                kind,
+                rule_id,
+                severity,
+                ..
+            } => {
+                let key = AlarmKey {
+                    kind: *kind,
+                    rule: rule_id.clone(),
+                };
+                self.ended.remove(&key);
+                self.alarms.insert(
+                    key,
+                    ActiveAlarm {
+                        id: alarm_id.clone(),
+                        severity: *severity,
+                        opened_at: *at,
+                        sequence: 1,
+                        acknowledged: false,
+                    },
+                );
+                self.alarms_opened = self.alarms_opened.max(alarm_id.number());
+            }
+            DeviceEvent::AlarmAcknowledged {
+                alarm_id, sequence, ..
+            } => {
+                if let Some(alarm) = self.alarms.values_mut().find(|a| &a.id == alarm_id) {
+                    alarm.acknowledged = true;
+                    alarm.sequence = *sequence;
+                }
+            }
+            DeviceEvent::AlarmCleared { alarm_id, .. } => {
+                let key = self
+                    .alarms
+                    .iter()
+                    .find(|(_, a)| &a.id == alarm_id)
+                    .map(|(key, _)| key.clone());
+                if let Some(key) = key {
+                    self.alarms.remove(&key);
+                    self.ended.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// A condition began (or, for a range, changed bound while it held: it keeps its start).
+    fn condition_began(&mut self, key: AlarmKey, since: DateTime<Utc>, revision: u64) {
+        let version = self.version;
+        self.ended.remove(&key);
+        let condition = self.conditions.entry(key).or_insert(Condition {
+            since,
+            revision,
+            cause_version: version,
+        });
+        if condition.revision != revision {
+            *condition = Condition {
+                since,
+                revision,
+                cause_version: version,
+            };
+        }
+    }
+
+    /// A condition ended; if its alarm is active, the alarm clears once the dwell has passed.
+    fn condition_ended(&mut self, key: AlarmKey, at: DateTime<Utc>) {
+        self.conditions.remove(&key);
+        if self.alarms.contains_key(&key) {
+            self.ended.insert(key, at);
         }
     }
 
@@ -314,8 +660,8 @@ impl Device {
     /// [`Device::apply`], except that the version is the stored one: a stream whose older
     /// readings were removed (retention) has gaps in its versions.
     pub fn apply_at(&mut self, version: u64, event: &DeviceEvent) {
+        self.version = version.saturating_sub(1);
         self.apply(event);
-        self.version = version;
     }
 
     /// Rebuilds a device from its history.

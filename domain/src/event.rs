@@ -7,6 +7,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::alarm::{AlarmId, AlarmKind, Severity};
 use crate::range::{Bound, TemperatureRange};
 use crate::values::{DeviceId, Location, RuleId, Temperature};
 use crate::zone::Zone;
@@ -99,6 +100,56 @@ pub enum DeviceEvent {
         range_id: RuleId,
         temperature: Temperature,
     },
+    /// The device sent nothing for its offline period. `at` is when the period ran out
+    /// (`last_seen` plus the period), not when the engine noticed.
+    DeviceWentOffline {
+        device_id: DeviceId,
+        at: DateTime<Utc>,
+        last_seen: DateTime<Utc>,
+    },
+    /// The first reading after [`DeviceEvent::DeviceWentOffline`].
+    DeviceBackOnline {
+        device_id: DeviceId,
+        at: DateTime<Utc>,
+        offline_since: DateTime<Utc>,
+    },
+    /// The device's own offline period, instead of the engine's default (`None`: the default
+    /// again). `at` is when it was set.
+    OfflineAfterSet {
+        device_id: DeviceId,
+        at: DateTime<Utc>,
+        offline_after_s: Option<u64>,
+    },
+    /// A condition held for its rule's dwell: the alarm opens. `at` is when the dwell ran out;
+    /// `cause_version` is the version of the event that began the condition on this stream.
+    AlarmOpened {
+        device_id: DeviceId,
+        at: DateTime<Utc>,
+        alarm_id: AlarmId,
+        kind: AlarmKind,
+        /// The zone or range; none for `offline`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rule_id: Option<RuleId>,
+        severity: Severity,
+        cause_version: u64,
+    },
+    /// Someone (a token's name) took the alarm on. It stays visible until it clears.
+    AlarmAcknowledged {
+        device_id: DeviceId,
+        at: DateTime<Utc>,
+        alarm_id: AlarmId,
+        sequence: u32,
+        by: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        comment: Option<String>,
+    },
+    /// The condition has been gone for the rule's dwell, or its rule no longer applies.
+    AlarmCleared {
+        device_id: DeviceId,
+        at: DateTime<Utc>,
+        alarm_id: AlarmId,
+        sequence: u32,
+    },
 }
 
 impl DeviceEvent {
@@ -112,23 +163,52 @@ impl DeviceEvent {
             DeviceEvent::EnteredZone { .. } => "EnteredZone",
             DeviceEvent::TemperatureOutOfRange { .. } => "TemperatureOutOfRange",
             DeviceEvent::TemperatureBackInRange { .. } => "TemperatureBackInRange",
+            DeviceEvent::DeviceWentOffline { .. } => "DeviceWentOffline",
+            DeviceEvent::DeviceBackOnline { .. } => "DeviceBackOnline",
+            DeviceEvent::OfflineAfterSet { .. } => "OfflineAfterSet",
+            DeviceEvent::AlarmOpened { .. } => "AlarmOpened",
+            DeviceEvent::AlarmAcknowledged { .. } => "AlarmAcknowledged",
+            DeviceEvent::AlarmCleared { .. } => "AlarmCleared",
         }
     }
 
-    /// Alarm types: raised (`LeftZone`, `TemperatureOutOfRange`) and cleared.
-    pub const ALARM_TYPES: [&'static str; 4] = [
+    /// The changes of an alarm's lifecycle: what people act on and notifications carry.
+    pub const ALARM_TYPES: [&'static str; 3] = ["AlarmOpened", "AlarmAcknowledged", "AlarmCleared"];
+
+    /// Conditions beginning and ending: what alarms open on (after the rule's dwell) and clear
+    /// on. A device crossing a border back and forth raises these, and no alarm, within a dwell.
+    pub const CONDITION_TYPES: [&'static str; 6] = [
         "LeftZone",
         "EnteredZone",
         "TemperatureOutOfRange",
         "TemperatureBackInRange",
+        "DeviceWentOffline",
+        "DeviceBackOnline",
     ];
 
-    /// Whether this event raises an alarm (the device left a zone or a temperature range).
+    /// Whether this event opens an alarm.
     pub fn raises_alarm(&self) -> bool {
+        matches!(self, DeviceEvent::AlarmOpened { .. })
+    }
+
+    /// Whether this event is a change of an alarm's lifecycle ([`DeviceEvent::ALARM_TYPES`]).
+    pub fn is_alarm_change(&self) -> bool {
         matches!(
             self,
-            DeviceEvent::LeftZone { .. } | DeviceEvent::TemperatureOutOfRange { .. }
+            DeviceEvent::AlarmOpened { .. }
+                | DeviceEvent::AlarmAcknowledged { .. }
+                | DeviceEvent::AlarmCleared { .. }
         )
+    }
+
+    /// The alarm this event changes, if it is an alarm change.
+    pub fn alarm_id(&self) -> Option<&AlarmId> {
+        match self {
+            DeviceEvent::AlarmOpened { alarm_id, .. }
+            | DeviceEvent::AlarmAcknowledged { alarm_id, .. }
+            | DeviceEvent::AlarmCleared { alarm_id, .. } => Some(alarm_id),
+            _ => None,
+        }
     }
 
     pub fn device_id(&self) -> &DeviceId {
@@ -140,7 +220,13 @@ impl DeviceEvent {
             | DeviceEvent::LeftZone { device_id, .. }
             | DeviceEvent::EnteredZone { device_id, .. }
             | DeviceEvent::TemperatureOutOfRange { device_id, .. }
-            | DeviceEvent::TemperatureBackInRange { device_id, .. } => device_id,
+            | DeviceEvent::TemperatureBackInRange { device_id, .. }
+            | DeviceEvent::DeviceWentOffline { device_id, .. }
+            | DeviceEvent::DeviceBackOnline { device_id, .. }
+            | DeviceEvent::OfflineAfterSet { device_id, .. }
+            | DeviceEvent::AlarmOpened { device_id, .. }
+            | DeviceEvent::AlarmAcknowledged { device_id, .. }
+            | DeviceEvent::AlarmCleared { device_id, .. } => device_id,
         }
     }
 
@@ -153,7 +239,13 @@ impl DeviceEvent {
             | DeviceEvent::LeftZone { at, .. }
             | DeviceEvent::EnteredZone { at, .. }
             | DeviceEvent::TemperatureOutOfRange { at, .. }
-            | DeviceEvent::TemperatureBackInRange { at, .. } => *at,
+            | DeviceEvent::TemperatureBackInRange { at, .. }
+            | DeviceEvent::DeviceWentOffline { at, .. }
+            | DeviceEvent::DeviceBackOnline { at, .. }
+            | DeviceEvent::OfflineAfterSet { at, .. }
+            | DeviceEvent::AlarmOpened { at, .. }
+            | DeviceEvent::AlarmAcknowledged { at, .. }
+            | DeviceEvent::AlarmCleared { at, .. } => *at,
         }
     }
 

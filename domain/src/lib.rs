@@ -6,9 +6,11 @@
 //! * [`values`]: validated value objects (device ids, locations, temperatures, readings).
 //! * [`zone`] and [`range`]: the watch zones and temperature ranges devices must stay within.
 //! * [`rules`]: the current set of zones and ranges plus the change thresholds.
+//! * [`alarm`]: alarms, their kinds, severities and ids.
 //! * [`device`]: the Device aggregate, a decider: `handle(reading, rules) -> events`, `apply(event)`.
 //! * [`event`]: the events, with their stable, versioned JSON shape.
 
+pub mod alarm;
 pub mod device;
 pub mod event;
 pub mod range;
@@ -16,6 +18,9 @@ pub mod rules;
 pub mod values;
 pub mod zone;
 
+pub use alarm::{
+    AckRefused, ActiveAlarm, AlarmId, AlarmKey, AlarmKind, AlarmState, Condition, Severity,
+};
 pub use device::{Decision, Device, DeviceStatus, RangeAlarm};
 pub use event::{DeviceEvent, RulesEvent, TemperatureDirection};
 pub use range::{Bound, TemperatureRange};

@@ -2,8 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::alarm::Severity;
 use crate::values::{DeviceId, RuleId, Temperature, ValidationError};
-use crate::zone::{validate_name, Watched};
+use crate::zone::{is_zero, validate_name, Watched};
 
 /// Which side of a range a temperature fell out on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -23,6 +24,12 @@ pub struct TemperatureRange {
     pub devices: Watched,
     /// The rules version at which this range was created (see [`crate::Zone::revision`]).
     pub revision: u64,
+    #[serde(skip_serializing_if = "Severity::is_default")]
+    pub severity: Severity,
+    /// Seconds out of range before the alarm opens, and back in before it clears (see
+    /// [`crate::Zone::dwell`]).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub dwell: u64,
 }
 
 #[derive(Deserialize)]
@@ -36,6 +43,10 @@ struct RangeSpec {
     devices: Watched,
     #[serde(default)]
     revision: u64,
+    #[serde(default)]
+    severity: Severity,
+    #[serde(default)]
+    dwell: u64,
 }
 
 impl TryFrom<RangeSpec> for TemperatureRange {
@@ -44,7 +55,7 @@ impl TryFrom<RangeSpec> for TemperatureRange {
         let mut range =
             TemperatureRange::new(spec.id, spec.name, spec.min, spec.max, spec.devices)?;
         range.revision = spec.revision;
-        Ok(range)
+        Ok(range.with_alarm(spec.severity, spec.dwell))
     }
 }
 
@@ -73,7 +84,16 @@ impl TemperatureRange {
             max,
             devices,
             revision: 0,
+            severity: Severity::default(),
+            dwell: 0,
         })
+    }
+
+    /// The same range with its alarms' severity and dwell.
+    pub fn with_alarm(mut self, severity: Severity, dwell: u64) -> Self {
+        self.severity = severity;
+        self.dwell = dwell;
+        self
     }
 
     pub fn watches(&self, device: &DeviceId) -> bool {

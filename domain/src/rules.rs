@@ -16,6 +16,13 @@ pub struct Thresholds {
     pub min_move_m: f64,
     /// `TemperatureChanged` only once the temperature differs by at least this much (°C) from the last reported one.
     pub min_temperature_delta: f64,
+    /// A device silent for this long (seconds) goes offline, unless it has its own period.
+    #[serde(default = "default_offline_after_s")]
+    pub offline_after_s: u64,
+}
+
+fn default_offline_after_s() -> u64 {
+    600
 }
 
 impl Thresholds {
@@ -35,7 +42,17 @@ impl Thresholds {
         Ok(Self {
             min_move_m,
             min_temperature_delta,
+            offline_after_s: default_offline_after_s(),
         })
+    }
+
+    /// The same thresholds with another default offline period (seconds, at least 1).
+    pub fn with_offline_after(mut self, seconds: u64) -> Result<Self, ValidationError> {
+        if seconds == 0 {
+            return Err(ValidationError::new("offline_after", "must be at least 1 s"));
+        }
+        self.offline_after_s = seconds;
+        Ok(self)
     }
 }
 
@@ -44,6 +61,7 @@ impl Default for Thresholds {
         Self {
             min_move_m: 25.0,
             min_temperature_delta: 0.5,
+            offline_after_s: default_offline_after_s(),
         }
     }
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use geo::{Intersects, LineString, Polygon, Validation};
 use serde::{Deserialize, Serialize};
 
+use crate::alarm::Severity;
 use crate::values::{DeviceId, Location, RuleId, ValidationError};
 
 /// Longest accepted zone or range name, in characters.
@@ -209,6 +210,16 @@ pub struct Zone {
     /// revision and found outside raises `LeftZone` marked `found_outside`.
     #[serde(default)]
     pub revision: u64,
+    #[serde(default, skip_serializing_if = "Severity::is_default")]
+    pub severity: Severity,
+    /// Seconds a device must be outside before the alarm opens, and back inside before it
+    /// clears (0: at once), so that GPS jitter across the border raises nothing.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dwell: u64,
+}
+
+pub(crate) fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Zone {
@@ -225,7 +236,16 @@ impl Zone {
             shape,
             devices,
             revision: 0,
+            severity: Severity::default(),
+            dwell: 0,
         })
+    }
+
+    /// The same zone with its alarms' severity and dwell.
+    pub fn with_alarm(mut self, severity: Severity, dwell: u64) -> Self {
+        self.severity = severity;
+        self.dwell = dwell;
+        self
     }
 
     pub fn watches(&self, device: &DeviceId) -> bool {
