@@ -679,3 +679,6 @@ impl Device {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod alarm_tests;
