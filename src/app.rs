@@ -96,7 +96,9 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         crate::telemetry::spawn_upkeep(handle.clone());
     }
     let thresholds = Thresholds::new(config.min_move_m, config.min_temperature_delta)
-        .map_err(|e| StartupError::Config(e.to_string()))?;
+        .map_err(|e| StartupError::Config(e.to_string()))?
+        .with_offline_after(config.offline_after.as_secs())
+        .map_err(|e| StartupError::Config(format!("--offline-after: {e}")))?;
     let sqlite = Arc::new(SqliteStore::open(
         &config.data_dir,
         SqliteStoreOptions {
@@ -123,6 +125,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     .await?;
 
     let shutdown = CancellationToken::new();
+    let deadlines = engine.spawn_deadlines(shutdown.clone());
     let broker = BrokerStatus::new(BrokerState::Disabled);
     let failed = FailedMessages::new(1000);
     let (read_models, read_models_thread) =
@@ -242,6 +245,8 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         // Cancelled above; a pass stops between two of its writes.
         let _ = retention.await;
     }
+    // Cancelled above; ticks in flight hold permits, which the engine's drain waits for.
+    let _ = deadlines.await;
     engine.shutdown().await;
     // Cancelled with the rest: it commits what it folded, then stops.
     if tokio::task::spawn_blocking(move || read_models_thread.join())

@@ -23,7 +23,8 @@
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use fleetwatch_domain::{
-    Bound, Device, DeviceEvent, DeviceId, Location, RuleId, RulesEvent, Temperature,
+    AlarmId, AlarmKind, Bound, Device, DeviceEvent, DeviceId, Location, RuleId, RulesEvent,
+    Severity, Temperature,
 };
 use serde::{Deserialize, Serialize};
 
@@ -33,8 +34,10 @@ use crate::store::{NewEvent, RecordedEvent, Snapshot};
 pub const DEVICE_EVENT_SCHEMA: u16 = 2;
 /// The schema of JSON events: device events before schema 2, and rules events.
 pub const JSON_SCHEMA: u16 = 1;
-/// The format of device snapshots (the device's JSON).
-pub const DEVICE_SNAPSHOT_VERSION: u16 = 1;
+/// The format of device snapshots (the device's JSON). Format 1 predates alarms: it lacks the
+/// conditions and open alarms, so such a snapshot is not used and the device replays its events
+/// (zone and range events are never removed, so its conditions come back whole).
+pub const DEVICE_SNAPSHOT_VERSION: u16 = 2;
 /// The event types that are raw readings, which retention may remove.
 pub const READING_TYPES: [&str; 3] = ["ReadingRecorded", "LocationChanged", "TemperatureChanged"];
 /// The type of a recorded reading, looked up by time.
@@ -206,6 +209,34 @@ enum Compact {
         range_id: RuleId,
         temperature: Temperature,
     },
+    // Alarms. Variants and the enums in them are postcard indexes: only ever append.
+    WentOffline {
+        last_seen: DateTime<Utc>,
+    },
+    BackOnline {
+        offline_since: DateTime<Utc>,
+    },
+    OfflineAfterSet {
+        offline_after_s: Option<u64>,
+    },
+    /// Alarm ids are the device's (the stream) and a number: only the number is stored.
+    AlarmOpened {
+        alarm: u64,
+        kind: AlarmKind,
+        rule_id: Option<RuleId>,
+        severity: Severity,
+        cause_version: u64,
+    },
+    AlarmAcknowledged {
+        alarm: u64,
+        sequence: u32,
+        by: String,
+        comment: Option<String>,
+    },
+    AlarmCleared {
+        alarm: u64,
+        sequence: u32,
+    },
 }
 
 impl Compact {
@@ -257,6 +288,45 @@ impl Compact {
             } => Compact::BackInRange {
                 range_id,
                 temperature,
+            },
+            DeviceEvent::DeviceWentOffline { last_seen, .. } => Compact::WentOffline { last_seen },
+            DeviceEvent::DeviceBackOnline { offline_since, .. } => {
+                Compact::BackOnline { offline_since }
+            }
+            DeviceEvent::OfflineAfterSet {
+                offline_after_s, ..
+            } => Compact::OfflineAfterSet { offline_after_s },
+            DeviceEvent::AlarmOpened {
+                alarm_id,
+                kind,
+                rule_id,
+                severity,
+                cause_version,
+                ..
+            } => Compact::AlarmOpened {
+                alarm: alarm_id.number(),
+                kind,
+                rule_id,
+                severity,
+                cause_version,
+            },
+            DeviceEvent::AlarmAcknowledged {
+                alarm_id,
+                sequence,
+                by,
+                comment,
+                ..
+            } => Compact::AlarmAcknowledged {
+                alarm: alarm_id.number(),
+                sequence,
+                by,
+                comment,
+            },
+            DeviceEvent::AlarmCleared {
+                alarm_id, sequence, ..
+            } => Compact::AlarmCleared {
+                alarm: alarm_id.number(),
+                sequence,
             },
             DeviceEvent::ReadingRecorded { .. }
             | DeviceEvent::LocationChanged { .. }
@@ -324,6 +394,55 @@ impl Compact {
                 at,
                 range_id,
                 temperature,
+            },
+            Compact::WentOffline { last_seen } => DeviceEvent::DeviceWentOffline {
+                device_id,
+                at,
+                last_seen,
+            },
+            Compact::BackOnline { offline_since } => DeviceEvent::DeviceBackOnline {
+                device_id,
+                at,
+                offline_since,
+            },
+            Compact::OfflineAfterSet { offline_after_s } => DeviceEvent::OfflineAfterSet {
+                device_id,
+                at,
+                offline_after_s,
+            },
+            Compact::AlarmOpened {
+                alarm,
+                kind,
+                rule_id,
+                severity,
+                cause_version,
+            } => DeviceEvent::AlarmOpened {
+                alarm_id: AlarmId::new(device_id.clone(), alarm),
+                device_id,
+                at,
+                kind,
+                rule_id,
+                severity,
+                cause_version,
+            },
+            Compact::AlarmAcknowledged {
+                alarm,
+                sequence,
+                by,
+                comment,
+            } => DeviceEvent::AlarmAcknowledged {
+                alarm_id: AlarmId::new(device_id.clone(), alarm),
+                device_id,
+                at,
+                sequence,
+                by,
+                comment,
+            },
+            Compact::AlarmCleared { alarm, sequence } => DeviceEvent::AlarmCleared {
+                alarm_id: AlarmId::new(device_id.clone(), alarm),
+                device_id,
+                at,
+                sequence,
             },
         };
         if event.event_type() == event_type {

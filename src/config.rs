@@ -57,6 +57,11 @@ pub struct Config {
     #[arg(long, env = "FLEETWATCH_MIN_TEMPERATURE_DELTA", default_value_t = 0.5)]
     pub min_temperature_delta: f64,
 
+    /// A device that sends nothing for this long goes offline (`DeviceWentOffline`, and an
+    /// `offline` alarm); a device may have its own period (`PUT /api/devices/{id}/offline-after`).
+    #[arg(long, env = "FLEETWATCH_OFFLINE_AFTER", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub offline_after: Duration,
+
     /// A reading dated further ahead of the engine's clock than this is refused (HTTP 400,
     /// dead-lettered over AMQP): a device clock in the future would otherwise hide every later
     /// real reading of that device.

@@ -6,14 +6,16 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use chrono::Utc;
 use fleetwatch_domain::{Device, DeviceId, Reading, Thresholds};
 use futures_util::StreamExt;
 use tokio::sync::{oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
 
-use crate::actors::{ActorSettings, Router};
-pub use crate::actors::{EngineError, IngestOutcome};
+use crate::actors::{ActorSettings, Deadlines, Router};
+pub use crate::actors::{Command, EngineError, IngestOutcome};
 use crate::rules::{RuleBook, RulesError};
 use crate::store::{EventStore, RecordedEvent, StoreError, StoreHealth, StreamInfo};
 
@@ -21,6 +23,14 @@ use crate::store::{EventStore, RecordedEvent, StoreError, StoreHealth, StreamInf
 const SHUTDOWN_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Devices loaded at once for a page of `GET /api/devices`.
 const PAGE_LOAD_CONCURRENCY: usize = 16;
+/// How often due deadlines are looked for: an offline device or an ended dwell is decided at
+/// most this long after its deadline, plus the time to decide it (docs/api.md).
+pub const DEADLINE_CHECK_EVERY: Duration = Duration::from_millis(500);
+/// Ticks in flight at once: after an upgrade every stored device is due, and each tick restores
+/// its device.
+const MAX_TICKS_IN_FLIGHT: usize = 256;
+/// A tick that failed (the store could not write, say) is tried again this much later.
+const TICK_RETRY: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
 
 #[derive(Clone)]
 pub struct EngineSettings {
@@ -41,6 +51,7 @@ struct Inner {
     store: Arc<dyn EventStore>,
     rules: RuleBook,
     router: Router,
+    deadlines: Arc<Deadlines>,
     in_flight: Arc<Semaphore>,
     max_in_flight: u32,
     /// `fleetwatch_ingest_durable_seconds` by [`Source`], registered once: a ticket carries a
@@ -114,17 +125,26 @@ impl Engine {
         let rules = RuleBook::load(store.clone(), settings.thresholds)
             .await?
             .with_max_rules(settings.max_rules);
+        let deadlines = Arc::new(Deadlines::default());
+        for (stream, at) in store.wake_times().await? {
+            if let Ok(device) = DeviceId::parse(stream) {
+                deadlines.file(&device, Some(at));
+            }
+        }
+        metrics::gauge!("fleetwatch_deadlines").set(deadlines.len() as f64);
         let router = Router::new(
             settings.actor_threads,
             store.clone(),
             rules.clone(),
             settings.actors,
+            deadlines.clone(),
         );
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
                 rules,
                 router,
+                deadlines,
                 in_flight: Arc::new(Semaphore::new(settings.max_in_flight as usize)),
                 max_in_flight: settings.max_in_flight,
                 durable: [
@@ -163,9 +183,71 @@ impl Engine {
         self.submit(reading, source).await?.await
     }
 
+    /// Hands `command` to `device` and waits until what it decided is durable. Like a reading,
+    /// it waits while the engine is at its in-flight bound.
+    pub async fn command(
+        &self,
+        device: &DeviceId,
+        command: Command,
+    ) -> Result<IngestOutcome, EngineError> {
+        let permit = self
+            .inner
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| EngineError::ShuttingDown)?;
+        self.inner
+            .router
+            .command(device, command, permit)
+            .await
+            .unwrap_or(Err(EngineError::ActorGone))
+    }
+
+    /// Every [`DEADLINE_CHECK_EVERY`] until `stop`, gives each device whose deadline has come a
+    /// tick. Ticks never wait for room in flight: a busy engine ticks a round later.
+    pub fn spawn_deadlines(&self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let ticks = Arc::new(Semaphore::new(MAX_TICKS_IN_FLIGHT));
+            let inner = &engine.inner;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(DEADLINE_CHECK_EVERY) => {}
+                    _ = stop.cancelled() => return,
+                }
+                let now = Utc::now();
+                for device in inner.deadlines.take_due(now, ticks.available_permits()) {
+                    let (Ok(tick), Ok(permit)) = (
+                        ticks.clone().try_acquire_owned(),
+                        inner.in_flight.clone().try_acquire_owned(),
+                    ) else {
+                        inner.deadlines.file_no_later(&device, now);
+                        continue;
+                    };
+                    let reply = inner.router.command(&device, Command::Tick(now), permit);
+                    let deadlines = inner.deadlines.clone();
+                    tokio::spawn(async move {
+                        let _tick = tick;
+                        // On success the device filed its next deadline itself.
+                        if !matches!(reply.await, Ok(Ok(_))) {
+                            deadlines.file_no_later(&device, Utc::now() + TICK_RETRY);
+                        }
+                    });
+                }
+                metrics::gauge!("fleetwatch_deadlines").set(inner.deadlines.len() as f64);
+            }
+        })
+    }
+
     /// Readings accepted and not yet durable (each holds an in-flight permit until it settles).
     pub fn readings_in_flight(&self) -> usize {
         (self.inner.max_in_flight as usize).saturating_sub(self.inner.in_flight.available_permits())
+    }
+
+    /// When devices next need time to pass (see `actors::Deadlines`).
+    pub fn deadlines(&self) -> &Deadlines {
+        &self.inner.deadlines
     }
 
     pub fn rules(&self) -> &RuleBook {

@@ -75,6 +75,9 @@ pub struct Device {
     alarms_opened: u64,
     #[serde(default)]
     offline_since: Option<DateTime<Utc>>,
+    /// When the engine last heard from the device, by its own clock (see [`Device::heard`]).
+    #[serde(default)]
+    last_heard: Option<DateTime<Utc>>,
     /// The device's own offline period (seconds), instead of the rules' default.
     #[serde(default)]
     offline_after_s: Option<u64>,
@@ -86,6 +89,16 @@ struct AlarmTerms {
     revision: u64,
     severity: Severity,
     dwell: TimeDelta,
+}
+
+/// When the alarm of a condition that holds opens: after the rule's dwell, on the device's
+/// timeline. Offline is decided on the engine's clock already (its own dwell is the offline
+/// period), so its alarm opens with it.
+fn opening_due(key: &AlarmKey, condition: &Condition, terms: &AlarmTerms) -> DateTime<Utc> {
+    match key.kind {
+        AlarmKind::Offline => DateTime::<Utc>::MIN_UTC,
+        _ => condition.since + terms.dwell,
+    }
 }
 
 fn seconds(s: u64) -> TimeDelta {
@@ -108,6 +121,7 @@ impl Device {
             alarms: BTreeMap::new(),
             alarms_opened: 0,
             offline_since: None,
+            last_heard: None,
             offline_after_s: None,
         }
     }
@@ -152,6 +166,20 @@ impl Device {
     /// The device's alarms that have not cleared.
     pub fn alarms(&self) -> impl Iterator<Item = (&AlarmKey, &ActiveAlarm)> {
         self.alarms.iter()
+    }
+
+    /// The engine heard from the device at `at` (its clock): a reading was stored. Silence, and
+    /// so going offline, is measured from this, not from readings' own timestamps: a device
+    /// uploading readings it buffered, with old timestamps, is not silent.
+    pub fn heard(&mut self, at: DateTime<Utc>) {
+        if self.last_heard.is_none_or(|last| at > last) {
+            self.last_heard = Some(at);
+        }
+    }
+
+    /// When the engine last heard from the device.
+    pub fn last_heard(&self) -> Option<DateTime<Utc>> {
+        self.last_heard
     }
 
     /// Since when the device is offline, if it is.
@@ -303,39 +331,56 @@ impl Device {
     pub fn handle_time(&self, now: DateTime<Utc>, rules: &Rules) -> Vec<DeviceEvent> {
         let mut events = Vec::new();
         if self.offline_since.is_none() {
-            if let Some(last) = &self.last_reading {
-                let deadline = last.timestamp + self.offline_after(rules);
+            if let Some(last) = self.last_heard {
+                let deadline = last + self.offline_after(rules);
                 if deadline <= now {
                     events.push(DeviceEvent::DeviceWentOffline {
                         device_id: self.id.clone(),
                         at: deadline,
-                        last_seen: last.timestamp,
+                        last_seen: last,
                     });
                 }
             }
         }
-        self.settle_alarms(now, rules, &mut events);
+        self.settle_alarms(self.device_time(now), rules, &mut events);
         events
+    }
+
+    /// `now` (the engine's clock) on the device's timeline: its last reading's time plus the time
+    /// since the engine heard it. Dwell times run on the device's timeline, so a device uploading
+    /// readings it buffered long ago is judged by when they were taken, not when they arrived.
+    fn device_time(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        match (&self.last_reading, self.last_heard) {
+            (Some(last), Some(heard)) => last.timestamp + (now - heard),
+            _ => now,
+        }
+    }
+
+    /// A time on the device's timeline, on the engine's clock ([`Device::device_time`]'s inverse).
+    fn engine_time(&self, device_time: DateTime<Utc>) -> DateTime<Utc> {
+        match (&self.last_reading, self.last_heard) {
+            (Some(last), Some(heard)) => device_time + (heard - last.timestamp),
+            _ => device_time,
+        }
     }
 
     /// The earliest time at which [`Device::handle_time`] will have something to decide, if
     /// no reading comes first.
     pub fn next_deadline(&self, rules: &Rules) -> Option<DateTime<Utc>> {
-        let offline = match (self.offline_since, &self.last_reading) {
-            (None, Some(last)) => Some(last.timestamp + self.offline_after(rules)),
+        let offline = match (self.offline_since, self.last_heard) {
+            (None, Some(last)) => Some(last + self.offline_after(rules)),
             _ => None,
         };
         let opening = self.conditions.iter().filter_map(|(key, condition)| {
             let terms = self.terms(key, rules)?;
             (terms.revision == condition.revision && !self.alarms.contains_key(key))
-                .then(|| condition.since + terms.dwell)
+                .then(|| self.engine_time(opening_due(key, condition, &terms)))
         });
         let clearing = self.alarms.keys().map(|key| match self.terms(key, rules) {
             Some(terms) if self.holds(key, &terms) => DateTime::<Utc>::MAX_UTC,
-            Some(terms) => self
-                .ended
-                .get(key)
-                .map_or(DateTime::<Utc>::MIN_UTC, |ended| *ended + terms.dwell),
+            Some(terms) => self.ended.get(key).map_or(DateTime::<Utc>::MIN_UTC, |ended| {
+                self.engine_time(*ended + terms.dwell)
+            }),
             // The rule is gone: the alarm clears at the next decision.
             None => DateTime::<Utc>::MIN_UTC,
         });
@@ -446,12 +491,12 @@ impl Device {
             let Some(terms) = next.terms(key, rules) else {
                 continue;
             };
-            let due = condition.since + terms.dwell;
+            let due = opening_due(key, condition, &terms);
             if terms.revision == condition.revision && !next.alarms.contains_key(key) && due <= now
             {
                 changes.push(DeviceEvent::AlarmOpened {
                     device_id: self.id.clone(),
-                    at: due,
+                    at: due.max(condition.since),
                     alarm_id: AlarmId::new(
                         self.id.clone(),
                         next.alarms_opened + 1 + changes.len() as u64,

@@ -25,18 +25,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use fleetwatch_domain::{Decision, Device, DeviceEvent, DeviceId, Reading};
+use chrono::{DateTime, Utc};
+use fleetwatch_domain::{Decision, Device, DeviceEvent, DeviceId};
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
-use super::{load_device, lock, ActorSettings, EngineError, IngestOutcome, ShardMap};
+use super::deadlines::Deadlines;
+use super::{load_device, lock, ActorSettings, Command, EngineError, IngestOutcome, ShardMap};
 use crate::codec;
 use crate::rules::{RuleBook, RULES_STREAM};
-use crate::store::{Appended, EventStore, NewEvent, Snapshot, StoreError, StoreResult, StreamAt};
+use crate::store::{
+    Appended, EventStore, NewEvent, Snapshot, StoreError, StoreResult, StreamAt, Wake,
+};
 
+/// A command for the device (a reading, most of the time) and where its answer goes.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(super) struct Ingest {
-    pub reading: Reading,
+    pub command: Command,
     pub reply: oneshot::Sender<Result<IngestOutcome, EngineError>>,
     /// Released once the reading is settled (dropped with this message): this is what bounds
     /// the mailboxes.
@@ -56,7 +61,7 @@ const MAX_CONFLICT_RECOVERIES: u32 = 3;
 const RECOVERY_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_RECOVERY_BACKOFF: Duration = Duration::from_secs(2);
 
-/// A decided reading, settled in decision order.
+/// A decided command, settled in decision order.
 struct InFlight {
     ingest: Ingest,
     kind: Settling,
@@ -70,9 +75,12 @@ enum Settling {
         outcome: IngestOutcome,
         /// The snapshot to save once this append is durable, if one is due.
         snapshot: Option<Snapshot>,
+        /// The device's next deadline once this append is durable (written with it).
+        wake: Option<DateTime<Utc>>,
     },
-    /// A repeat of a reading already decided: answered once everything before it is durable.
-    Duplicate,
+    /// Decided with nothing to write (a repeat of a reading, a refused command): answered once
+    /// everything before it is durable.
+    Answered(IngestOutcome),
 }
 
 /// Why the actor stopped deciding, and what it waits for before it reloads.
@@ -118,6 +126,7 @@ pub(super) struct DeviceActor {
     store: Arc<dyn EventStore>,
     rules: RuleBook,
     settings: ActorSettings,
+    deadlines: Arc<Deadlines>,
     queued: Arc<AtomicUsize>,
     shard: ShardMap,
     /// Readings not decided yet, in arrival order.
@@ -150,6 +159,7 @@ impl DeviceActor {
         store: Arc<dyn EventStore>,
         rules: RuleBook,
         settings: ActorSettings,
+        deadlines: Arc<Deadlines>,
         queued: Arc<AtomicUsize>,
         shard: ShardMap,
     ) -> Self {
@@ -158,6 +168,7 @@ impl DeviceActor {
             store,
             rules,
             settings,
+            deadlines,
             queued,
             shard,
             waiting: VecDeque::new(),
@@ -329,21 +340,48 @@ impl DeviceActor {
 
     fn decide(&mut self, ingest: Ingest, ctx: &mut Context<Self>) {
         let rules = self.rules.current();
-        match self.device.handle(&ingest.reading, &rules) {
-            Decision::Duplicate => self.duplicate(ingest),
-            Decision::Events(events) => self.append(ingest, events, rules.version, ctx),
-            Decision::Late(event) => self.late(ingest, event, rules.version, ctx),
-        }
+        let events = match &ingest.command {
+            Command::Reading(reading) => match self.device.handle(reading, &rules) {
+                Decision::Duplicate => return self.duplicate(ingest),
+                Decision::Events(events) => events,
+                Decision::Late(event) => return self.late(ingest, event, rules.version, ctx),
+            },
+            Command::Tick(now) => {
+                let events = self.device.handle_time(*now, &rules);
+                if events.is_empty() {
+                    // Filed early (a reading moved the deadline on since): file it where it is.
+                    let next = self.device.next_deadline(&rules);
+                    self.deadlines.file(self.device.id(), next);
+                    return self.answer(ingest, IngestOutcome::Nothing);
+                }
+                events
+            }
+            Command::Acknowledge { alarm, by, comment } => {
+                match self.device.acknowledge(alarm, by, comment.clone(), Utc::now()) {
+                    Ok(event) => vec![event],
+                    Err(refused) => return self.answer(ingest, IngestOutcome::Refused(refused)),
+                }
+            }
+            Command::SetOfflineAfter(seconds) => {
+                vec![self.device.set_offline_after(*seconds, Utc::now())]
+            }
+        };
+        self.append(ingest, events, rules.version, ctx)
     }
 
     fn duplicate(&mut self, ingest: Ingest) {
         metrics::counter!("fleetwatch_readings_duplicate_total").increment(1);
+        self.answer(ingest, IngestOutcome::Duplicate)
+    }
+
+    /// Answers a command that writes nothing, in decision order.
+    fn answer(&mut self, ingest: Ingest, outcome: IngestOutcome) {
         if self.in_flight.is_empty() {
-            let _ = ingest.reply.send(Ok(IngestOutcome::Duplicate));
+            let _ = ingest.reply.send(Ok(outcome));
         } else {
             self.in_flight.push_back(InFlight {
                 ingest,
-                kind: Settling::Duplicate,
+                kind: Settling::Answered(outcome),
             });
         }
     }
@@ -357,12 +395,13 @@ impl DeviceActor {
         rules_version: u64,
         ctx: &mut Context<Self>,
     ) {
-        let at = ingest.reading.timestamp;
-        if self
-            .in_flight
-            .iter()
-            .any(|entry| entry.ingest.reading.timestamp == at)
-        {
+        let Command::Reading(reading) = &ingest.command else {
+            return;
+        };
+        let at = reading.timestamp;
+        if self.in_flight.iter().any(
+            |entry| matches!(&entry.ingest.command, Command::Reading(r) if r.timestamp == at),
+        ) {
             return self.duplicate(ingest);
         }
         self.looking_up = true;
@@ -400,6 +439,10 @@ impl DeviceActor {
         for event in &events {
             self.device.apply(event);
         }
+        if matches!(ingest.command, Command::Reading(_)) {
+            // As the store will record it (`recorded_at`), which a restore replays.
+            self.device.heard(Utc::now());
+        }
         let late = matches!(
             events.as_slice(),
             [DeviceEvent::ReadingRecorded { late: true, .. }]
@@ -412,8 +455,9 @@ impl DeviceActor {
                 alarms: events.iter().filter(|e| e.raises_alarm()).count(),
             }
         };
+        let wake = self.device.next_deadline(&self.rules.current());
         // Queued now, in decision order; durable when the future resolves.
-        let append = self.store.append(
+        let append = self.store.append_waking(
             self.device.id().as_str(),
             expected,
             new_events,
@@ -421,6 +465,7 @@ impl DeviceActor {
                 stream: RULES_STREAM,
                 version: rules_version,
             }),
+            Wake::At(wake),
         );
         self.events_since_snapshot += events.len() as u64;
         let snapshot = (self.events_since_snapshot >= self.settings.snapshot_every).then(|| {
@@ -436,6 +481,7 @@ impl DeviceActor {
                 result: None,
                 outcome,
                 snapshot,
+                wake,
             },
         });
         ctx.spawn(
@@ -464,11 +510,12 @@ impl DeviceActor {
                     result: Some(result),
                     outcome,
                     snapshot,
+                    wake,
                     ..
-                } => self.settle(entry.ingest, result, outcome, snapshot, ctx),
-                Settling::Duplicate if self.recovery.is_some() => self.failed.push(entry.ingest),
-                Settling::Duplicate => {
-                    let _ = entry.ingest.reply.send(Ok(IngestOutcome::Duplicate));
+                } => self.settle(entry.ingest, result, outcome, snapshot, wake, ctx),
+                Settling::Answered(_) if self.recovery.is_some() => self.failed.push(entry.ingest),
+                Settling::Answered(outcome) => {
+                    let _ = entry.ingest.reply.send(Ok(outcome));
                 }
             }
             if self.failure.is_some() {
@@ -485,12 +532,24 @@ impl DeviceActor {
         result: StoreResult<Appended>,
         outcome: IngestOutcome,
         snapshot: Option<Snapshot>,
+        wake: Option<DateTime<Utc>>,
         ctx: &mut Context<Self>,
     ) {
         match result {
             Ok(_) => {
                 self.recoveries = 0;
-                metrics::counter!("fleetwatch_readings_applied_total").increment(1);
+                if matches!(ingest.command, Command::Reading(_)) {
+                    metrics::counter!("fleetwatch_readings_applied_total").increment(1);
+                }
+                match (&ingest.command, wake) {
+                    // A reading only moves the offline deadline later: the entry filed stays
+                    // (see `deadlines`), unless something is due earlier.
+                    (Command::Reading(_), Some(wake)) => {
+                        self.deadlines.file_no_later(self.device.id(), wake)
+                    }
+                    (Command::Reading(_), None) => {}
+                    (_, wake) => self.deadlines.file(self.device.id(), wake),
+                }
                 if let Some(snapshot) = snapshot {
                     self.save_snapshot(snapshot, ctx);
                 }

@@ -11,6 +11,7 @@
 //! after it) and stops itself after `idle_timeout` without work; a device that is not active
 //! costs nothing but its rows in the store.
 
+mod deadlines;
 mod device;
 
 use std::collections::HashMap;
@@ -20,25 +21,47 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
-use fleetwatch_domain::{Device, DeviceId, Reading};
+use chrono::{DateTime, Utc};
+use fleetwatch_domain::{AckRefused, AlarmId, Device, DeviceId, Reading};
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use crate::codec;
 use crate::rules::RuleBook;
 use crate::store::{EventStore, Snapshot, StoreError};
 
+pub use deadlines::Deadlines;
 use device::{DeviceActor, GetState, Ingest};
 
-/// What became of one reading.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a device actor is asked to do. Each is decided in arrival order, like readings.
+#[derive(Debug, Clone)]
+pub enum Command {
+    Reading(Reading),
+    /// Time has passed to `now`: the device goes offline, or a dwell ends, if due.
+    Tick(DateTime<Utc>),
+    /// Someone (`by`, a token's name) acknowledges one of the device's alarms.
+    Acknowledge {
+        alarm: AlarmId,
+        by: String,
+        comment: Option<String>,
+    },
+    /// The device's own offline period in seconds (`None`: the engine's default).
+    SetOfflineAfter(Option<u64>),
+}
+
+/// What became of one reading or command.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IngestOutcome {
-    /// Its events (`events` of them, `alarms` raising an alarm) are durable.
+    /// Its events (`events` of them, `alarms` opening an alarm) are durable.
     Applied { events: usize, alarms: usize },
     /// Older than the device's last reading: stored in its history, marked late; the live state
     /// and alarms are unchanged.
     Late,
     /// A repeat of a stored reading (same device and timestamp): nothing changed.
     Duplicate,
+    /// A tick with nothing due.
+    Nothing,
+    /// The device refused the command; nothing changed.
+    Refused(AckRefused),
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -89,6 +112,7 @@ struct RouterInner {
     store: Arc<dyn EventStore>,
     rules: RuleBook,
     settings: ActorSettings,
+    deadlines: Arc<Deadlines>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -103,6 +127,7 @@ impl Router {
         store: Arc<dyn EventStore>,
         rules: RuleBook,
         settings: ActorSettings,
+        deadlines: Arc<Deadlines>,
     ) -> Self {
         let mut arbiters = Vec::with_capacity(threads);
         let mut shards = Vec::with_capacity(threads);
@@ -122,6 +147,7 @@ impl Router {
                 store,
                 rules,
                 settings,
+                deadlines,
             }),
         }
     }
@@ -145,6 +171,7 @@ impl Router {
                     self.inner.store.clone(),
                     self.inner.rules.clone(),
                     self.inner.settings.clone(),
+                    self.inner.deadlines.clone(),
                     queued.clone(),
                     shard.devices.clone(),
                 );
@@ -166,11 +193,22 @@ impl Router {
         reading: Reading,
         permit: OwnedSemaphorePermit,
     ) -> oneshot::Receiver<Result<IngestOutcome, EngineError>> {
-        let (reply, rx) = oneshot::channel();
         let id = reading.device_id.clone();
-        self.with_actor(&id, |addr| {
+        self.command(&id, Command::Reading(reading), permit)
+    }
+
+    /// Hands `command` to `device`'s actor, starting it if needed. The reply arrives once what
+    /// it decided is durable.
+    pub fn command(
+        &self,
+        device: &DeviceId,
+        command: Command,
+        permit: OwnedSemaphorePermit,
+    ) -> oneshot::Receiver<Result<IngestOutcome, EngineError>> {
+        let (reply, rx) = oneshot::channel();
+        self.with_actor(device, |addr| {
             addr.do_send(Ingest {
-                reading,
+                command,
                 reply,
                 permit,
             })
@@ -250,6 +288,9 @@ pub async fn load_device(store: &dyn EventStore, id: DeviceId) -> Result<Device,
             let event = codec::decode_device_event(&recorded)?;
             // At the stored version: retention may have removed readings before it.
             device.apply_at(recorded.version, &event);
+            if matches!(event, fleetwatch_domain::DeviceEvent::ReadingRecorded { .. }) {
+                device.heard(recorded.recorded_at);
+            }
             next = Some(recorded.version + 1);
         }
         match next {

@@ -13,7 +13,7 @@ use tokio::sync::{broadcast, oneshot, watch, Semaphore};
 use super::*;
 use crate::store::{
     Appended, CommittedBatch, NewEvent, Pruned, RecordedEvent, Retention, SnapshotAndTail,
-    SqliteStore, SqliteStoreOptions, StoreHealth, StoreResult, StreamAt, StreamInfo,
+    SqliteStore, SqliteStoreOptions, StoreHealth, StoreResult, StreamAt, Wake, StreamInfo,
 };
 
 /// A real store with faults switched on and off by the test: a store that cannot write (appends
@@ -52,12 +52,13 @@ impl FaultyStore {
 }
 
 impl EventStore for FaultyStore {
-    fn append(
+    fn append_waking(
         &self,
         stream: &str,
         expected: u64,
         events: Vec<NewEvent>,
         condition: Option<StreamAt>,
+        wake: Wake,
     ) -> BoxFuture<'static, StoreResult<Appended>> {
         if self.unavailable.load(Ordering::SeqCst) {
             return async { Err(StoreError::Unavailable("injected: disk full".into())) }.boxed();
@@ -69,7 +70,9 @@ impl EventStore for FaultyStore {
         if refuse {
             return async { Err(StoreError::Refused("injected: too big".into())) }.boxed();
         }
-        let appended = self.inner.append(stream, expected, events, condition);
+        let appended = self
+            .inner
+            .append_waking(stream, expected, events, condition, wake);
         if stream == crate::rules::RULES_STREAM {
             if let Some((queued, release)) = self.rules_hold.lock().unwrap().take() {
                 let _ = queued.send(());
@@ -82,6 +85,9 @@ impl EventStore for FaultyStore {
             }
         }
         appended
+    }
+    fn wake_times(&self) -> BoxFuture<'static, StoreResult<Vec<(String, DateTime<Utc>)>>> {
+        self.inner.wake_times()
     }
     fn read_stream(
         &self,
@@ -190,7 +196,7 @@ async fn harness() -> Harness {
         idle_timeout: Duration::from_secs(60),
     };
     Harness {
-        router: Router::new(1, dyn_store, rules.clone(), settings),
+        router: Router::new(1, dyn_store, rules.clone(), settings, Default::default()),
         rules,
         store,
         permits: Arc::new(Semaphore::new(10_000)),

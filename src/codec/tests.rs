@@ -125,6 +125,58 @@ fn every_device_event_round_trips_through_schema_2() {
             range_id: RuleId::parse("cold-chain").unwrap(),
             temperature: warm,
         },
+        DeviceEvent::DeviceWentOffline {
+            device_id: id(),
+            at: at(),
+            last_seen: at() - chrono::Duration::minutes(10),
+        },
+        DeviceEvent::DeviceBackOnline {
+            device_id: id(),
+            at: at(),
+            offline_since: at() - chrono::Duration::minutes(3),
+        },
+        DeviceEvent::OfflineAfterSet {
+            device_id: id(),
+            at: at(),
+            offline_after_s: Some(90),
+        },
+        DeviceEvent::OfflineAfterSet {
+            device_id: id(),
+            at: at(),
+            offline_after_s: None,
+        },
+        DeviceEvent::AlarmOpened {
+            device_id: id(),
+            at: at(),
+            alarm_id: AlarmId::new(id(), 12),
+            kind: AlarmKind::OutsideZone,
+            rule_id: Some(RuleId::parse("depot").unwrap()),
+            severity: Severity::Critical,
+            cause_version: 1_234_567,
+        },
+        DeviceEvent::AlarmOpened {
+            device_id: id(),
+            at: at(),
+            alarm_id: AlarmId::new(id(), 13),
+            kind: AlarmKind::Offline,
+            rule_id: None,
+            severity: Severity::Warning,
+            cause_version: 9,
+        },
+        DeviceEvent::AlarmAcknowledged {
+            device_id: id(),
+            at: at(),
+            alarm_id: AlarmId::new(id(), 12),
+            sequence: 2,
+            by: "night-shift".into(),
+            comment: Some("driver called: detour".into()),
+        },
+        DeviceEvent::AlarmCleared {
+            device_id: id(),
+            at: at(),
+            alarm_id: AlarmId::new(id(), 12),
+            sequence: 3,
+        },
     ];
     for event in events {
         let (decoded, size) = round_trip(&event);
@@ -267,5 +319,14 @@ fn a_snapshot_of_another_format_or_device_is_unreadable() {
     assert!(matches!(
         decode_device_snapshot(&other, &good),
         Err(UnreadableSnapshot::OtherDevice { .. })
+    ));
+    // Format 1 has no alarm state: the device replays its events instead.
+    let before_alarms = Snapshot {
+        schema_version: 1,
+        ..good
+    };
+    assert!(matches!(
+        decode_device_snapshot(&id(), &before_alarms),
+        Err(UnreadableSnapshot::Format { found: 1 })
     ));
 }

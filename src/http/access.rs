@@ -89,6 +89,7 @@ fn requirement(method: &Method, path: &str) -> Requirement {
         Method::POST if path == "/api/readings" => need(Scope::Ingest, true),
         Method::POST if path == TICKETS_PATH => need(Scope::Read, false),
         Method::POST | Method::PUT if is_rules => need(Scope::Admin, true),
+        Method::PUT if path.ends_with("/offline-after") => need(Scope::Admin, true),
         _ => need(Scope::Admin, false),
     }
 }
@@ -155,7 +156,24 @@ impl Grants {
 /// neither a token's content nor its length through timing.
 #[derive(Default)]
 struct TokenTable {
-    entries: Vec<([u8; 32], Scope)>,
+    entries: Vec<([u8; 32], Scope, String)>,
+}
+
+/// A token's name: what comes before the first `:` when that is a name (`night-shift:s3cret`),
+/// else the scope and the start of the token's hash, which names it without revealing it.
+fn token_name(token: &str, scope: Scope) -> (String, &str) {
+    if let Some((name, secret)) = token.split_once(':') {
+        let is_name = (1..=64).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if is_name && !secret.is_empty() {
+            return (name.to_owned(), token);
+        }
+    }
+    let hash = sha256(token);
+    let short: String = hash[..4].iter().map(|b| format!("{b:02x}")).collect();
+    (format!("{}-{short}", scope_name(scope)), token)
 }
 
 fn sha256(text: &str) -> [u8; 32] {
@@ -165,19 +183,29 @@ fn sha256(text: &str) -> [u8; 32] {
 impl TokenTable {
     fn add(&mut self, tokens: &[Secret], scope: Scope) {
         for token in tokens.iter().map(Secret::expose).filter(|t| !t.is_empty()) {
-            self.entries.push((sha256(token), scope));
+            let (name, token) = token_name(token, scope);
+            self.entries.push((sha256(token), scope, name));
         }
     }
 
     fn requires(&self, scope: Scope) -> bool {
-        self.entries.iter().any(|(_, s)| *s == scope)
+        self.entries.iter().any(|(_, s, _)| *s == scope)
+    }
+
+    /// The name of `token`, if it is one of the table's.
+    fn name(&self, token: &str) -> Option<&str> {
+        let hash = sha256(token);
+        self.entries
+            .iter()
+            .find(|(entry, _, _)| bool::from(entry.ct_eq(&hash)))
+            .map(|(_, _, name)| name.as_str())
     }
 
     /// Every entry is compared, whatever matched before.
     fn grants(&self, token: &str) -> Grants {
         let hash = sha256(token);
         let (mut ingest, mut admin, mut read) = (Choice::from(0), Choice::from(0), Choice::from(0));
-        for (entry, scope) in &self.entries {
+        for (entry, scope, _) in &self.entries {
             let equal = entry.ct_eq(&hash);
             match scope {
                 Scope::Ingest => ingest |= equal,
@@ -242,6 +270,17 @@ impl Access {
             ingest: self.tokens.requires(Scope::Ingest),
             admin: self.tokens.requires(Scope::Admin),
         }
+    }
+
+    /// Who sent a request (which the middleware has let through): its token's name, or
+    /// `anonymous` without one.
+    pub fn caller_name(&self, headers: &HeaderMap) -> String {
+        bearer_token(headers)
+            .ok()
+            .flatten()
+            .and_then(|token| self.tokens.name(token))
+            .unwrap_or("anonymous")
+            .to_owned()
     }
 
     fn check(&self, scope: Scope, token: Option<&str>) -> Result<(), Denied> {

@@ -27,7 +27,7 @@ const MAX_TOP: usize = 100;
 /// The longest window a top list may cover.
 const MAX_TOP_WINDOW: Duration = Duration::days(31);
 
-fn bad(field: &str, error: impl std::fmt::Display) -> ApiError {
+pub(super) fn bad(field: &str, error: impl std::fmt::Display) -> ApiError {
     ApiError::bad_request(format!("{field}: {error}")).with_field(Some(field.to_owned()), None)
 }
 
@@ -62,7 +62,7 @@ fn time_range(
     Ok((from, to))
 }
 
-fn page_limit(limit: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
+pub(super) fn page_limit(limit: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
     match limit {
         None => Ok(default),
         Some(n) if (1..=max).contains(&n) => Ok(n),
@@ -75,7 +75,7 @@ fn device_id(raw: String) -> Result<DeviceId, ApiError> {
 }
 
 /// The device's retention, or 404 if the engine does not know it.
-async fn known(state: &AppState, id: &DeviceId) -> Result<Retention, ApiError> {
+pub(super) async fn known(state: &AppState, id: &DeviceId) -> Result<Retention, ApiError> {
     state
         .engine
         .store()
@@ -84,7 +84,7 @@ async fn known(state: &AppState, id: &DeviceId) -> Result<Retention, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("device {id}")))
 }
 
-fn read_model_error(e: crate::projections::ReadModelError) -> ApiError {
+pub(super) fn read_model_error(e: crate::projections::ReadModelError) -> ApiError {
     tracing::debug!(error = %e, "read model query failed");
     ApiError::unavailable(e.to_string())
 }
@@ -761,13 +761,23 @@ struct PerSecond {
     last_minute: f64,
 }
 
-/// Devices by state.
+/// Devices by state: the conditions that hold now, whether or not an alarm has opened on them
+/// yet (a zone or range with a dwell opens it later).
 #[derive(Serialize, ToSchema)]
 struct DeviceCounts {
     active: usize,
     known: u64,
     outside_a_zone: u64,
     out_of_range: u64,
+    offline: u64,
+}
+
+/// Alarms by state.
+#[derive(Serialize, ToSchema)]
+struct AlarmCounts {
+    open: u64,
+    acknowledged: u64,
+    cleared: u64,
 }
 
 /// The fleet now.
@@ -776,6 +786,7 @@ struct Stats {
     readings_per_second: PerSecond,
     events_per_second: PerSecond,
     devices: DeviceCounts,
+    alarms: AlarmCounts,
     dead_lettered_messages: u64,
     /// The last event the read models have folded, and the last one stored.
     read_models_position: u64,
@@ -796,9 +807,10 @@ struct Stats {
 pub(super) async fn stats(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let rates = state.read_models.rates().snapshot();
     let queries = state.read_models.queries().clone();
-    let ((known, outside, out_of_range), read_models_position) = web::block(move || {
+    let (counts, alarms, read_models_position) = web::block(move || {
         Ok::<_, crate::projections::ReadModelError>((
             queries.device_counts()?,
+            queries.alarm_counts()?,
             queries.checkpoint()?,
         ))
     })
@@ -816,9 +828,15 @@ pub(super) async fn stats(state: web::Data<AppState>) -> Result<HttpResponse, Ap
         },
         devices: DeviceCounts {
             active: state.engine.active_devices(),
-            known,
-            outside_a_zone: outside,
-            out_of_range,
+            known: counts.known,
+            outside_a_zone: counts.outside_zone,
+            out_of_range: counts.out_of_range,
+            offline: counts.offline,
+        },
+        alarms: AlarmCounts {
+            open: alarms.get("open").copied().unwrap_or(0),
+            acknowledged: alarms.get("acknowledged").copied().unwrap_or(0),
+            cleared: alarms.get("cleared").copied().unwrap_or(0),
         },
         dead_lettered_messages: state.failed.total(),
         read_models_position,

@@ -6,6 +6,7 @@
 //! checked against that table by `tests/openapi.rs`.
 
 pub mod access;
+mod alarms;
 mod assets;
 mod devices;
 mod history;
@@ -102,6 +103,9 @@ fn routes(r: &mut Routes<'_>) {
         .get("/api/devices/{id}/temperature", history::device_temperature)
         .get("/api/devices/{id}/summary", history::summary)
         .get("/api/zones/{id}/report", history::zone_report)
+        .put("/api/devices/{id}/offline-after", alarms::set_offline_after)
+        .get("/api/alarms", alarms::list_alarms)
+        .post("/api/alarms/{id}/ack", alarms::acknowledge)
         .get("/api/stats", history::stats)
         .get("/api/stats/temperature", history::fleet_temperature)
         .get("/api/stats/top", history::top)

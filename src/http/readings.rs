@@ -102,6 +102,8 @@ pub(super) async fn post_readings(
                     accepted.events += 1;
                 }
                 IngestOutcome::Duplicate => accepted.duplicates += 1,
+                // Answers to other commands than readings.
+                IngestOutcome::Nothing | IngestOutcome::Refused(_) => {}
             }
         }
         Ok::<_, ApiError>(accepted)

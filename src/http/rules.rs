@@ -3,12 +3,15 @@
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use fleetwatch_domain::{
-    RuleId, ShapeSpec, Temperature, TemperatureRange, Watched, Zone, ZoneShape,
+    AlarmKind, RuleId, Severity, ShapeSpec, Temperature, TemperatureRange, Watched, Zone,
+    ZoneShape,
 };
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use super::schemas::{Shape, TemperatureRange as RangeSchema, Zone as ZoneSchema};
+use super::schemas::{
+    Severity as SeveritySchema, Shape, TemperatureRange as RangeSchema, Zone as ZoneSchema,
+};
 use super::{parse_json, read_body, ApiError, AppState};
 
 /// A zone to create or replace.
@@ -31,6 +34,15 @@ pub struct ZoneBody {
     #[serde(default)]
     #[schema(value_type = Option<Vec<String>>)]
     devices: Watched,
+    /// The severity of its alarms: `info`, `warning` (default) or `critical`.
+    #[serde(default)]
+    #[schema(value_type = Option<SeveritySchema>)]
+    severity: Severity,
+    /// Seconds the condition must hold before the alarm opens, and be gone before it clears
+    /// (0..=86400, default 0: at once). Against GPS jitter across a border, a minute or so.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 86400)]
+    dwell: u64,
     /// Accepted so a GET result can be PUT back unchanged; the server assigns it.
     #[serde(default, rename = "revision")]
     #[schema(maximum = 9223372036854775807_i64)]
@@ -60,10 +72,32 @@ pub struct RangeBody {
     #[serde(default)]
     #[schema(value_type = Option<Vec<String>>)]
     devices: Watched,
+    /// The severity of its alarms: `info`, `warning` (default) or `critical`.
+    #[serde(default)]
+    #[schema(value_type = Option<SeveritySchema>)]
+    severity: Severity,
+    /// Seconds the condition must hold before the alarm opens, and be gone before it clears
+    /// (0..=86400, default 0: at once). Against GPS jitter across a border, a minute or so.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 86400)]
+    dwell: u64,
     /// Accepted so a GET result can be PUT back unchanged; the server assigns it.
     #[serde(default, rename = "revision")]
     #[schema(maximum = 9223372036854775807_i64)]
     _revision: Option<u64>,
+}
+
+/// Longest dwell, in seconds: a day.
+const MAX_DWELL_S: u64 = 86_400;
+
+fn check_dwell(dwell: u64) -> Result<(), ApiError> {
+    if dwell > MAX_DWELL_S {
+        return Err(ApiError::bad_request(format!(
+            "dwell: must be within 0..={MAX_DWELL_S} seconds, got {dwell}"
+        ))
+        .with_field(Some("dwell".into()), None));
+    }
+    Ok(())
 }
 
 /// Limits on what one zone or range may hold. They are checked before any costly validation: a
@@ -148,11 +182,12 @@ fn new_id(body_id: Option<String>) -> Result<RuleId, ApiError> {
 /// takes a while, and must not hold an HTTP worker (or the health check behind it).
 async fn zone(id: RuleId, body: ZoneBody, limits: RuleLimits) -> Result<Zone, ApiError> {
     check_revision(body._revision)?;
+    check_dwell(body.dwell)?;
     limits.check_shape(&body.shape)?;
     limits.check_devices(&body.devices)?;
     web::block(move || -> Result<Zone, ApiError> {
         let shape = ZoneShape::try_from(body.shape)?;
-        Ok(Zone::new(id, body.name, shape, body.devices)?)
+        Ok(Zone::new(id, body.name, shape, body.devices)?.with_alarm(body.severity, body.dwell))
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
@@ -160,16 +195,38 @@ async fn zone(id: RuleId, body: ZoneBody, limits: RuleLimits) -> Result<Zone, Ap
 
 fn range(id: RuleId, body: RangeBody, limits: RuleLimits) -> Result<TemperatureRange, ApiError> {
     check_revision(body._revision)?;
+    check_dwell(body.dwell)?;
     limits.check_devices(&body.devices)?;
     let min = Temperature::checked("min", body.min)?;
     let max = Temperature::checked("max", body.max)?;
-    Ok(TemperatureRange::new(
-        id,
-        body.name,
-        min,
-        max,
-        body.devices,
-    )?)
+    Ok(TemperatureRange::new(id, body.name, min, max, body.devices)?
+        .with_alarm(body.severity, body.dwell))
+}
+
+/// After a rule was removed or replaced, the devices with an alarm on it decide again now (an
+/// alarm whose rule is gone, or no longer watches the device, clears) rather than at their next
+/// reading or deadline. From the alarms list: an alarm opened within the last second may be
+/// missed, and clears at its device's next reading or deadline instead.
+async fn settle_alarms_of(state: &AppState, kind: AlarmKind, rule: &RuleId) {
+    let queries = state.read_models.queries().clone();
+    let filter = crate::projections::AlarmFilter {
+        kind: Some(kind),
+        ..Default::default()
+    };
+    let rule = rule.to_string();
+    let alarms = web::block(move || queries.alarms(&filter, u64::MAX, usize::MAX)).await;
+    let Ok(Ok(alarms)) = alarms else {
+        return;
+    };
+    let now = chrono::Utc::now();
+    for alarm in alarms
+        .iter()
+        .filter(|a| a.state != "cleared" && a.rule.as_deref() == Some(rule.as_str()))
+    {
+        if let Ok(device) = fleetwatch_domain::DeviceId::parse(alarm.device_id.as_str()) {
+            state.engine.deadlines().file_no_later(&device, now);
+        }
+    }
 }
 
 /// Lists every zone.
@@ -271,8 +328,9 @@ pub(super) async fn put_zone(
     let stored = state
         .engine
         .rules()
-        .define_zone(zone(id, body, state.rule_limits).await?, false)
+        .define_zone(zone(id.clone(), body, state.rule_limits).await?, false)
         .await?;
+    settle_alarms_of(&state, AlarmKind::OutsideZone, &id).await;
     Ok(HttpResponse::Ok().json(stored))
 }
 
@@ -295,7 +353,9 @@ pub(super) async fn delete_zone(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    state.engine.rules().remove_zone(&rule_id(&path)?).await?;
+    let id = rule_id(&path)?;
+    state.engine.rules().remove_zone(&id).await?;
+    settle_alarms_of(&state, AlarmKind::OutsideZone, &id).await;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -394,8 +454,9 @@ pub(super) async fn put_range(
     let stored = state
         .engine
         .rules()
-        .define_range(range(id, body, state.rule_limits)?, false)
+        .define_range(range(id.clone(), body, state.rule_limits)?, false)
         .await?;
+    settle_alarms_of(&state, AlarmKind::TemperatureOutOfRange, &id).await;
     Ok(HttpResponse::Ok().json(stored))
 }
 
@@ -418,6 +479,8 @@ pub(super) async fn delete_range(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    state.engine.rules().remove_range(&rule_id(&path)?).await?;
+    let id = rule_id(&path)?;
+    state.engine.rules().remove_range(&id).await?;
+    settle_alarms_of(&state, AlarmKind::TemperatureOutOfRange, &id).await;
     Ok(HttpResponse::NoContent().finish())
 }

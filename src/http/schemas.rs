@@ -83,6 +83,30 @@ pub struct Zone {
     devices: Option<Vec<String>>,
     /// The version of the `$rules` stream that created the zone (kept when it is replaced).
     revision: u64,
+    /// The severity of its alarms (default `warning`; omitted when default).
+    severity: Option<Severity>,
+    /// Seconds a device must be outside before the alarm opens, and back inside before it
+    /// clears (default 0: at once; omitted when 0).
+    #[schema(minimum = 0, maximum = 86400)]
+    dwell: Option<u64>,
+}
+
+/// How urgent an alarm is.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+/// What an alarm is about.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AlarmKind {
+    OutsideZone,
+    TemperatureOutOfRange,
+    Offline,
 }
 
 /// A stored temperature range.
@@ -99,6 +123,11 @@ pub struct TemperatureRange {
     /// The devices it watches; `null`: every device.
     devices: Option<Vec<String>>,
     revision: u64,
+    /// The severity of its alarms (default `warning`; omitted when default).
+    severity: Option<Severity>,
+    /// Seconds out of range before the alarm opens, and back in before it clears (default 0).
+    #[schema(minimum = 0, maximum = 86400)]
+    dwell: Option<u64>,
 }
 
 /// A device's overall condition: `temperature_alarm` if any range alarm is active, else
@@ -175,7 +204,8 @@ pub enum DeviceEvent {
         to: f64,
         direction: Direction,
     },
-    /// Alarm raised: the device is outside a zone that watches it.
+    /// Condition began: the device is outside a zone that watches it (the alarm opens after the
+    /// zone's dwell).
     LeftZone {
         device_id: String,
         at: DateTime<Utc>,
@@ -186,14 +216,14 @@ pub enum DeviceEvent {
         /// created), not seen crossing the boundary.
         found_outside: bool,
     },
-    /// Alarm cleared: the device is back inside the zone.
+    /// Condition ended: the device is back inside the zone.
     EnteredZone {
         device_id: String,
         at: DateTime<Utc>,
         zone_id: String,
         location: Location,
     },
-    /// Alarm raised: the temperature left a range that watches the device.
+    /// Condition began: the temperature left a range that watches the device.
     TemperatureOutOfRange {
         device_id: String,
         at: DateTime<Utc>,
@@ -206,12 +236,61 @@ pub enum DeviceEvent {
         /// `true`: first seen out of range rather than seen leaving it.
         found_out_of_range: bool,
     },
-    /// Alarm cleared: the temperature is back in the range.
+    /// Condition ended: the temperature is back in the range.
     TemperatureBackInRange {
         device_id: String,
         at: DateTime<Utc>,
         range_id: String,
         temperature: f64,
+    },
+    /// Condition began: the device sent nothing for its offline period. `at` is when the period
+    /// ran out.
+    DeviceWentOffline {
+        device_id: String,
+        at: DateTime<Utc>,
+        last_seen: DateTime<Utc>,
+    },
+    /// Condition ended: the first reading after going offline.
+    DeviceBackOnline {
+        device_id: String,
+        at: DateTime<Utc>,
+        offline_since: DateTime<Utc>,
+    },
+    /// The device's own offline period in seconds (`null`: the engine's default again).
+    OfflineAfterSet {
+        device_id: String,
+        at: DateTime<Utc>,
+        offline_after_s: Option<u64>,
+    },
+    /// An alarm opened: its condition held for the rule's dwell. `cause_version` is the version
+    /// of the event that began the condition.
+    AlarmOpened {
+        device_id: String,
+        at: DateTime<Utc>,
+        /// `<device>.<n>`.
+        alarm_id: String,
+        kind: AlarmKind,
+        /// The zone or range; absent for `offline`.
+        rule_id: Option<String>,
+        severity: Severity,
+        cause_version: u64,
+    },
+    /// Someone acknowledged the alarm (`by`: the token's name). `sequence` numbers the alarm's
+    /// changes (opened is 1).
+    AlarmAcknowledged {
+        device_id: String,
+        at: DateTime<Utc>,
+        alarm_id: String,
+        sequence: u32,
+        by: String,
+        comment: Option<String>,
+    },
+    /// The alarm cleared: its condition had been gone for the dwell, or its rule was removed.
+    AlarmCleared {
+        device_id: String,
+        at: DateTime<Utc>,
+        alarm_id: String,
+        sequence: u32,
     },
 }
 

@@ -45,7 +45,10 @@ pub struct StreamQuery {
     /// Comma-separated zone ids: only zone events (`LeftZone`, `EnteredZone`, `ZoneDefined`,
     /// `ZoneRemoved`) of these zones.
     zones: Option<String>,
-    /// Comma-separated event types; `alarms` stands for the four alarm types.
+    /// Comma-separated event types; `alarms` stands for the alarm changes (`AlarmOpened`,
+    /// `AlarmAcknowledged`, `AlarmCleared`) and the conditions they follow (`LeftZone`,
+    /// `EnteredZone`, `TemperatureOutOfRange`, `TemperatureBackInRange`, `DeviceWentOffline`,
+    /// `DeviceBackOnline`); `alarm_changes` for the alarm changes alone.
     types: Option<String>,
     /// Replay every matching event after this position, then go live (`Last-Event-ID` wins).
     #[param(minimum = 0, maximum = 9223372036854775807_i64)]
@@ -88,13 +91,17 @@ impl Filter {
         let types = list(types).map(|set| {
             set.into_iter()
                 .flat_map(|t| {
-                    if t == "alarms" {
-                        fleetwatch_domain::DeviceEvent::ALARM_TYPES
+                    use fleetwatch_domain::DeviceEvent;
+                    match t.as_str() {
+                        "alarms" => DeviceEvent::ALARM_TYPES
                             .iter()
+                            .chain(&DeviceEvent::CONDITION_TYPES)
                             .map(|s| s.to_string())
-                            .collect()
-                    } else {
-                        vec![t]
+                            .collect(),
+                        "alarm_changes" => {
+                            DeviceEvent::ALARM_TYPES.iter().map(|s| s.to_string()).collect()
+                        }
+                        _ => vec![t],
                     }
                 })
                 .collect()

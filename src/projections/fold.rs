@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use fleetwatch_domain::{DeviceEvent, Location, RulesEvent};
+use fleetwatch_domain::{AlarmId, DeviceEvent, Location, RuleId, RulesEvent, Severity};
 use serde::{Deserialize, Serialize};
 
 /// The width of a temperature bucket.
@@ -120,25 +120,55 @@ pub struct Crossing {
     pub entered: bool,
 }
 
-/// An alarm open now, kept to count devices in alarm.
+/// A condition that holds now (outside a zone, out of a range, offline), kept to count devices
+/// by condition whether or not an alarm has opened on it yet.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct OpenAlarm {
+pub struct Holding {
     pub device: String,
-    pub kind: AlarmKind,
+    pub kind: ConditionKind,
+    /// The zone or range; empty for offline.
     pub rule: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum AlarmKind {
+pub enum ConditionKind {
     Zone = 0,
     Range = 1,
+    Offline = 2,
 }
 
 #[derive(Debug, Clone, PartialEq)]
+pub enum ConditionChange {
+    Began(Holding),
+    Ended(Holding),
+    RuleRemoved(ConditionKind, String),
+}
+
+/// A change of an alarm's lifecycle, as the alarms list keeps it.
+#[derive(Debug, Clone, PartialEq)]
 pub enum AlarmChange {
-    Open(OpenAlarm),
-    Close(OpenAlarm),
-    RuleRemoved(AlarmKind, String),
+    Opened {
+        /// The opening event's position: the alarms list's order.
+        position: u64,
+        id: AlarmId,
+        kind: fleetwatch_domain::AlarmKind,
+        rule: Option<RuleId>,
+        severity: Severity,
+        at: i64,
+        cause_version: u64,
+    },
+    Acknowledged {
+        id: AlarmId,
+        sequence: u32,
+        at: i64,
+        by: String,
+        comment: Option<String>,
+    },
+    Cleared {
+        id: AlarmId,
+        sequence: u32,
+        at: i64,
+    },
 }
 
 /// What changed since the last commit.
@@ -152,7 +182,9 @@ pub struct Changes {
     /// Devices first registered, with when.
     pub registered: HashMap<String, i64>,
     pub crossings: Vec<Crossing>,
-    /// Alarms opened and closed, and rules removed (closing their alarms), in event order.
+    /// Conditions begun and ended, and rules removed (ending their conditions), in event order.
+    pub conditions: Vec<ConditionChange>,
+    /// Alarm lifecycle changes, in event order.
     pub alarms: Vec<AlarmChange>,
     /// Events folded since the last commit.
     pub events: u64,
@@ -217,21 +249,15 @@ impl Changes {
             DeviceEvent::LeftZone { at, zone_id, .. }
             | DeviceEvent::EnteredZone { at, zone_id, .. } => {
                 let entered = matches!(event, DeviceEvent::EnteredZone { .. });
-                if !entered {
-                    for name in [device, FLEET] {
-                        self.bucket(name, StoredBucket::Hour, *at).alarms += 1;
-                        self.bucket(name, StoredBucket::Minute, *at).alarms += 1;
-                    }
-                }
-                let alarm = OpenAlarm {
+                let holding = Holding {
                     device: device.to_owned(),
-                    kind: AlarmKind::Zone,
+                    kind: ConditionKind::Zone,
                     rule: zone_id.to_string(),
                 };
-                self.alarms.push(if entered {
-                    AlarmChange::Close(alarm)
+                self.conditions.push(if entered {
+                    ConditionChange::Ended(holding)
                 } else {
-                    AlarmChange::Open(alarm)
+                    ConditionChange::Began(holding)
                 });
                 self.crossings.push(Crossing {
                     zone: zone_id.to_string(),
@@ -241,24 +267,83 @@ impl Changes {
                     entered,
                 });
             }
-            DeviceEvent::TemperatureOutOfRange { at, range_id, .. } => {
+            DeviceEvent::TemperatureOutOfRange { range_id, .. }
+            | DeviceEvent::TemperatureBackInRange { range_id, .. } => {
+                let holding = Holding {
+                    device: device.to_owned(),
+                    kind: ConditionKind::Range,
+                    rule: range_id.to_string(),
+                };
+                self.conditions.push(
+                    if matches!(event, DeviceEvent::TemperatureBackInRange { .. }) {
+                        ConditionChange::Ended(holding)
+                    } else {
+                        ConditionChange::Began(holding)
+                    },
+                );
+            }
+            DeviceEvent::DeviceWentOffline { .. } | DeviceEvent::DeviceBackOnline { .. } => {
+                let holding = Holding {
+                    device: device.to_owned(),
+                    kind: ConditionKind::Offline,
+                    rule: String::new(),
+                };
+                self.conditions.push(
+                    if matches!(event, DeviceEvent::DeviceBackOnline { .. }) {
+                        ConditionChange::Ended(holding)
+                    } else {
+                        ConditionChange::Began(holding)
+                    },
+                );
+            }
+            DeviceEvent::AlarmOpened {
+                at,
+                alarm_id,
+                kind,
+                rule_id,
+                severity,
+                cause_version,
+                ..
+            } => {
                 for name in [device, FLEET] {
                     self.bucket(name, StoredBucket::Hour, *at).alarms += 1;
                     self.bucket(name, StoredBucket::Minute, *at).alarms += 1;
                 }
-                self.alarms.push(AlarmChange::Open(OpenAlarm {
-                    device: device.to_owned(),
-                    kind: AlarmKind::Range,
-                    rule: range_id.to_string(),
-                }));
+                self.alarms.push(AlarmChange::Opened {
+                    position,
+                    id: alarm_id.clone(),
+                    kind: *kind,
+                    rule: rule_id.clone(),
+                    severity: *severity,
+                    at: at.timestamp_micros(),
+                    cause_version: *cause_version,
+                });
             }
-            DeviceEvent::TemperatureBackInRange { range_id, .. } => {
-                self.alarms.push(AlarmChange::Close(OpenAlarm {
-                    device: device.to_owned(),
-                    kind: AlarmKind::Range,
-                    rule: range_id.to_string(),
-                }));
-            }
+            DeviceEvent::AlarmAcknowledged {
+                at,
+                alarm_id,
+                sequence,
+                by,
+                comment,
+                ..
+            } => self.alarms.push(AlarmChange::Acknowledged {
+                id: alarm_id.clone(),
+                sequence: *sequence,
+                at: at.timestamp_micros(),
+                by: by.clone(),
+                comment: comment.clone(),
+            }),
+            DeviceEvent::AlarmCleared {
+                at,
+                alarm_id,
+                sequence,
+                ..
+            } => self.alarms.push(AlarmChange::Cleared {
+                id: alarm_id.clone(),
+                sequence: *sequence,
+                at: at.timestamp_micros(),
+            }),
+            DeviceEvent::OfflineAfterSet { .. } => {}
             // Stores of event schema 1 only; the reading beside them was counted.
             DeviceEvent::LocationChanged { .. } | DeviceEvent::TemperatureChanged { .. } => {}
         }
@@ -267,12 +352,11 @@ impl Changes {
     pub fn rules_event(&mut self, event: &RulesEvent) {
         self.events += 1;
         match event {
-            RulesEvent::ZoneRemoved { zone_id } => self.alarms.push(AlarmChange::RuleRemoved(
-                AlarmKind::Zone,
-                zone_id.to_string(),
-            )),
-            RulesEvent::TemperatureRangeRemoved { range_id } => self.alarms.push(
-                AlarmChange::RuleRemoved(AlarmKind::Range, range_id.to_string()),
+            RulesEvent::ZoneRemoved { zone_id } => self.conditions.push(
+                ConditionChange::RuleRemoved(ConditionKind::Zone, zone_id.to_string()),
+            ),
+            RulesEvent::TemperatureRangeRemoved { range_id } => self.conditions.push(
+                ConditionChange::RuleRemoved(ConditionKind::Range, range_id.to_string()),
             ),
             RulesEvent::ZoneDefined { .. } | RulesEvent::TemperatureRangeDefined { .. } => {}
         }

@@ -13,7 +13,8 @@
 //!   hours): count, sum (mean), min, max, the latest position, distance travelled and alarms
 //!   raised; never removed by retention, so they outlive the raw readings;
 //! * zone crossings, for zone reports; devices' registration times;
-//! * the alarms open now, to count devices in alarm;
+//! * the conditions that hold now (outside a zone, out of a range, offline), to count devices;
+//! * every alarm with its state (open, acknowledged, cleared), for `GET /api/alarms`;
 //! * readings and events per second over the last minute, in memory ([`Rates`]).
 //!
 //! The storage is behind [`sqlite::Writer`] and [`sqlite::Readers`]; another backend (PostgreSQL)
@@ -38,6 +39,46 @@ use crate::subscription::Subscription;
 pub use fold::{Bucket, StoredBucket, FLEET};
 pub use rates::Rates;
 pub use sqlite::{open as open_storage, Readers as Queries, Writer as Storage};
+
+/// Devices known, and devices by the condition they are in now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DeviceCounts {
+    pub known: u64,
+    pub outside_zone: u64,
+    pub out_of_range: u64,
+    pub offline: u64,
+}
+
+/// Which alarms to list; `None`: any.
+#[derive(Debug, Clone, Default)]
+pub struct AlarmFilter {
+    pub state: Option<fleetwatch_domain::AlarmState>,
+    pub device: Option<String>,
+    pub kind: Option<fleetwatch_domain::AlarmKind>,
+    pub severity: Option<fleetwatch_domain::Severity>,
+    /// Alarms of this zone (outside-zone alarms only).
+    pub zone: Option<String>,
+}
+
+/// An alarm as the alarms list keeps it. Times are microseconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlarmRow {
+    /// The position of the event that opened it: the list's order and paging cursor.
+    pub position: u64,
+    pub id: String,
+    pub device_id: String,
+    pub kind: String,
+    pub rule: Option<String>,
+    pub severity: String,
+    pub state: String,
+    pub opened_at: i64,
+    pub cause_version: u64,
+    pub sequence: u32,
+    pub acknowledged_at: Option<i64>,
+    pub acknowledged_by: Option<String>,
+    pub comment: Option<String>,
+    pub cleared_at: Option<i64>,
+}
 
 /// Longest the read models wait before committing what they folded.
 pub const COMMIT_EVERY: Duration = Duration::from_secs(1);

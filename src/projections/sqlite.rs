@@ -11,12 +11,14 @@ use fleetwatch_domain::Location;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::fold::{AlarmChange, AlarmKind, Bucket, Changes, StoredBucket, FLEET};
-use super::{BucketRow, Crossing, ReadModelError, TopBy, TopEntry};
+use super::fold::{AlarmChange, Bucket, Changes, ConditionChange, ConditionKind, StoredBucket, FLEET};
+use super::{
+    AlarmFilter, AlarmRow, BucketRow, Crossing, DeviceCounts, ReadModelError, TopBy, TopEntry,
+};
 
 const FILE: &str = "readmodels.sqlite3";
 /// Bump when the tables change: the read models are then rebuilt from the events.
-const FORMAT: i64 = 1;
+const FORMAT: i64 = 2;
 
 const TABLES: &str = "
 CREATE TABLE checkpoint (
@@ -58,14 +60,47 @@ CREATE TABLE crossings (
     entered  INTEGER NOT NULL,
     PRIMARY KEY (zone, device, at, position)
 ) WITHOUT ROWID;
-CREATE TABLE open_alarms (
+-- Conditions that hold now: outside a zone (kind 0), out of a range (1), offline (2, rule '').
+CREATE TABLE conditions (
     device INTEGER NOT NULL,
     kind   INTEGER NOT NULL,
     rule   TEXT    NOT NULL,
     PRIMARY KEY (device, kind, rule)
 ) WITHOUT ROWID;
-CREATE INDEX open_alarms_by_rule ON open_alarms (kind, rule);
+CREATE INDEX conditions_by_rule ON conditions (kind, rule);
+-- Every alarm, by the position of the event that opened it (newest first: descending).
+CREATE TABLE alarms (
+    position        INTEGER PRIMARY KEY,
+    id              TEXT    NOT NULL UNIQUE,
+    device          INTEGER NOT NULL,
+    kind            TEXT    NOT NULL,
+    rule            TEXT,
+    severity        TEXT    NOT NULL,
+    state           TEXT    NOT NULL,
+    opened_at       INTEGER NOT NULL,
+    cause_version   INTEGER NOT NULL,
+    sequence        INTEGER NOT NULL,
+    acknowledged_at INTEGER,
+    acknowledged_by TEXT,
+    comment         TEXT,
+    cleared_at      INTEGER
+);
+CREATE INDEX alarms_by_state ON alarms (state, position);
+CREATE INDEX alarms_by_device ON alarms (device, position);
 ";
+
+/// Alarms matching the filter ?1 state, ?2 device, ?3 kind, ?4 severity, ?5 zone (each NULL:
+/// any), before position ?6, newest first.
+const ALARMS: &str = "
+    SELECT a.position, a.id, d.name, a.kind, a.rule, a.severity, a.state, a.opened_at,
+           a.cause_version, a.sequence, a.acknowledged_at, a.acknowledged_by, a.comment,
+           a.cleared_at
+     FROM alarms a JOIN devices d ON d.id = a.device
+     WHERE (?1 IS NULL OR a.state = ?1) AND (?2 IS NULL OR d.name = ?2)
+       AND (?3 IS NULL OR a.kind = ?3) AND (?4 IS NULL OR a.severity = ?4)
+       AND (?5 IS NULL OR (a.kind = 'outside_zone' AND a.rule = ?5))
+       AND a.position < ?6
+     ORDER BY a.position DESC";
 
 /// The buckets of the devices named in the JSON array ?1, `?2 <= start < ?3`, of stored width
 /// ?5, grouped by ?4 seconds. The bucket's latest position: SQLite takes bare columns from the
@@ -281,27 +316,77 @@ impl Writer {
                 let id = device_id(&tx, ids, &c.device)?;
                 crossing.execute(params![c.zone, id, c.at, c.position as i64, c.entered])?;
             }
-            // In event order: an alarm closed and opened again in one batch stays open.
-            let mut open = tx.prepare_cached(
-                "INSERT OR IGNORE INTO open_alarms (device, kind, rule) VALUES (?1, ?2, ?3)",
+            // In event order: a condition ended and begun again in one batch holds.
+            let mut began = tx.prepare_cached(
+                "INSERT OR IGNORE INTO conditions (device, kind, rule) VALUES (?1, ?2, ?3)",
             )?;
-            let mut close = tx.prepare_cached(
-                "DELETE FROM open_alarms WHERE device = ?1 AND kind = ?2 AND rule = ?3",
+            let mut ended = tx.prepare_cached(
+                "DELETE FROM conditions WHERE device = ?1 AND kind = ?2 AND rule = ?3",
             )?;
             let mut removed =
-                tx.prepare_cached("DELETE FROM open_alarms WHERE kind = ?1 AND rule = ?2")?;
+                tx.prepare_cached("DELETE FROM conditions WHERE kind = ?1 AND rule = ?2")?;
+            for change in &changes.conditions {
+                match change {
+                    ConditionChange::Began(c) => {
+                        let id = device_id(&tx, ids, &c.device)?;
+                        began.execute(params![id, c.kind as i64, c.rule])?;
+                    }
+                    ConditionChange::Ended(c) => {
+                        let id = device_id(&tx, ids, &c.device)?;
+                        ended.execute(params![id, c.kind as i64, c.rule])?;
+                    }
+                    ConditionChange::RuleRemoved(kind, rule) => {
+                        removed.execute(params![*kind as i64, rule])?;
+                    }
+                }
+            }
+            let mut opened = tx.prepare_cached(
+                "INSERT OR IGNORE INTO alarms (position, id, device, kind, rule, severity, state,
+                                               opened_at, cause_version, sequence)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'open', ?7, ?8, 1)",
+            )?;
+            let mut acknowledged = tx.prepare_cached(
+                "UPDATE alarms SET state = 'acknowledged', sequence = ?2, acknowledged_at = ?3,
+                                   acknowledged_by = ?4, comment = ?5
+                 WHERE id = ?1 AND state = 'open'",
+            )?;
+            let mut cleared = tx.prepare_cached(
+                "UPDATE alarms SET state = 'cleared', sequence = ?2, cleared_at = ?3 WHERE id = ?1",
+            )?;
             for change in &changes.alarms {
                 match change {
-                    AlarmChange::Open(alarm) => {
-                        let id = device_id(&tx, ids, &alarm.device)?;
-                        open.execute(params![id, alarm.kind as i64, alarm.rule])?;
+                    AlarmChange::Opened {
+                        position,
+                        id,
+                        kind,
+                        rule,
+                        severity,
+                        at,
+                        cause_version,
+                    } => {
+                        let device = device_id(&tx, ids, id.device().as_str())?;
+                        opened.execute(params![
+                            *position as i64,
+                            id.to_string(),
+                            device,
+                            kind.as_str(),
+                            rule.as_ref().map(|r| r.as_str()),
+                            severity.as_str(),
+                            at,
+                            *cause_version as i64,
+                        ])?;
                     }
-                    AlarmChange::Close(alarm) => {
-                        let id = device_id(&tx, ids, &alarm.device)?;
-                        close.execute(params![id, alarm.kind as i64, alarm.rule])?;
+                    AlarmChange::Acknowledged {
+                        id,
+                        sequence,
+                        at,
+                        by,
+                        comment,
+                    } => {
+                        acknowledged.execute(params![id.to_string(), sequence, at, by, comment])?;
                     }
-                    AlarmChange::RuleRemoved(kind, rule) => {
-                        removed.execute(params![*kind as i64, rule])?;
+                    AlarmChange::Cleared { id, sequence, at } => {
+                        cleared.execute(params![id.to_string(), sequence, at])?;
                     }
                 }
             }
@@ -329,6 +414,25 @@ fn bucket_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<BucketRow> {
         last_location: location,
         distance_m: row.get(7)?,
         alarms: row.get::<_, i64>(8)? as u64,
+    })
+}
+
+fn alarm_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AlarmRow> {
+    Ok(AlarmRow {
+        position: row.get::<_, i64>(0)? as u64,
+        id: row.get(1)?,
+        device_id: row.get(2)?,
+        kind: row.get(3)?,
+        rule: row.get(4)?,
+        severity: row.get(5)?,
+        state: row.get(6)?,
+        opened_at: row.get(7)?,
+        cause_version: row.get::<_, i64>(8)? as u64,
+        sequence: row.get::<_, i64>(9)? as u32,
+        acknowledged_at: row.get(10)?,
+        acknowledged_by: row.get(11)?,
+        comment: row.get(12)?,
+        cleared_at: row.get(13)?,
     })
 }
 
@@ -405,20 +509,59 @@ impl Readers {
         Ok(rows.take(limit).collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Known devices (any event folded), devices with an open zone alarm, with an open range
-    /// alarm.
-    pub fn device_counts(&self) -> Result<(u64, u64, u64), ReadModelError> {
+    /// Known devices (any event folded), and devices outside a zone, out of a range and
+    /// offline now.
+    pub fn device_counts(&self) -> Result<DeviceCounts, ReadModelError> {
         let conn = self.conn()?;
         let known: i64 = conn.query_row(
             &format!("SELECT COUNT(*) FROM devices WHERE name <> '{FLEET}'"),
             [],
             |row| row.get(0),
         )?;
-        let mut in_alarm =
-            conn.prepare_cached("SELECT COUNT(DISTINCT device) FROM open_alarms WHERE kind = ?1")?;
-        let outside: i64 = in_alarm.query_row([AlarmKind::Zone as i64], |row| row.get(0))?;
-        let out_of_range: i64 = in_alarm.query_row([AlarmKind::Range as i64], |row| row.get(0))?;
-        Ok((known as u64, outside as u64, out_of_range as u64))
+        let mut holding =
+            conn.prepare_cached("SELECT COUNT(DISTINCT device) FROM conditions WHERE kind = ?1")?;
+        let mut count = |kind: ConditionKind| -> rusqlite::Result<u64> {
+            holding
+                .query_row([kind as i64], |row| row.get::<_, i64>(0))
+                .map(|n| n as u64)
+        };
+        Ok(DeviceCounts {
+            known: known as u64,
+            outside_zone: count(ConditionKind::Zone)?,
+            out_of_range: count(ConditionKind::Range)?,
+            offline: count(ConditionKind::Offline)?,
+        })
+    }
+
+    /// Alarms matching `filter`, newest first, opened before position `before`, at most `limit`.
+    pub fn alarms(
+        &self,
+        filter: &AlarmFilter,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<AlarmRow>, ReadModelError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached(ALARMS)?;
+        let rows = stmt.query_map(
+            params![
+                filter.state.map(|s| s.as_str()),
+                filter.device,
+                filter.kind.map(|k| k.as_str()),
+                filter.severity.map(|s| s.as_str()),
+                filter.zone,
+                before.min(i64::MAX as u64) as i64,
+            ],
+            alarm_row,
+        )?;
+        Ok(rows.take(limit).collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Alarms by state (open, acknowledged, cleared).
+    pub fn alarm_counts(&self) -> Result<HashMap<String, u64>, ReadModelError> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare_cached("SELECT state, COUNT(*) FROM alarms GROUP BY state")?;
+        let rows = stmt.query_map([], |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     pub fn checkpoint(&self) -> Result<u64, ReadModelError> {

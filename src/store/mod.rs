@@ -103,6 +103,17 @@ pub struct StreamInfo {
     pub version: u64,
 }
 
+/// What an append does to its stream's wake-up time: when the stream's aggregate next needs
+/// time to pass (a device's offline or dwell deadline), kept with the stream and written in the
+/// same transaction as the events, so that the engine finds every deadline again after a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Leave it as it is.
+    Keep,
+    /// Set it (`None`: nothing is due).
+    At(Option<DateTime<Utc>>),
+}
+
 /// Committed events, published once per commit in position order.
 pub type CommittedBatch = Arc<Vec<RecordedEvent>>;
 
@@ -161,7 +172,23 @@ pub trait EventStore: Send + Sync + 'static {
         expected_version: u64,
         events: Vec<NewEvent>,
         condition: Option<StreamAt>,
+    ) -> BoxFuture<'static, StoreResult<Appended>> {
+        self.append_waking(stream, expected_version, events, condition, Wake::Keep)
+    }
+
+    /// [`EventStore::append`], and sets the stream's wake-up time in the same write (only when
+    /// `events` is not empty).
+    fn append_waking(
+        &self,
+        stream: &str,
+        expected_version: u64,
+        events: Vec<NewEvent>,
+        condition: Option<StreamAt>,
+        wake: Wake,
     ) -> BoxFuture<'static, StoreResult<Appended>>;
+
+    /// Every stream with a wake-up time, and the time.
+    fn wake_times(&self) -> BoxFuture<'static, StoreResult<Vec<(String, DateTime<Utc>)>>>;
 
     /// Events of `stream` with version >= `from_version`, in order, at most `limit`.
     fn read_stream(

@@ -63,6 +63,8 @@ fn feed(device: &mut Device, reading: &Reading, rules: &Rules) -> Vec<DeviceEven
         panic!("not decided as a new reading: {reading:?}");
     };
     apply_all(device, &events);
+    // In these tests the engine hears each reading at its own timestamp.
+    device.heard(reading.timestamp);
     events
 }
 
@@ -261,7 +263,7 @@ fn one_reading_that_leaves_a_zone_and_enters_another_emits_the_exit_first() {
 fn a_device_silent_for_its_offline_period_goes_offline_and_its_next_reading_brings_it_back() {
     let rules = rules_with(vec![], vec![]);
     let mut d = device();
-    assert_eq!(d.next_deadline(&rules), None, "never seen: never offline");
+    assert_eq!(d.next_deadline(&rules), None, "never heard from: never offline");
     feed(&mut d, &inside(0), &rules);
     assert_eq!(d.next_deadline(&rules), Some(t(600)));
     assert!(tick(&mut d, 599, &rules).is_empty());
@@ -279,6 +281,20 @@ fn a_device_silent_for_its_offline_period_goes_offline_and_its_next_reading_brin
     assert!(types.contains(&"DeviceBackOnline"), "{types:?}");
     assert_eq!(alarm_changes(&back), ["AlarmCleared"]);
     assert_eq!(d.offline_since(), None);
+}
+
+#[test]
+fn silence_is_measured_from_when_the_engine_heard_the_device_not_from_reading_times() {
+    let rules = rules_with(vec![], vec![]);
+    let mut d = device();
+    // A week-old buffered reading, heard now (t(0)).
+    let Decision::Events(events) = d.handle(&at(-7 * 86_400, DEPOT.0, DEPOT.1, 5.0), &rules) else {
+        panic!()
+    };
+    apply_all(&mut d, &events);
+    d.heard(t(0));
+    assert_eq!(d.next_deadline(&rules), Some(t(600)));
+    assert!(tick(&mut d, 599, &rules).is_empty());
 }
 
 #[test]
@@ -348,9 +364,43 @@ fn the_lifecycle_replays_to_the_same_state() {
     d.apply(&ack);
     history.push(ack);
     history.extend(feed(&mut d, &inside(100), &rules));
-    let replayed = Device::from_events(DeviceId::parse(DEVICE).unwrap(), history.iter());
+    let mut replayed = Device::from_events(DeviceId::parse(DEVICE).unwrap(), history.iter());
+    replayed.heard(t(100));
     assert_eq!(replayed, d);
     assert_eq!(replayed.next_deadline(&rules), Some(t(160)));
     let json = serde_json::to_string(&d).unwrap();
     assert_eq!(serde_json::from_str::<Device>(&json).unwrap(), d);
+}
+
+#[test]
+fn dwell_runs_on_the_device_s_timeline_when_it_uploads_old_readings() {
+    let rules = rules_with(vec![depot(Severity::Warning, 60)], vec![]);
+    let mut d = device();
+    // Readings taken a week ago, arriving now (t(0), t(1), ...) with ticks in between.
+    let week = 7 * 86_400;
+    let mut heard = 0;
+    for (taken, inside_zone) in [(-week, true), (-week + 10, false), (-week + 30, true)] {
+        let reading = if inside_zone { inside(taken) } else { outside(taken) };
+        let Decision::Events(events) = d.handle(&reading, &rules) else {
+            panic!()
+        };
+        apply_all(&mut d, &events);
+        d.heard(t(heard));
+        let ticked = tick(&mut d, heard, &rules);
+        assert!(alarm_changes(&ticked).is_empty(), "{ticked:?}");
+        heard += 1;
+    }
+    assert!(alarm_changes(&tick(&mut d, 500, &rules)).is_empty());
+    assert_eq!(d.alarms().count(), 0);
+    // Out for good: the alarm opens 60 s later on the device's clock, i.e. 60 s after heard.
+    let Decision::Events(events) = d.handle(&outside(-week + 40), &rules) else {
+        panic!()
+    };
+    apply_all(&mut d, &events);
+    d.heard(t(600));
+    assert_eq!(d.next_deadline(&rules), Some(t(660)));
+    assert!(tick(&mut d, 659, &rules).is_empty());
+    let opened = tick(&mut d, 660, &rules);
+    assert_eq!(alarm_changes(&opened), ["AlarmOpened"]);
+    assert_eq!(opened[0].at(), t(-week + 100), "dated on the device's timeline");
 }

@@ -19,7 +19,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 
 use super::{
     Appended, CommittedBatch, EventStore, NewEvent, Pruned, RecordedEvent, Retention, Snapshot,
-    SnapshotAndTail, StoreError, StoreHealth, StoreResult, StreamAt, StreamInfo,
+    SnapshotAndTail, StoreError, StoreHealth, StoreResult, StreamAt, StreamInfo, Wake,
 };
 pub use schema::{format as store_format, FORMAT as STORE_FORMAT};
 use writer::{HealthSignal, WriteCommand, Writer, WriterConfig};
@@ -213,12 +213,13 @@ fn read_stream_rows(
 }
 
 impl EventStore for SqliteStore {
-    fn append(
+    fn append_waking(
         &self,
         stream: &str,
         expected_version: u64,
         events: Vec<NewEvent>,
         condition: Option<StreamAt>,
+        wake: Wake,
     ) -> BoxFuture<'static, StoreResult<Appended>> {
         let (tx, rx) = oneshot::channel();
         let sent = self.send(WriteCommand::Append {
@@ -226,6 +227,7 @@ impl EventStore for SqliteStore {
             expected: expected_version,
             events,
             condition,
+            wake,
             reply: tx,
         });
         async move {
@@ -233,6 +235,17 @@ impl EventStore for SqliteStore {
             reply(rx).await
         }
         .boxed()
+    }
+
+    fn wake_times(&self) -> BoxFuture<'static, StoreResult<Vec<(String, DateTime<Utc>)>>> {
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT name, wake_at FROM streams WHERE wake_at IS NOT NULL")?;
+            let rows = stmt.query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, micros(row.get(1)?).unwrap_or_default()))
+            })?;
+            rows.collect()
+        })
     }
 
     fn read_stream(

@@ -6,6 +6,10 @@
 //! records, in microseconds) is indexed per stream for lookups by time. About 80 bytes a reading,
 //! indexes included (docs/benchmarks.md).
 //!
+//! Format 3 adds `streams.wake_at`: when a device next needs time to pass (its offline or dwell
+//! deadline), written with its events. A format-2 store gains the column in place, and every
+//! device stream is due at once, so that each device is judged once against the offline rule.
+//!
 //! Format 1 (no `user_version`; written by fleetwatch before 2026-11-30) had text keys and JSON
 //! in every row. It is migrated in place, in one transaction, the first time a newer build opens
 //! it: positions, versions and payloads are kept as they were (the codec reads JSON payloads as
@@ -17,7 +21,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// The store format this build writes.
-pub const FORMAT: i64 = 2;
+pub const FORMAT: i64 = 3;
 
 const TABLES: &str = "
 CREATE TABLE streams (
@@ -25,7 +29,9 @@ CREATE TABLE streams (
     name    TEXT    NOT NULL UNIQUE,
     version INTEGER NOT NULL,
     -- Readings taken before this (microseconds) were removed by retention; NULL: none were.
-    readings_removed_before INTEGER
+    readings_removed_before INTEGER,
+    -- When the stream's aggregate next needs time to pass (microseconds); NULL: nothing is due.
+    wake_at INTEGER
 );
 CREATE TABLE event_types (
     id   INTEGER PRIMARY KEY,
@@ -88,6 +94,15 @@ pub fn prepare(conn: &mut Connection) -> Result<(), SchemaError> {
             migrate_from_1(conn)?;
             Ok(())
         }
+        2 => {
+            let tx = conn.transaction()?;
+            tx.execute_batch("ALTER TABLE streams ADD COLUMN wake_at INTEGER")?;
+            wake_every_device(&tx)?;
+            tx.pragma_update(None, "user_version", FORMAT)?;
+            tx.commit()?;
+            tracing::info!("migrated the event store from format 2 to format {FORMAT}");
+            Ok(())
+        }
         0 => {
             let tx = conn.transaction()?;
             tx.execute_batch(TABLES)?;
@@ -99,7 +114,17 @@ pub fn prepare(conn: &mut Connection) -> Result<(), SchemaError> {
     }
 }
 
-/// Format 1 → 2, in one transaction: a crash midway leaves format 1, migrated again at the next
+/// Devices of a store written before wake-up times existed are all due now: each is judged once
+/// (did it go offline meanwhile?) and then keeps its own deadline.
+fn wake_every_device(tx: &Connection) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE streams SET wake_at = ?1 WHERE name NOT LIKE '$%'",
+        [Utc::now().timestamp_micros()],
+    )?;
+    Ok(())
+}
+
+/// Format 1 → 3, in one transaction: a crash midway leaves format 1, migrated again at the next
 /// start.
 fn migrate_from_1(conn: &mut Connection) -> rusqlite::Result<()> {
     let started = std::time::Instant::now();
@@ -202,6 +227,7 @@ fn migrate_from_1(conn: &mut Connection) -> rusqlite::Result<()> {
     for table in ["events", "streams", "snapshots", "probe"] {
         tx.execute_batch(&format!("DROP TABLE IF EXISTS v1_{table}"))?;
     }
+    wake_every_device(&tx)?;
     tx.pragma_update(None, "user_version", FORMAT)?;
     tx.commit()?;
     tracing::info!(

@@ -29,7 +29,7 @@ use super::configure;
 use super::schema::{self, SchemaError};
 use crate::store::{
     Appended, CommittedBatch, NewEvent, Pruned, RecordedEvent, Snapshot, StoreError, StoreHealth,
-    StoreResult, StreamAt,
+    StoreResult, StreamAt, Wake,
 };
 
 /// How often a failing store tries a write to find out whether it works again.
@@ -50,6 +50,7 @@ pub(super) enum WriteCommand {
         expected: u64,
         events: Vec<NewEvent>,
         condition: Option<StreamAt>,
+        wake: Wake,
         reply: oneshot::Sender<StoreResult<Appended>>,
     },
     Snapshot {
@@ -600,6 +601,8 @@ impl Writer {
                 tx.prepare_cached("INSERT INTO streams (name, version) VALUES (?1, ?2)")?;
             let mut update_stream =
                 tx.prepare_cached("UPDATE streams SET version = ?2 WHERE id = ?1")?;
+            let mut update_stream_waking = tx
+                .prepare_cached("UPDATE streams SET version = ?2, wake_at = ?3 WHERE id = ?1")?;
             let mut upsert_snapshot = tx.prepare_cached(
                 "INSERT INTO snapshots (stream, version, schema, payload) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (stream) DO UPDATE SET version = excluded.version,
@@ -613,6 +616,7 @@ impl Writer {
                         expected,
                         events,
                         condition,
+                        wake,
                         ..
                     } => {
                         if let Some(condition) = condition {
@@ -668,7 +672,14 @@ impl Writer {
                             ])?;
                             position = tx.last_insert_rowid() as u64;
                         }
-                        update_stream.execute(params![id, version as i64])?;
+                        match wake {
+                            Wake::Keep => update_stream.execute(params![id, version as i64])?,
+                            Wake::At(at) => update_stream_waking.execute(params![
+                                id,
+                                version as i64,
+                                at.map(|at| at.timestamp_micros())
+                            ])?,
+                        };
                         pending.insert(stream.as_str(), StreamKey { id, version });
                         staged.push(Staged::Appended(Appended {
                             version,
