@@ -229,12 +229,18 @@ enum Compact {
     },
     AlarmAcknowledged {
         alarm: u64,
+        kind: AlarmKind,
+        rule_id: Option<RuleId>,
+        severity: Severity,
         sequence: u32,
         by: String,
         comment: Option<String>,
     },
     AlarmCleared {
         alarm: u64,
+        kind: AlarmKind,
+        rule_id: Option<RuleId>,
+        severity: Severity,
         sequence: u32,
     },
 }
@@ -312,20 +318,34 @@ impl Compact {
             },
             DeviceEvent::AlarmAcknowledged {
                 alarm_id,
+                kind,
+                rule_id,
+                severity,
                 sequence,
                 by,
                 comment,
                 ..
             } => Compact::AlarmAcknowledged {
                 alarm: alarm_id.number(),
+                kind,
+                rule_id,
+                severity,
                 sequence,
                 by,
                 comment,
             },
             DeviceEvent::AlarmCleared {
-                alarm_id, sequence, ..
+                alarm_id,
+                kind,
+                rule_id,
+                severity,
+                sequence,
+                ..
             } => Compact::AlarmCleared {
                 alarm: alarm_id.number(),
+                kind,
+                rule_id,
+                severity,
                 sequence,
             },
             DeviceEvent::ReadingRecorded { .. }
@@ -427,6 +447,9 @@ impl Compact {
             },
             Compact::AlarmAcknowledged {
                 alarm,
+                kind,
+                rule_id,
+                severity,
                 sequence,
                 by,
                 comment,
@@ -434,14 +457,26 @@ impl Compact {
                 alarm_id: AlarmId::new(device_id.clone(), alarm),
                 device_id,
                 at,
+                kind,
+                rule_id,
+                severity,
                 sequence,
                 by,
                 comment,
             },
-            Compact::AlarmCleared { alarm, sequence } => DeviceEvent::AlarmCleared {
+            Compact::AlarmCleared {
+                alarm,
+                kind,
+                rule_id,
+                severity,
+                sequence,
+            } => DeviceEvent::AlarmCleared {
                 alarm_id: AlarmId::new(device_id.clone(), alarm),
                 device_id,
                 at,
+                kind,
+                rule_id,
+                severity,
                 sequence,
             },
         };

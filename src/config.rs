@@ -144,7 +144,9 @@ pub struct Config {
     #[arg(long, env = "FLEETWATCH_INGEST_TOKENS", value_delimiter = ',', hide_env_values = true, value_parser = parse_secret)]
     pub ingest_tokens: Vec<Secret>,
 
-    /// Bearer tokens that may change zones and ranges, and read everything (comma-separated).
+    /// Bearer tokens that may change zones and ranges, acknowledge alarms, and read everything
+    /// (comma-separated). Any token may be named, `name:secret` (the client sends `secret`):
+    /// acknowledgements record the name.
     /// None: configuration is open, which is refused unless --http-addr is a loopback address.
     #[arg(long, env = "FLEETWATCH_ADMIN_TOKENS", value_delimiter = ',', hide_env_values = true, value_parser = parse_secret)]
     pub admin_tokens: Vec<Secret>,

@@ -130,6 +130,13 @@ const METRICS: &[Metric] = &[
         help: "Device actors running now (devices with recent readings)",
         at_zero: NO_LABELS,
     },
+    Metric {
+        name: "fleetwatch_deadlines",
+        kind: Kind::Gauge,
+        unit: Unit::Count,
+        help: "Devices with a deadline in the index (offline detection, dwell times)",
+        at_zero: NO_LABELS,
+    },
     // RabbitMQ.
     Metric {
         name: "fleetwatch_amqp_processed_total",

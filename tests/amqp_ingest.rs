@@ -60,9 +60,13 @@ async fn readings_published_to_rabbitmq_raise_the_expected_events_and_alarms() {
         [
             "DeviceRegistered",
             "LeftZone",
+            "AlarmOpened",
             "TemperatureOutOfRange",
+            "AlarmOpened",
             "EnteredZone",
-            "TemperatureBackInRange"
+            "AlarmCleared",
+            "TemperatureBackInRange",
+            "AlarmCleared"
         ]
     );
 }

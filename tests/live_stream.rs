@@ -141,14 +141,23 @@ async fn events_arrive_in_order_and_a_reconnect_after_restart_loses_and_repeats_
         None,
     )
     .await;
-    let alarm_frames = alarms.collect(4).await;
+    let alarm_frames = alarms.collect(8).await;
     assert!(alarm_frames.iter().all(|f| f.data["stream"] == "s-2"));
     assert_eq!(
         alarm_frames
             .iter()
             .map(|f| f.event.as_str())
             .collect::<Vec<_>>(),
-        ["LeftZone", "EnteredZone", "LeftZone", "EnteredZone"]
+        [
+            "LeftZone",
+            "AlarmOpened",
+            "EnteredZone",
+            "AlarmCleared",
+            "LeftZone",
+            "AlarmOpened",
+            "EnteredZone",
+            "AlarmCleared"
+        ]
     );
 
     // The engine goes away; events keep being produced after it comes back.

@@ -417,6 +417,33 @@ async fn seed_every_kind_of_event(engine: &Engine) {
             .await;
         assert_eq!(status, 202, "{body}");
     }
+    // An acknowledged alarm (out of the zone again) and the device's own
+    // offline period: `AlarmAcknowledged` and `OfflineAfterSet`.
+    let (status, body) = engine
+        .post(
+            "/api/readings",
+            &reading(DEVICE, 240, outside.0, outside.1, 5.0),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let history = engine.history(DEVICE).await;
+    let last_opened = history
+        .iter()
+        .rev()
+        .find(|e| e["type"] == "AlarmOpened")
+        .expect("an alarm");
+    let id = last_opened["data"]["alarm_id"].as_str().unwrap();
+    let (status, body) = engine
+        .post(&format!("/api/alarms/{id}/ack"), &serde_json::json!({"comment": "seen"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let r = engine
+        .request(reqwest::Method::PUT, &format!("/api/devices/{DEVICE}/offline-after"))
+        .json(&serde_json::json!({"seconds": 3600}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let history = engine.history(DEVICE).await;
     let kinds: BTreeSet<String> = types(&history).into_iter().collect();
     for kind in [
@@ -426,6 +453,10 @@ async fn seed_every_kind_of_event(engine: &Engine) {
         "EnteredZone",
         "TemperatureOutOfRange",
         "TemperatureBackInRange",
+        "AlarmOpened",
+        "AlarmAcknowledged",
+        "AlarmCleared",
+        "OfflineAfterSet",
     ] {
         assert!(kinds.contains(kind), "{kind} in {kinds:?}");
     }

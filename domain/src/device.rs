@@ -400,10 +400,10 @@ impl Device {
         comment: Option<String>,
         now: DateTime<Utc>,
     ) -> Result<DeviceEvent, AckRefused> {
-        let active = self
+        let (key, active) = self
             .alarms
-            .values()
-            .find(|a| &a.id == alarm)
+            .iter()
+            .find(|(_, a)| &a.id == alarm)
             .ok_or_else(|| AckRefused::NotActive(alarm.to_string()))?;
         if active.acknowledged {
             return Err(AckRefused::AlreadyAcknowledged(alarm.to_string()));
@@ -412,6 +412,9 @@ impl Device {
             device_id: self.id.clone(),
             at: now,
             alarm_id: alarm.clone(),
+            kind: key.kind,
+            rule_id: key.rule.clone(),
+            severity: active.severity,
             sequence: active.sequence + 1,
             by: by.to_string(),
             comment,
@@ -522,6 +525,9 @@ impl Device {
                     device_id: self.id.clone(),
                     at: cleared_at,
                     alarm_id: alarm.id.clone(),
+                    kind: key.kind,
+                    rule_id: key.rule.clone(),
+                    severity: alarm.severity,
                     sequence: alarm.sequence + 1,
                 });
             }

@@ -133,11 +133,17 @@ pub enum DeviceEvent {
         severity: Severity,
         cause_version: u64,
     },
-    /// Someone (a token's name) took the alarm on. It stays visible until it clears.
+    /// Someone (a token's name) took the alarm on. It stays visible until it clears. Every
+    /// change repeats the alarm's kind, rule and severity, so that it reads (and is notified)
+    /// on its own.
     AlarmAcknowledged {
         device_id: DeviceId,
         at: DateTime<Utc>,
         alarm_id: AlarmId,
+        kind: AlarmKind,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rule_id: Option<RuleId>,
+        severity: Severity,
         sequence: u32,
         by: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -148,6 +154,10 @@ pub enum DeviceEvent {
         device_id: DeviceId,
         at: DateTime<Utc>,
         alarm_id: AlarmId,
+        kind: AlarmKind,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rule_id: Option<RuleId>,
+        severity: Severity,
         sequence: u32,
     },
 }

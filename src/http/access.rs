@@ -159,8 +159,9 @@ struct TokenTable {
     entries: Vec<([u8; 32], Scope, String)>,
 }
 
-/// A token's name: what comes before the first `:` when that is a name (`night-shift:s3cret`),
-/// else the scope and the start of the token's hash, which names it without revealing it.
+/// A configured token's name and secret: `night-shift:s3cret` is the token `s3cret` named
+/// `night-shift` (a name is 1..=64 characters of `[A-Za-z0-9._-]`); a token without a name is
+/// named by its scope and the start of its hash, which names it without revealing it.
 fn token_name(token: &str, scope: Scope) -> (String, &str) {
     if let Some((name, secret)) = token.split_once(':') {
         let is_name = (1..=64).contains(&name.len())
@@ -168,7 +169,7 @@ fn token_name(token: &str, scope: Scope) -> (String, &str) {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
         if is_name && !secret.is_empty() {
-            return (name.to_owned(), token);
+            return (name.to_owned(), secret);
         }
     }
     let hash = sha256(token);

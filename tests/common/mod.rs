@@ -254,13 +254,37 @@ pub fn types(events: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// Asserts that alarms for one zone/range alternate: raised, cleared, raised, ...
+/// Asserts that conditions for one zone/range alternate (began, ended, began, ...), and that at
+/// most one alarm is open per kind and rule, each cleared once, its changes numbered in order.
 pub fn assert_alarms_alternate(device: &str, events: &[Value]) {
     let mut outside = std::collections::HashMap::<String, bool>::new();
     let mut range = std::collections::HashMap::<String, Option<String>>::new();
+    // Alarm id → (kind/rule, last sequence), while not cleared.
+    let mut open = std::collections::HashMap::<String, (String, u64)>::new();
     for e in events {
         let data = &e["data"];
         match e["type"].as_str() {
+            Some("AlarmOpened") => {
+                let key = format!("{}/{}", data["kind"], data["rule_id"]);
+                assert!(
+                    !open.values().any(|(k, _)| *k == key),
+                    "{device}: a second open alarm for {key}"
+                );
+                let id = data["alarm_id"].as_str().unwrap().to_owned();
+                assert!(open.insert(id.clone(), (key, 1)).is_none(), "{device}: {id} opened twice");
+            }
+            Some(change @ ("AlarmAcknowledged" | "AlarmCleared")) => {
+                let id = data["alarm_id"].as_str().unwrap();
+                let sequence = data["sequence"].as_u64().unwrap();
+                let (_, last) = open
+                    .get_mut(id)
+                    .unwrap_or_else(|| panic!("{device}: {change} of {id}, which is not open"));
+                assert_eq!(sequence, *last + 1, "{device}: {change} of {id} out of sequence");
+                *last = sequence;
+                if change == "AlarmCleared" {
+                    open.remove(id);
+                }
+            }
             Some("LeftZone") => {
                 let zone = data["zone_id"].as_str().unwrap().to_owned();
                 assert!(
