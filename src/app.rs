@@ -36,6 +36,8 @@ pub enum StartupError {
     Http(#[from] std::io::Error),
     #[error("opening the read models: {0}")]
     ReadModels(#[from] crate::projections::ReadModelError),
+    #[error("opening the notifications: {0}")]
+    Notify(#[from] crate::notify::NotifyError),
     #[error("access settings: {0}")]
     Access(#[from] AccessError),
     #[error("refusing to listen on {0} without admin tokens: anyone who can reach it could change the zones and ranges. Set FLEETWATCH_ADMIN_TOKENS (--admin-tokens), or bind a loopback address such as 127.0.0.1:8080")]
@@ -130,6 +132,12 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     let failed = FailedMessages::new(1000);
     let (read_models, read_models_thread) =
         crate::projections::start(engine.store().clone(), &config.data_dir, shutdown.clone())?;
+    let (notifier, notify_thread) = crate::notify::start(
+        engine.store().clone(),
+        &config.data_dir,
+        crate::notify::NotifySettings::from_config(&config),
+        shutdown.clone(),
+    )?;
     let consumer = if config.amqp_disabled {
         None
     } else {
@@ -151,6 +159,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         broker,
         failed,
         read_models,
+        notifier,
         metrics,
         rule_limits: http::RuleLimits {
             max_zone_vertices: config.max_zone_vertices as usize,
@@ -254,6 +263,15 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         .is_err()
     {
         tracing::warn!("the read models did not stop cleanly; they resume from their checkpoint");
+    }
+    // Cancelled with the rest: deliveries in flight end; they are delivered again at the next start.
+    if tokio::task::spawn_blocking(move || notify_thread.join())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "the notifications did not stop cleanly; they resume from their checkpoints"
+        );
     }
     sqlite.close();
     match http_failure {

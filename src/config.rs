@@ -132,6 +132,24 @@ pub struct Config {
     #[arg(long, env = "FLEETWATCH_AMQP_MAX_RETRIES", default_value_t = 3)]
     pub amqp_max_retries: u32,
 
+    /// Durable topic exchange alarm changes are published to (routing key
+    /// `<kind>.<severity>.<device>`), whenever AMQP ingest is enabled.
+    #[arg(
+        long,
+        env = "FLEETWATCH_AMQP_ALARMS_EXCHANGE",
+        default_value = "fleetwatch.alarms"
+    )]
+    pub amqp_alarms_exchange: String,
+
+    /// Longest wait between two attempts at a failing webhook delivery (the cap of its
+    /// exponential backoff with full jitter).
+    #[arg(long, env = "FLEETWATCH_WEBHOOK_RETRY_MAX", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub webhook_retry_max: Duration,
+
+    /// Hosts webhooks may point at (comma-separated names or IP addresses). None: any host.
+    #[arg(long, env = "FLEETWATCH_WEBHOOK_HOSTS", value_delimiter = ',')]
+    pub webhook_hosts: Vec<String>,
+
     /// Tile URL template for the map page's base layer (e.g. https://tile.openstreetmap.org/{z}/{x}/{y}.png); unset = offline world outline.
     #[arg(long, env = "FLEETWATCH_TILE_URL")]
     pub tile_url: Option<String>,

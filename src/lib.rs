@@ -14,6 +14,7 @@ pub mod config;
 pub mod engine;
 pub mod http;
 pub mod ingest;
+pub mod notify;
 pub mod projections;
 pub mod retention;
 pub mod rules;

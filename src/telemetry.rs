@@ -166,6 +166,28 @@ const METRICS: &[Metric] = &[
         help: "Lost or refused RabbitMQ connections, each followed by a reconnect (count)",
         at_zero: NO_LABELS,
     },
+    // Alarm notifications.
+    Metric {
+        name: "fleetwatch_notify_delivered_total",
+        kind: Kind::Counter,
+        unit: Unit::Count,
+        help: "Alarm changes delivered, by sink: webhook (answered 2xx; one per webhook) or amqp (confirmed by the broker); a change delivered again after a restart counts again",
+        at_zero: &[&[("sink", "webhook")], &[("sink", "amqp")]],
+    },
+    Metric {
+        name: "fleetwatch_notify_failures_total",
+        kind: Kind::Counter,
+        unit: Unit::Count,
+        help: "Failed alarm notification attempts, by sink: webhook (not answered 2xx, connection error, timeout; retried with backoff) or amqp (a lost connection or an unconfirmed publish; reconnected)",
+        at_zero: &[&[("sink", "webhook")], &[("sink", "amqp")]],
+    },
+    Metric {
+        name: "fleetwatch_notify_backlog_positions",
+        kind: Kind::Gauge,
+        unit: Unit::Count,
+        help: "Store positions a webhook is behind while a delivery fails (0 once it is up to date), by subscriber (webhook:<id>): an upper bound of the alarm changes it has not got yet",
+        at_zero: &[],
+    },
     // The event store.
     Metric {
         name: "fleetwatch_store_commit_seconds",

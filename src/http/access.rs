@@ -33,6 +33,7 @@ use crate::config::{Config, Secret};
 /// The path that issues live-stream tickets, and the stream they open.
 const TICKETS_PATH: &str = "/api/stream/tickets";
 const STREAM_PATH: &str = "/api/stream";
+const WEBHOOKS_PATH: &str = "/api/webhooks";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scope {
@@ -66,7 +67,11 @@ fn requirement(method: &Method, path: &str) -> Requirement {
             path.strip_prefix(base)
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
         });
+    // URLs and secrets are configuration: reading them needs `admin` too.
+    let is_webhooks = path == WEBHOOKS_PATH || path.starts_with("/api/webhooks/");
     match *method {
+        Method::GET | Method::HEAD if is_webhooks => need(Scope::Admin, false),
+        Method::POST if path == WEBHOOKS_PATH => need(Scope::Admin, true),
         Method::GET | Method::HEAD => {
             // Load balancers probe health; the page needs its settings (and its own files) to
             // learn that it must ask for a token.

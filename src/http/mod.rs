@@ -17,6 +17,7 @@ mod readings;
 mod rules;
 pub mod schemas;
 mod stream;
+mod webhooks;
 
 use actix_web::http::{Method, StatusCode};
 use actix_web::{web, FromRequest, Handler, HttpResponse, Responder, ResponseError};
@@ -42,6 +43,8 @@ pub struct AppState {
     pub broker: BrokerStatus,
     pub failed: FailedMessages,
     pub read_models: crate::projections::ReadModels,
+    /// Webhook subscriptions and the alarm notifications.
+    pub notifier: crate::notify::Notifier,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub rule_limits: RuleLimits,
     /// The live streams' limits and their open connections (shared by every worker).
@@ -106,6 +109,10 @@ fn routes(r: &mut Routes<'_>) {
         .put("/api/devices/{id}/offline-after", alarms::set_offline_after)
         .get("/api/alarms", alarms::list_alarms)
         .post("/api/alarms/{id}/ack", alarms::acknowledge)
+        .get("/api/webhooks", webhooks::list_webhooks)
+        .post("/api/webhooks", webhooks::create_webhook)
+        .get("/api/webhooks/{id}", webhooks::get_webhook)
+        .delete("/api/webhooks/{id}", webhooks::delete_webhook)
         .get("/api/stats", history::stats)
         .get("/api/stats/temperature", history::fleet_temperature)
         .get("/api/stats/top", history::top)

@@ -32,7 +32,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
 use utoipa::openapi::{ContentBuilder, HeaderBuilder, Ref, RefOr};
 use utoipa::{Modify, OpenApi};
 
-use super::{access, alarms, assets, devices, history, ops, readings, rules, ApiError};
+use super::{access, alarms, assets, devices, history, ops, readings, rules, webhooks, ApiError};
 
 /// Where the document is served.
 pub const DOCUMENT_PATH: &str = "/api/openapi.json";
@@ -54,7 +54,7 @@ offending field or parameter when one is to blame; `index` is the place of the o
 in a batch. A path or method the engine does not serve answers `404` with the same shape.\n\n\
 **Access.** Each route needs a bearer token (`Authorization: Bearer <token>`) of a scope: \
 `ingest` (posting readings), `admin` (changing zones and ranges, acknowledging alarms, a \
-device's offline period; an admin token also reads) or `read` (everything else). A scope with no tokens configured is open. `GET /api/health`, \
+device's offline period, webhooks, reading them included; an admin token also reads) or `read` (everything else). A scope with no tokens configured is open. `GET /api/health`, \
 `GET /api/config`, this document, the explorer and the map page are always open. A missing or \
 unknown token gets `401`, a valid one without the scope `403`; a request from a foreign \
 `Origin` gets `403`. Request bodies must be `Content-Type: application/json` (`415`)."
@@ -81,6 +81,10 @@ unknown token gets `401`, a valid one without the scope `403`; a request from a 
         alarms::set_offline_after,
         alarms::list_alarms,
         alarms::acknowledge,
+        webhooks::list_webhooks,
+        webhooks::create_webhook,
+        webhooks::get_webhook,
+        webhooks::delete_webhook,
         history::stats,
         history::fleet_temperature,
         history::top,
@@ -103,6 +107,7 @@ unknown token gets `401`, a valid one without the scope `403`; a request from a 
         (name = "devices", description = "Devices' live state and stored history"),
         (name = "history", description = "Questions about the past: readings by time, temperature buckets, summaries, zone reports, fleet statistics (from the read models, a second or so behind the events)"),
         (name = "alarms", description = "Alarms with a lifecycle (open, acknowledged, cleared), and offline detection"),
+        (name = "webhooks", description = "Alarm changes POSTed to your URL, signed, in order, at least once (admin scope: URLs and secrets are configuration)"),
         (name = "live stream", description = "Stored events as server-sent events"),
         (name = "operations", description = "Health, the page's settings, failed messages, metrics"),
         (name = "documentation", description = "This document and its explorer"),
