@@ -137,7 +137,8 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         &config.data_dir,
         crate::notify::NotifySettings::from_config(&config),
         shutdown.clone(),
-    )?;
+    )
+    .await?;
     let consumer = if config.amqp_disabled {
         None
     } else {

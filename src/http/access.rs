@@ -651,6 +651,23 @@ mod tests {
             scope(Method::GET, "/api/failed-messages"),
             need(Scope::Read, false)
         );
+        // Webhooks hold URLs and secrets: configuration, even to read.
+        assert_eq!(
+            scope(Method::GET, "/api/webhooks"),
+            need(Scope::Admin, false)
+        );
+        assert_eq!(
+            scope(Method::GET, "/api/webhooks/abc"),
+            need(Scope::Admin, false)
+        );
+        assert_eq!(
+            scope(Method::POST, "/api/webhooks"),
+            need(Scope::Admin, true)
+        );
+        assert_eq!(
+            scope(Method::DELETE, "/api/webhooks/abc"),
+            need(Scope::Admin, false)
+        );
         // Closed by default: unknown reads need read, unknown writes admin.
         assert_eq!(scope(Method::GET, "/api/unknown"), need(Scope::Read, false));
         assert_eq!(

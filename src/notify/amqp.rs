@@ -37,8 +37,13 @@ enum PublishError {
     State(#[from] NotifyError),
 }
 
+/// The subscriber name of the exchange.
+pub(super) fn subscriber(exchange: &str) -> String {
+    format!("amqp:{exchange}")
+}
+
 pub(super) async fn run(inner: Arc<Inner>, settings: ExchangeSettings, cancel: CancellationToken) {
-    let name = format!("amqp:{}", settings.exchange);
+    let name = subscriber(&settings.exchange);
     let mut backoff = MIN_BACKOFF;
     let mut failures = 0u32;
     loop {

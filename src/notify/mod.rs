@@ -161,13 +161,18 @@ struct Inner {
 
 /// Opens `notifications.sqlite3` in `dir` and starts every subscriber on a thread of its own; it
 /// stops when `shutdown` is cancelled.
-pub fn start(
+pub async fn start(
     store: Arc<dyn EventStore>,
     dir: &std::path::Path,
     settings: NotifySettings,
     shutdown: CancellationToken,
 ) -> Result<(Notifier, std::thread::JoinHandle<()>), NotifyError> {
     let state = State::open(dir)?;
+    if let Some(exchange) = &settings.amqp {
+        // From the head the first time: before anything can be committed by this run.
+        let head = store.head_position().await?;
+        state.ensure_subscriber(&amqp::subscriber(&exchange.exchange), head)?;
+    }
     let http = webhook::client().map_err(|e| std::io::Error::other(e.to_string()))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

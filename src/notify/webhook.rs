@@ -26,14 +26,23 @@ pub const SIGNATURE_HEADER: &str = "X-Fleetwatch-Signature";
 pub const ALARM_ID_HEADER: &str = "X-Fleetwatch-Alarm-Id";
 pub const SEQUENCE_HEADER: &str = "X-Fleetwatch-Sequence";
 
+/// The HTTP client of every webhook. The system's CA certificates verify `https` receivers; a
+/// machine whose certificate store cannot be read still delivers over `http` (and `https`
+/// deliveries fail, saying why, in the webhook's status).
 pub(super) fn client() -> reqwest::Result<reqwest::Client> {
+    builder().build().or_else(|e| {
+        tracing::error!(error = %error_chain(&e), "the system's CA certificates cannot be loaded; https webhooks will fail");
+        builder().tls_built_in_root_certs(false).build()
+    })
+}
+
+fn builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
         .connect_timeout(REQUEST_TIMEOUT)
         // A redirect is an answer that is not 2xx: a failure, not a new destination.
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("fleetwatch/", env!("CARGO_PKG_VERSION")))
-        .build()
 }
 
 /// `sha256=<hex HMAC-SHA256 of body keyed with secret>`.
