@@ -162,7 +162,10 @@ impl Receiver {
 /// The deliveries without repeats, by `(alarm_id, sequence)`, in the order first received.
 fn deduplicated(got: &[Got]) -> Vec<Got> {
     let mut seen = HashSet::new();
-    got.iter().filter(|g| seen.insert(g.key())).cloned().collect()
+    got.iter()
+        .filter(|g| seen.insert(g.key()))
+        .cloned()
+        .collect()
 }
 
 fn check_signature(got: &Got, secret: &str) {
@@ -175,7 +178,9 @@ fn check_signature(got: &Got, secret: &str) {
         .map(|b| format!("{b:02x}"))
         .collect();
     assert_eq!(
-        got.headers.get("x-fleetwatch-signature").map(String::as_str),
+        got.headers
+            .get("x-fleetwatch-signature")
+            .map(String::as_str),
         Some(format!("sha256={expected}").as_str()),
         "signature of {}",
         String::from_utf8_lossy(&got.body)
@@ -300,8 +305,15 @@ async fn expected_changes(engine: &Engine, devices: &[String]) -> Vec<(String, u
 async fn create_webhook(engine: &Engine, body: Value) -> String {
     let (status, created) = engine.post("/api/webhooks", &body).await;
     assert_eq!(status, 201, "{created}");
-    assert!(created.get("secret").is_none(), "the secret is never shown: {created}");
-    assert_eq!(created["has_secret"], body.get("secret").is_some(), "{created}");
+    assert!(
+        created.get("secret").is_none(),
+        "the secret is never shown: {created}"
+    );
+    assert_eq!(
+        created["has_secret"],
+        body.get("secret").is_some(),
+        "{created}"
+    );
     created["id"].as_str().unwrap().to_owned()
 }
 
@@ -313,7 +325,11 @@ async fn webhook_status(engine: &Engine, id: &str) -> Value {
 async fn wait_for_distinct(receiver: &Receiver, n: usize, within: Duration) -> Vec<Got> {
     eventually(within, &format!("{n} distinct deliveries"), || async {
         let distinct = deduplicated(&receiver.got());
-        assert!(distinct.len() <= n, "more changes than made: {}", distinct.len());
+        assert!(
+            distinct.len() <= n,
+            "more changes than made: {}",
+            distinct.len()
+        );
         (distinct.len() == n).then_some(distinct)
     })
     .await
@@ -368,7 +384,10 @@ async fn a_webhook_that_fails_for_a_while_gets_every_change_in_order_once_each_a
         "{failing}"
     );
     assert!(delivery["last_error_at"].is_string(), "{failing}");
-    assert!(delivery["backlog_positions"].as_u64() > Some(0), "{failing}");
+    assert!(
+        delivery["backlog_positions"].as_u64() > Some(0),
+        "{failing}"
+    );
     assert_eq!(delivery["delivered"], 0, "{failing}");
     assert!(receiver.failed() >= 3);
     assert!(receiver.got().is_empty());
@@ -379,13 +398,20 @@ async fn a_webhook_that_fails_for_a_while_gets_every_change_in_order_once_each_a
     assert_eq!(expected.len(), devices.len() * CHANGES_PER_DEVICE);
     let distinct = wait_for_distinct(&receiver, expected.len(), Duration::from_secs(30)).await;
     assert_eq!(keys(&distinct), expected);
-    let caught_up = eventually(Duration::from_secs(10), "the webhook up to date", || async {
-        let status = webhook_status(&engine, &id).await;
-        (status["delivery"]["attempts"] == 0 && status["delivery"]["delivered"] == 15)
-            .then_some(status)
-    })
+    let caught_up = eventually(
+        Duration::from_secs(10),
+        "the webhook up to date",
+        || async {
+            let status = webhook_status(&engine, &id).await;
+            (status["delivery"]["attempts"] == 0 && status["delivery"]["delivered"] == 15)
+                .then_some(status)
+        },
+    )
     .await;
-    assert!(caught_up["delivery"]["last_delivered_at"].is_string(), "{caught_up}");
+    assert!(
+        caught_up["delivery"]["last_delivered_at"].is_string(),
+        "{caught_up}"
+    );
     assert_eq!(
         caught_up["delivery"]["last_delivered"]["alarm_id"],
         expected.last().unwrap().0.as_str(),
@@ -442,7 +468,11 @@ async fn a_webhook_that_fails_for_a_while_gets_every_change_in_order_once_each_a
     let total = receiver.got().len();
     make_alarm_changes(&engine, "hook-truck-5").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(receiver.got().len(), total, "a deleted webhook gets nothing");
+    assert_eq!(
+        receiver.got().len(),
+        total,
+        "a deleted webhook gets nothing"
+    );
 }
 
 #[tokio::test]
@@ -480,12 +510,23 @@ async fn a_failing_webhook_does_not_delay_healthy_ones_and_filters_pick_changes(
     let status = webhook_status(&engine, &failing_id).await;
     assert!(failing.failed() >= 1, "{status}");
     assert_eq!(status["delivery"]["delivered"], 0, "{status}");
-    assert!(status["delivery"]["attempts"].as_u64() >= Some(1), "{status}");
-    assert!(status["delivery"]["backlog_positions"].as_u64() > Some(0), "{status}");
+    assert!(
+        status["delivery"]["attempts"].as_u64() >= Some(1),
+        "{status}"
+    );
+    assert!(
+        status["delivery"]["backlog_positions"].as_u64() > Some(0),
+        "{status}"
+    );
     assert!(failing.got().is_empty());
     // Readings go on being taken.
     post_reading(&engine, now_reading("mixed-truck-3", DEPOT.0, DEPOT.1, 5.0)).await;
-    assert!(engine.metric("fleetwatch_notify_failures_total{sink=\"webhook\"}").await >= 1.0);
+    assert!(
+        engine
+            .metric("fleetwatch_notify_failures_total{sink=\"webhook\"}")
+            .await
+            >= 1.0
+    );
 }
 
 #[tokio::test]
@@ -510,11 +551,26 @@ async fn the_webhook_api_validates_and_needs_the_admin_scope() {
         (json!({"url": "ftp://127.0.0.1/hook"}), "url"),
         (json!({"url": "http://10.9.8.7/hook"}), "url"),
         (json!({}), ""),
-        (json!({"url": "http://127.0.0.1:9/hook", "kinds": ["smoke"]}), "kinds[0]"),
-        (json!({"url": "http://127.0.0.1:9/hook", "severities": ["high"]}), "severities[0]"),
-        (json!({"url": "http://127.0.0.1:9/hook", "zones": ["no spaces"]}), "zones"),
-        (json!({"url": "http://127.0.0.1:9/hook", "secret": ""}), "secret"),
-        (json!({"url": "http://127.0.0.1:9/hook", "colour": "red"}), ""),
+        (
+            json!({"url": "http://127.0.0.1:9/hook", "kinds": ["smoke"]}),
+            "kinds[0]",
+        ),
+        (
+            json!({"url": "http://127.0.0.1:9/hook", "severities": ["high"]}),
+            "severities[0]",
+        ),
+        (
+            json!({"url": "http://127.0.0.1:9/hook", "zones": ["no spaces"]}),
+            "zones",
+        ),
+        (
+            json!({"url": "http://127.0.0.1:9/hook", "secret": ""}),
+            "secret",
+        ),
+        (
+            json!({"url": "http://127.0.0.1:9/hook", "colour": "red"}),
+            "",
+        ),
     ] {
         let (status, answer) = engine.post("/api/webhooks", &body).await;
         assert_eq!(status, 400, "{body}: {answer}");
@@ -682,7 +738,10 @@ async fn every_alarm_change_is_published_to_the_alarms_exchange() {
         assert!(["opened", "acknowledged", "cleared"].contains(&body["change"].as_str().unwrap()));
     }
     assert!(
-        engine.metric("fleetwatch_notify_delivered_total{sink=\"amqp\"}").await >= 5.0,
+        engine
+            .metric("fleetwatch_notify_delivered_total{sink=\"amqp\"}")
+            .await
+            >= 5.0,
         "counted after the restart"
     );
     let _ = channel
