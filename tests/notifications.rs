@@ -478,7 +478,7 @@ async fn a_webhook_that_fails_for_a_while_gets_every_change_in_order_once_each_a
 #[tokio::test]
 async fn a_failing_webhook_does_not_delay_healthy_ones_and_filters_pick_changes() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::start(&dir.path().join("data")).await;
+    let mut engine = Engine::start(&dir.path().join("data")).await;
     engine.create_depot_and_cold_chain().await;
     let failing = Receiver::start(Mode::Fail).await;
     let healthy = Receiver::start(Mode::Accept).await;
@@ -526,6 +526,14 @@ async fn a_failing_webhook_does_not_delay_healthy_ones_and_filters_pick_changes(
             .metric("fleetwatch_notify_failures_total{sink=\"webhook\"}")
             .await
             >= 1.0
+    );
+    // A webhook waiting out its backoff does not hold up a shutdown.
+    let started = std::time::Instant::now();
+    assert!(engine.terminate().success(), "{}", engine.log_tail());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
     );
 }
 

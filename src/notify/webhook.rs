@@ -113,7 +113,7 @@ impl Runner {
             for event in delivery.events() {
                 if let Some(change) = AlarmChange::from_recorded(event) {
                     if self.hook.filter.matches(&change) {
-                        if !self.deliver(&change).await {
+                        if !self.deliver(&change, saved).await {
                             // Stopped: the checkpoint stays before this change.
                             self.save(position, saved).await;
                             return;
@@ -165,8 +165,9 @@ impl Runner {
         }
     }
 
-    /// Delivers `change` until it is answered 2xx; `false` if stopped first.
-    async fn deliver(&self, change: &AlarmChange) -> bool {
+    /// Delivers `change` until it is answered 2xx; `false` if stopped first. `saved`: the
+    /// checkpoint, for the backlog gauge.
+    async fn deliver(&self, change: &AlarmChange, saved: u64) -> bool {
         let body = match serde_json::to_vec(change) {
             Ok(body) => body,
             Err(e) => {
@@ -209,7 +210,8 @@ impl Runner {
                     metrics::counter!("fleetwatch_notify_failures_total", "sink" => "webhook")
                         .increment(1);
                     if let Ok(head) = self.inner.store.head_position().await {
-                        let behind = head.saturating_sub(change.position.saturating_sub(1));
+                        // As `GET /api/webhooks/{id}` counts it.
+                        let behind = head.saturating_sub(saved);
                         metrics::gauge!("fleetwatch_notify_backlog_positions", "subscriber" => self.name.clone())
                             .set(behind as f64);
                     }
