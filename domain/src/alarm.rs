@@ -169,7 +169,11 @@ pub enum AlarmState {
 }
 
 impl AlarmState {
-    pub const ALL: [AlarmState; 3] = [AlarmState::Open, AlarmState::Acknowledged, AlarmState::Cleared];
+    pub const ALL: [AlarmState; 3] = [
+        AlarmState::Open,
+        AlarmState::Acknowledged,
+        AlarmState::Cleared,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {

@@ -55,6 +55,12 @@ pub(super) struct GetState {
     pub reply: oneshot::Sender<Device>,
 }
 
+/// The engine's clock at the store's precision (microseconds): times that go into events and
+/// state read back the same from the store.
+fn stored_now() -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap_or_default()
+}
+
 /// Conflicting writers to its own stream in a row before an actor gives up.
 const MAX_CONFLICT_RECOVERIES: u32 = 3;
 /// Pause before reloading after a failure; doubled per failed recovery in a row, up to the max.
@@ -357,13 +363,16 @@ impl DeviceActor {
                 events
             }
             Command::Acknowledge { alarm, by, comment } => {
-                match self.device.acknowledge(alarm, by, comment.clone(), Utc::now()) {
+                match self
+                    .device
+                    .acknowledge(alarm, by, comment.clone(), stored_now())
+                {
                     Ok(event) => vec![event],
                     Err(refused) => return self.answer(ingest, IngestOutcome::Refused(refused)),
                 }
             }
             Command::SetOfflineAfter(seconds) => {
-                vec![self.device.set_offline_after(*seconds, Utc::now())]
+                vec![self.device.set_offline_after(*seconds, stored_now())]
             }
         };
         self.append(ingest, events, rules.version, ctx)
@@ -399,9 +408,11 @@ impl DeviceActor {
             return;
         };
         let at = reading.timestamp;
-        if self.in_flight.iter().any(
-            |entry| matches!(&entry.ingest.command, Command::Reading(r) if r.timestamp == at),
-        ) {
+        if self
+            .in_flight
+            .iter()
+            .any(|entry| matches!(&entry.ingest.command, Command::Reading(r) if r.timestamp == at))
+        {
             return self.duplicate(ingest);
         }
         self.looking_up = true;
@@ -441,7 +452,7 @@ impl DeviceActor {
         }
         if matches!(ingest.command, Command::Reading(_)) {
             // As the store will record it (`recorded_at`), which a restore replays.
-            self.device.heard(Utc::now());
+            self.device.heard(stored_now());
         }
         let late = matches!(
             events.as_slice(),

@@ -13,7 +13,7 @@ use tokio::sync::{broadcast, oneshot, watch, Semaphore};
 use super::*;
 use crate::store::{
     Appended, CommittedBatch, NewEvent, Pruned, RecordedEvent, Retention, SnapshotAndTail,
-    SqliteStore, SqliteStoreOptions, StoreHealth, StoreResult, StreamAt, Wake, StreamInfo,
+    SqliteStore, SqliteStoreOptions, StoreHealth, StoreResult, StreamAt, StreamInfo, Wake,
 };
 
 /// A real store with faults switched on and off by the test: a store that cannot write (appends

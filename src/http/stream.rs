@@ -98,9 +98,10 @@ impl Filter {
                             .chain(&DeviceEvent::CONDITION_TYPES)
                             .map(|s| s.to_string())
                             .collect(),
-                        "alarm_changes" => {
-                            DeviceEvent::ALARM_TYPES.iter().map(|s| s.to_string()).collect()
-                        }
+                        "alarm_changes" => DeviceEvent::ALARM_TYPES
+                            .iter()
+                            .map(|s| s.to_string())
+                            .collect(),
                         _ => vec![t],
                     }
                 })

@@ -11,7 +11,9 @@ use fleetwatch_domain::Location;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::fold::{AlarmChange, Bucket, Changes, ConditionChange, ConditionKind, StoredBucket, FLEET};
+use super::fold::{
+    AlarmChange, Bucket, Changes, ConditionChange, ConditionKind, StoredBucket, FLEET,
+};
 use super::{
     AlarmFilter, AlarmRow, BucketRow, Crossing, DeviceCounts, ReadModelError, TopBy, TopEntry,
 };

@@ -239,10 +239,13 @@ impl EventStore for SqliteStore {
 
     fn wake_times(&self) -> BoxFuture<'static, StoreResult<Vec<(String, DateTime<Utc>)>>> {
         self.read(|conn| {
-            let mut stmt = conn
-                .prepare_cached("SELECT name, wake_at FROM streams WHERE wake_at IS NOT NULL")?;
+            let mut stmt =
+                conn.prepare_cached("SELECT name, wake_at FROM streams WHERE wake_at IS NOT NULL")?;
             let rows = stmt.query_map([], |row| {
-                Ok((row.get::<_, String>(0)?, micros(row.get(1)?).unwrap_or_default()))
+                Ok((
+                    row.get::<_, String>(0)?,
+                    micros(row.get(1)?).unwrap_or_default(),
+                ))
             })?;
             rows.collect()
         })
