@@ -153,7 +153,11 @@ pub(super) struct DeviceActor {
     /// A late reading's repeat check is on its way to the store: nothing else is decided meanwhile.
     looking_up: bool,
     events_since_snapshot: u64,
-    last_active: Instant,
+    /// When it last took a command other than a tick; `None`: only ticks so far. An actor
+    /// started for a tick (a passivated device whose deadline came) passivates again at the next
+    /// check instead of staying for the idle timeout: a million devices going offline must not
+    /// mean a million actors.
+    last_active: Option<Instant>,
     /// Set when the in-memory state can no longer be trusted and cannot be recovered: the actor
     /// has left the router, answers what is still in its mailbox with this error, and stops.
     failure: Option<EngineError>,
@@ -186,7 +190,7 @@ impl DeviceActor {
             reloading: false,
             looking_up: false,
             events_since_snapshot: 0,
-            last_active: Instant::now(),
+            last_active: None,
             failure: None,
         }
     }
@@ -246,7 +250,9 @@ impl DeviceActor {
     fn passivate_if_idle(&mut self, ctx: &mut Context<Self>) {
         if self.failure.is_some()
             || self.busy()
-            || self.last_active.elapsed() < self.settings.idle_timeout
+            || self
+                .last_active
+                .is_some_and(|t| t.elapsed() < self.settings.idle_timeout)
         {
             return;
         }
@@ -635,7 +641,9 @@ impl Handler<Ingest> for DeviceActor {
 
     fn handle(&mut self, ingest: Ingest, ctx: &mut Context<Self>) {
         self.queued.fetch_sub(1, Ordering::SeqCst);
-        self.last_active = Instant::now();
+        if !matches!(ingest.command, Command::Tick(_)) {
+            self.last_active = Some(Instant::now());
+        }
         if let Some(failure) = &self.failure {
             let _ = ingest.reply.send(Err(failure.clone()));
             self.stop_if_drained(ctx);
