@@ -418,8 +418,9 @@ fn dwell_runs_on_the_device_s_timeline_when_it_uploads_old_readings() {
     let mut d = device();
     // Readings taken a week ago, arriving now (t(0), t(1), ...) with ticks in between.
     let week = 7 * 86_400;
-    let mut heard = 0;
-    for (taken, inside_zone) in [(-week, true), (-week + 10, false), (-week + 30, true)] {
+    let arrivals = [(-week, true), (-week + 10, false), (-week + 30, true)];
+    for (heard, (taken, inside_zone)) in arrivals.into_iter().enumerate() {
+        let heard = heard as i64;
         let reading = if inside_zone {
             inside(taken)
         } else {
@@ -432,7 +433,6 @@ fn dwell_runs_on_the_device_s_timeline_when_it_uploads_old_readings() {
         d.heard(t(heard));
         let ticked = tick(&mut d, heard, &rules);
         assert!(alarm_changes(&ticked).is_empty(), "{ticked:?}");
-        heard += 1;
     }
     assert!(alarm_changes(&tick(&mut d, 500, &rules)).is_empty());
     assert_eq!(d.alarms().count(), 0);
