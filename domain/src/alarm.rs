@@ -193,7 +193,7 @@ impl FromStr for AlarmState {
             .ok_or_else(|| {
                 ValidationError::new(
                     "state",
-                    format!("must be open, acknowledged or cleared, got {s:?}"),
+                    format!("must be open, acknowledged, cleared or active, got {s:?}"),
                 )
             })
     }
