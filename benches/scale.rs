@@ -8,6 +8,11 @@
 //!    restarted engine serves and ingests again, and time to the first event of a cold device —
 //!    with a snapshot it does not depend on the length of the device's history.
 //!
+//! 4. **Offline detection** (`offline`): 1,000,000 known devices, none active, each with a
+//!    deadline in the store (their offline periods spread over 5 minutes): the engine's resident
+//!    memory with the deadline index against the same store without deadlines, and, as every
+//!    device goes offline, the time from each device's deadline to its stored `DeviceWentOffline`.
+//!
 //! Sizes can be reduced for a quick run: `FW_SCALE=0.1 cargo bench --bench scale`; phases can be
 //! picked with `FW_PHASES=recovery` (default `active,passivation,recovery`).
 
@@ -17,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
-use fleetwatch::store::{EventStore, NewEvent, SqliteStore, SqliteStoreOptions};
+use fleetwatch::store::{EventStore, NewEvent, SqliteStore, SqliteStoreOptions, Wake};
 use fleetwatch_domain::{Decision, Device, DeviceId, Reading, Rules, Thresholds};
 use serde_json::{json, Value};
 
@@ -373,6 +378,165 @@ async fn recovery(http: &reqwest::Client) {
     engine.stop();
 }
 
+/// The offline phase (see the module docs).
+async fn offline(http: &reqwest::Client) {
+    use fleetwatch::codec::{decode_device_event, encode_device_event};
+    use fleetwatch_domain::{DeviceEvent, Location, Temperature};
+    use futures_util::StreamExt;
+    let devices = scaled(1_000_000);
+    // Each device's own period: 6 to 11 minutes, so deadlines start after the seeding and the
+    // engine's start, and spread over 5 minutes (about 3,300 devices a second at full size).
+    const FIRST_S: usize = 360;
+    const SPREAD_S: usize = 300;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let store =
+        Arc::new(SqliteStore::open(&data, SqliteStoreOptions::default()).expect("open store"));
+    let started = Instant::now();
+    let jobs = (0..devices).map(|i| {
+        let store = store.clone();
+        async move {
+            let id = DeviceId::parse(format!("quiet-{i}")).expect("device id");
+            let now = Utc::now();
+            let location = Location::new(52.0 + (i % 1000) as f64 * 1e-3, 4.5).expect("location");
+            let temperature = Temperature::new(5.0).expect("temperature");
+            let period = (FIRST_S + i * SPREAD_S / devices.max(1)) as u64;
+            let events = [
+                DeviceEvent::DeviceRegistered {
+                    device_id: id.clone(),
+                    at: now,
+                    location,
+                    temperature,
+                },
+                DeviceEvent::ReadingRecorded {
+                    device_id: id.clone(),
+                    at: now,
+                    location,
+                    temperature,
+                    rules_version: 0,
+                    moved: false,
+                    temperature_changed: false,
+                    late: false,
+                },
+                DeviceEvent::OfflineAfterSet {
+                    device_id: id.clone(),
+                    at: now,
+                    offline_after_s: Some(period),
+                },
+            ];
+            let wake = now + chrono::Duration::seconds(period as i64);
+            store
+                .append_waking(
+                    id.as_str(),
+                    0,
+                    events.iter().map(encode_device_event).collect(),
+                    None,
+                    Wake::At(Some(wake)),
+                )
+                .await
+                .expect("seed append");
+        }
+    });
+    futures_util::stream::iter(jobs)
+        .buffer_unordered(1024)
+        .collect::<Vec<()>>()
+        .await;
+    store.close();
+    drop(store);
+    println!(
+        "| devices seeded, each with a deadline | {devices} in {:.0} s |",
+        started.elapsed().as_secs_f64()
+    );
+
+    // The same store without deadlines: what the index costs is the difference.
+    let copy = dir.path().join("no-deadlines");
+    std::fs::create_dir_all(&copy).expect("copy dir");
+    for file in ["events.sqlite3", "events.sqlite3-wal"] {
+        let _ = std::fs::copy(data.join(file), copy.join(file));
+    }
+    {
+        let conn = rusqlite::Connection::open(copy.join("events.sqlite3")).expect("copy store");
+        conn.execute("UPDATE streams SET wake_at = NULL", [])
+            .expect("clear deadlines");
+    }
+    let without = EngineProcess::start(&copy, &[]);
+    let start_without = without.wait_healthy(http).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_without = without.rss_mib();
+    without.stop();
+
+    let engine = EngineProcess::start(&data, &[]);
+    let start_with = engine.wait_healthy(http).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_with = engine.rss_mib();
+    println!(
+        "| start until `/api/health` answers, without / with {devices} deadlines | {:.0} ms / {:.0} ms |",
+        start_without * 1000.0,
+        start_with * 1000.0
+    );
+    println!(
+        "| resident memory, without / with the deadline index | {rss_without:.0} MiB / {rss_with:.0} MiB ({:.0} bytes a device) |",
+        (rss_with - rss_without) * 1048576.0 / devices as f64
+    );
+    let deadline_end = started + Duration::from_secs((FIRST_S + SPREAD_S + 30) as u64);
+    let mut peak_rss = rss_with;
+    loop {
+        let metrics = http
+            .get(format!("{}/metrics", engine.base))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .unwrap_or_default();
+        let filed = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("fleetwatch_deadlines "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(f64::NAN);
+        peak_rss = peak_rss.max(engine.rss_mib());
+        if filed == 0.0 || Instant::now() > deadline_end + Duration::from_secs(600) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let active = engine.health(http).await["devices_active"].clone();
+    engine.stop();
+    println!("| peak resident memory while they went offline | {peak_rss:.0} MiB (device actors active at the end: {active}) |");
+
+    // Every DeviceWentOffline: its deadline (`at`) against when the store committed it.
+    let store = SqliteStore::open(&data, SqliteStoreOptions::default()).expect("reopen store");
+    let mut lags: Vec<f64> = Vec::with_capacity(devices);
+    let mut after = 0;
+    loop {
+        let page = store.read_all(after, 10_000).await.expect("read back");
+        let Some(last) = page.last() else { break };
+        after = last.position;
+        for recorded in &page {
+            if recorded.event_type != "DeviceWentOffline" {
+                continue;
+            }
+            if let Ok(DeviceEvent::DeviceWentOffline { at, .. }) = decode_device_event(recorded) {
+                lags.push((recorded.recorded_at - at).num_microseconds().unwrap_or(0) as f64 / 1e3);
+            }
+        }
+    }
+    store.close();
+    lags.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        lags.get(((lags.len() as f64 - 1.0) * q) as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    println!("| devices gone offline | {} of {devices} |", lags.len());
+    println!(
+        "| deadline → `DeviceWentOffline` committed, p50 / p99 / max | {:.0} / {:.0} / {:.0} ms |",
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
+}
+
 /// Seconds until `/api/stats` says the read models have folded every event up to `head`.
 async fn read_models_caught_up(http: &reqwest::Client, base: &str, head: u64) -> f64 {
     let started = Instant::now();
@@ -416,14 +580,16 @@ fn main() {
         println!("\n| measure | value |\n|---|---|");
         let phases =
             std::env::var("FW_PHASES").unwrap_or_else(|_| "active,passivation,recovery".into());
+        // `offline` runs only when asked for (FW_PHASES=offline): it takes about 15 minutes.
         for phase in phases.split(',') {
             match phase.trim() {
                 "active" => active_devices(&http).await,
                 "passivation" => passivation(&http).await,
                 "recovery" => recovery(&http).await,
-                other => {
-                    panic!("unknown phase {other:?} in FW_PHASES (active, passivation, recovery)")
-                }
+                "offline" => offline(&http).await,
+                other => panic!(
+                    "unknown phase {other:?} in FW_PHASES (active, passivation, recovery, offline)"
+                ),
             }
         }
     });

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use fleetwatch_domain::{Device, DeviceId, Reading, Thresholds};
 use futures_util::StreamExt;
 use tokio::sync::{oneshot, Semaphore};
@@ -216,7 +216,8 @@ impl Engine {
                     _ = tokio::time::sleep(DEADLINE_CHECK_EVERY) => {}
                     _ = stop.cancelled() => return,
                 }
-                let now = Utc::now();
+                let now = DateTime::from_timestamp_micros(Utc::now().timestamp_micros())
+                    .unwrap_or_default();
                 for device in inner.deadlines.take_due(now, ticks.available_permits()) {
                     let (Ok(tick), Ok(permit)) = (
                         ticks.clone().try_acquire_owned(),

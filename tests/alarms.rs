@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use common::amqp::eventually;
 use common::*;
 use serde_json::{json, Value};
@@ -75,9 +75,17 @@ async fn events_of(engine: &Engine, device: &str, of_types: &[&str]) -> Vec<Valu
 }
 
 /// Waits until `device` has a stored event of `event_type` and returns the first.
-async fn wait_for_event(engine: &Engine, device: &str, event_type: &str, within: Duration) -> Value {
+async fn wait_for_event(
+    engine: &Engine,
+    device: &str,
+    event_type: &str,
+    within: Duration,
+) -> Value {
     eventually(within, &format!("{device}'s {event_type}"), || async {
-        events_of(engine, device, &[event_type]).await.into_iter().next()
+        events_of(engine, device, &[event_type])
+            .await
+            .into_iter()
+            .next()
     })
     .await
 }
@@ -114,10 +122,15 @@ async fn a_long_stream_outside_and_too_warm_keeps_exactly_one_open_alarm_per_kin
         kinds,
         [
             ("outside_zone".to_owned(), "depot".to_owned()),
-            ("temperature_out_of_range".to_owned(), "cold-chain".to_owned())
+            (
+                "temperature_out_of_range".to_owned(),
+                "cold-chain".to_owned()
+            )
         ]
     );
-    assert!(open.iter().all(|a| a["severity"] == "warning" && a["sequence"] == 1));
+    assert!(open
+        .iter()
+        .all(|a| a["severity"] == "warning" && a["sequence"] == 1));
     let opened = events_of(&engine, device, &["AlarmOpened"]).await;
     assert_eq!(opened.len(), 2, "one alarm each, however long: {opened:?}");
     // The cause is the event that began the condition.
@@ -137,15 +150,31 @@ async fn a_long_stream_outside_and_too_warm_keeps_exactly_one_open_alarm_per_kin
     let back = start + chrono::Duration::seconds(301);
     post_ok(&engine, &now_reading(device, back, DEPOT.0, DEPOT.1, 5.0)).await;
     let cleared = wait_for_alarms(&engine, &format!("device={device}&state=cleared"), 2).await;
-    assert!(cleared.iter().all(|a| a["sequence"] == 2 && a["cleared_at"].is_string()));
-    assert_eq!(alarms(&engine, &format!("device={device}&state=open")).await.len(), 0);
+    assert!(cleared
+        .iter()
+        .all(|a| a["sequence"] == 2 && a["cleared_at"].is_string()));
+    assert_eq!(
+        alarms(&engine, &format!("device={device}&state=open"))
+            .await
+            .len(),
+        0
+    );
     assert_eq!(alarms(&engine, "zone=depot").await.len(), 1);
-    assert_eq!(alarms(&engine, "kind=temperature_out_of_range").await.len(), 1);
+    assert_eq!(
+        alarms(&engine, "kind=temperature_out_of_range").await.len(),
+        1
+    );
     assert_eq!(alarms(&engine, "severity=critical").await.len(), 0);
     let stats = engine.get("/api/stats").await;
     assert_eq!(stats["alarms"]["cleared"], 2, "{stats}");
     assert_eq!(stats["alarms"]["open"], 0, "{stats}");
-    for bad in ["state=closed", "kind=smoke", "severity=high", "limit=0", "after=x"] {
+    for bad in [
+        "state=closed",
+        "kind=smoke",
+        "severity=high",
+        "limit=0",
+        "after=x",
+    ] {
         let r = engine
             .request(reqwest::Method::GET, &format!("/api/alarms?{bad}"))
             .send()
@@ -179,7 +208,11 @@ async fn an_alarm_is_acknowledged_under_the_token_s_name_and_then_clears_by_itse
     assert_eq!(status, 201, "{stored}");
     assert_eq!(stored["severity"], "critical");
     let now = Utc::now();
-    post_ok(&engine, &now_reading("van-3", now, OUTSIDE.0, OUTSIDE.1, 5.0)).await;
+    post_ok(
+        &engine,
+        &now_reading("van-3", now, OUTSIDE.0, OUTSIDE.1, 5.0),
+    )
+    .await;
     let open = wait_for_alarms(&engine, "device=van-3&state=open", 1).await;
     let id = open[0]["id"].as_str().unwrap().to_owned();
     assert_eq!(id, "van-3.1");
@@ -204,30 +237,55 @@ async fn an_alarm_is_acknowledged_under_the_token_s_name_and_then_clears_by_itse
         .await;
     assert_eq!(status, 200, "{acked}");
     assert_eq!(acked["by"], "night-shift");
-    let (status, again) = engine.post(&format!("/api/alarms/{id}/ack"), &json!({})).await;
+    let (status, again) = engine
+        .post(&format!("/api/alarms/{id}/ack"), &json!({}))
+        .await;
     assert_eq!(status, 409, "{again}");
     let acknowledged = wait_for_alarms(&engine, "state=acknowledged", 1).await;
     assert_eq!(acknowledged[0]["id"], id.as_str());
     assert_eq!(acknowledged[0]["acknowledged"]["by"], "night-shift");
-    assert_eq!(acknowledged[0]["acknowledged"]["comment"], "driver called: detour");
+    assert_eq!(
+        acknowledged[0]["acknowledged"]["comment"],
+        "driver called: detour"
+    );
     assert_eq!(acknowledged[0]["sequence"], 2);
     // Acknowledged and still outside: it stays listed until it clears.
     post_ok(
         &engine,
-        &now_reading("van-3", now + chrono::Duration::seconds(1), OUTSIDE.0, OUTSIDE.1, 5.0),
+        &now_reading(
+            "van-3",
+            now + chrono::Duration::seconds(1),
+            OUTSIDE.0,
+            OUTSIDE.1,
+            5.0,
+        ),
     )
     .await;
-    assert_eq!(alarms(&engine, "device=van-3&state=acknowledged").await.len(), 1);
+    assert_eq!(
+        alarms(&engine, "device=van-3&state=acknowledged")
+            .await
+            .len(),
+        1
+    );
 
     post_ok(
         &engine,
-        &now_reading("van-3", now + chrono::Duration::seconds(2), DEPOT.0, DEPOT.1, 5.0),
+        &now_reading(
+            "van-3",
+            now + chrono::Duration::seconds(2),
+            DEPOT.0,
+            DEPOT.1,
+            5.0,
+        ),
     )
     .await;
     let cleared = wait_for_alarms(&engine, "state=cleared", 1).await;
     assert_eq!(cleared[0]["id"], id.as_str());
     assert_eq!(cleared[0]["sequence"], 3);
-    assert_eq!(cleared[0]["acknowledged"]["by"], "night-shift", "kept after clearing");
+    assert_eq!(
+        cleared[0]["acknowledged"]["by"], "night-shift",
+        "kept after clearing"
+    );
     let changes = events_of(&engine, "van-3", &ALARM_CHANGES).await;
     let sequences: Vec<(String, u64)> = changes
         .iter()
@@ -247,7 +305,9 @@ async fn an_alarm_is_acknowledged_under_the_token_s_name_and_then_clears_by_itse
         ]
     );
 
-    let (status, _) = engine.post(&format!("/api/alarms/{id}/ack"), &json!({})).await;
+    let (status, _) = engine
+        .post(&format!("/api/alarms/{id}/ack"), &json!({}))
+        .await;
     assert_eq!(status, 404, "a cleared alarm cannot be acknowledged");
     let (status, body) = engine.post("/api/alarms/not-an-id/ack", &json!({})).await;
     assert_eq!(status, 400, "{body}");
@@ -277,7 +337,10 @@ async fn the_lifecycle_after_a_sigkill_and_a_restart_is_the_one_before() {
     let open = wait_for_alarms(&engine, &format!("device={device}&state=open"), 2).await;
     let zone_alarm = open.iter().find(|a| a["kind"] == "outside_zone").unwrap();
     let (status, _) = engine
-        .post(&format!("/api/alarms/{}/ack", zone_alarm["id"].as_str().unwrap()), &json!({}))
+        .post(
+            &format!("/api/alarms/{}/ack", zone_alarm["id"].as_str().unwrap()),
+            &json!({}),
+        )
         .await;
     assert_eq!(status, 200);
     for (s, (lat, lon), temp) in path.iter().skip(2) {
@@ -287,7 +350,14 @@ async fn the_lifecycle_after_a_sigkill_and_a_restart_is_the_one_before() {
     let before = events_of(&engine, device, &ALARM_CHANGES).await;
     assert_eq!(
         types(&before),
-        ["AlarmOpened", "AlarmOpened", "AlarmAcknowledged", "AlarmCleared", "AlarmCleared", "AlarmOpened"]
+        [
+            "AlarmOpened",
+            "AlarmOpened",
+            "AlarmAcknowledged",
+            "AlarmCleared",
+            "AlarmCleared",
+            "AlarmOpened"
+        ]
     );
     wait_for_alarms(&engine, &format!("device={device}"), 3).await;
     let listed_before = alarms(&engine, &format!("device={device}")).await;
@@ -295,16 +365,31 @@ async fn the_lifecycle_after_a_sigkill_and_a_restart_is_the_one_before() {
     engine.kill();
     engine.restart().await;
     assert_eq!(events_of(&engine, device, &ALARM_CHANGES).await, before);
-    assert_eq!(alarms(&engine, &format!("device={device}")).await, listed_before);
+    assert_eq!(
+        alarms(&engine, &format!("device={device}")).await,
+        listed_before
+    );
     // The device carries on where it was: the open alarm clears, the next one gets a new id.
     post_ok(
         &engine,
-        &now_reading(device, start + chrono::Duration::seconds(50), DEPOT.0, DEPOT.1, 5.0),
+        &now_reading(
+            device,
+            start + chrono::Duration::seconds(50),
+            DEPOT.0,
+            DEPOT.1,
+            5.0,
+        ),
     )
     .await;
     post_ok(
         &engine,
-        &now_reading(device, start + chrono::Duration::seconds(60), OUTSIDE.0, OUTSIDE.1, 5.0),
+        &now_reading(
+            device,
+            start + chrono::Duration::seconds(60),
+            OUTSIDE.0,
+            OUTSIDE.1,
+            5.0,
+        ),
     )
     .await;
     let after = events_of(&engine, device, &ALARM_CHANGES).await;
@@ -314,7 +399,15 @@ async fn the_lifecycle_after_a_sigkill_and_a_restart_is_the_one_before() {
         .filter(|e| e["type"] == "AlarmOpened")
         .map(|e| e["data"]["alarm_id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, [format!("{device}.1"), format!("{device}.2"), format!("{device}.3"), format!("{device}.4")]);
+    assert_eq!(
+        ids,
+        [
+            format!("{device}.1"),
+            format!("{device}.2"),
+            format!("{device}.3"),
+            format!("{device}.4")
+        ]
+    );
 }
 
 #[tokio::test]
@@ -322,16 +415,34 @@ async fn a_passivated_device_goes_offline_on_time_and_its_next_reading_brings_it
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::start_with(
         &dir.path().join("data"),
-        &["--amqp-disabled", "--offline-after", "3s", "--idle-timeout", "500ms"],
+        &[
+            "--amqp-disabled",
+            "--offline-after",
+            "3s",
+            "--idle-timeout",
+            "500ms",
+        ],
     )
     .await;
     let device = "sensor-4";
-    post_ok(&engine, &now_reading(device, Utc::now(), DEPOT.0, DEPOT.1, 5.0)).await;
-    eventually(Duration::from_secs(10), "the device to passivate", || async {
-        (engine.metric("fleetwatch_active_devices").await == 0.0).then_some(())
-    })
+    post_ok(
+        &engine,
+        &now_reading(device, Utc::now(), DEPOT.0, DEPOT.1, 5.0),
+    )
     .await;
-    let offline = wait_for_event(&engine, device, "DeviceWentOffline", Duration::from_secs(15)).await;
+    eventually(
+        Duration::from_secs(10),
+        "the device to passivate",
+        || async { (engine.metric("fleetwatch_active_devices").await == 0.0).then_some(()) },
+    )
+    .await;
+    let offline = wait_for_event(
+        &engine,
+        device,
+        "DeviceWentOffline",
+        Duration::from_secs(15),
+    )
+    .await;
     let last_seen = time(&offline["data"]["last_seen"]);
     let deadline = time(&offline["data"]["at"]);
     assert_eq!(deadline - last_seen, chrono::TimeDelta::seconds(3));
@@ -346,9 +457,18 @@ async fn a_passivated_device_goes_offline_on_time_and_its_next_reading_brings_it
     assert_eq!(stats["devices"]["offline"], 1, "{stats}");
     // Silent on: no second offline event.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(events_of(&engine, device, &["DeviceWentOffline"]).await.len(), 1);
+    assert_eq!(
+        events_of(&engine, device, &["DeviceWentOffline"])
+            .await
+            .len(),
+        1
+    );
 
-    post_ok(&engine, &now_reading(device, Utc::now(), DEPOT.0, DEPOT.1, 5.0)).await;
+    post_ok(
+        &engine,
+        &now_reading(device, Utc::now(), DEPOT.0, DEPOT.1, 5.0),
+    )
+    .await;
     let back = wait_for_event(&engine, device, "DeviceBackOnline", Duration::from_secs(5)).await;
     assert_eq!(time(&back["data"]["offline_since"]), deadline);
     wait_for_alarms(&engine, "kind=offline&state=cleared", 1).await;
@@ -363,25 +483,41 @@ async fn a_device_silent_across_a_restart_goes_offline_after_it_with_its_own_per
     )
     .await;
     let device = "tracker-8";
-    post_ok(&engine, &now_reading(device, Utc::now(), DEPOT.0, DEPOT.1, 5.0)).await;
+    post_ok(
+        &engine,
+        &now_reading(device, Utc::now(), DEPOT.0, DEPOT.1, 5.0),
+    )
+    .await;
     // Its own period, instead of the default hour.
     let r = engine
-        .request(reqwest::Method::PUT, &format!("/api/devices/{device}/offline-after"))
+        .request(
+            reqwest::Method::PUT,
+            &format!("/api/devices/{device}/offline-after"),
+        )
         .json(&json!({"seconds": 4}))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    for (body, field) in [(json!({"seconds": 0}), "seconds"), (json!({"minutes": 4}), "minutes")] {
+    for (body, field) in [
+        (json!({"seconds": 0}), "seconds"),
+        (json!({"minutes": 4}), "minutes"),
+    ] {
         let r = engine
-            .request(reqwest::Method::PUT, &format!("/api/devices/{device}/offline-after"))
+            .request(
+                reqwest::Method::PUT,
+                &format!("/api/devices/{device}/offline-after"),
+            )
             .json(&body)
             .send()
             .await
             .unwrap();
         assert_eq!(r.status(), 400, "{body}");
         let answer: Value = r.json().await.unwrap();
-        assert!(answer["error"].as_str().unwrap().contains(field), "{answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains(field),
+            "{answer}"
+        );
     }
     let unknown = engine
         .request(reqwest::Method::PUT, "/api/devices/nobody/offline-after")
@@ -390,13 +526,23 @@ async fn a_device_silent_across_a_restart_goes_offline_after_it_with_its_own_per
         .await
         .unwrap();
     assert_eq!(unknown.status(), 404);
-    post_ok(&engine, &now_reading(device, Utc::now(), DEPOT.0, DEPOT.1, 5.0)).await;
+    post_ok(
+        &engine,
+        &now_reading(device, Utc::now(), DEPOT.0, DEPOT.1, 5.0),
+    )
+    .await;
     let heard = Utc::now();
     engine.kill();
     tokio::time::sleep(Duration::from_secs(6)).await;
     engine.restart().await;
     let restarted = Utc::now();
-    let offline = wait_for_event(&engine, device, "DeviceWentOffline", Duration::from_secs(10)).await;
+    let offline = wait_for_event(
+        &engine,
+        device,
+        "DeviceWentOffline",
+        Duration::from_secs(10),
+    )
+    .await;
     let deadline = time(&offline["data"]["at"]);
     assert!(
         deadline <= heard + chrono::TimeDelta::seconds(4) && deadline < restarted,
@@ -423,7 +569,7 @@ async fn a_pending_dwell_opens_its_alarm_on_time_after_a_restart_unless_the_devi
         .collect();
     post_ok(&engine, &Value::Array(inside)).await;
     // Taken now: the dwell runs on the device's clock, which here is the engine's.
-    let left = Utc::now();
+    let left = Utc::now().trunc_subsecs(6); // the engine keeps microseconds
     let outside: Vec<Value> = devices
         .iter()
         .map(|d| now_reading(d, left, OUTSIDE.0, OUTSIDE.1, 5.0))
@@ -433,7 +579,11 @@ async fn a_pending_dwell_opens_its_alarm_on_time_after_a_restart_unless_the_devi
     engine.kill();
     engine.restart().await;
     let back = left + chrono::Duration::seconds(4);
-    post_ok(&engine, &now_reading("comes-back", back, DEPOT.0, DEPOT.1, 5.0)).await;
+    post_ok(
+        &engine,
+        &now_reading("comes-back", back, DEPOT.0, DEPOT.1, 5.0),
+    )
+    .await;
 
     let opened = wait_for_event(&engine, "stays-out", "AlarmOpened", Duration::from_secs(20)).await;
     let due = left + chrono::Duration::seconds(8);
@@ -445,10 +595,17 @@ async fn a_pending_dwell_opens_its_alarm_on_time_after_a_restart_unless_the_devi
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
-        events_of(&engine, "comes-back", &ALARM_CHANGES).await.is_empty(),
+        events_of(&engine, "comes-back", &ALARM_CHANGES)
+            .await
+            .is_empty(),
         "back within the dwell: no alarm"
     );
-    assert_eq!(events_of(&engine, "comes-back", &["EnteredZone"]).await.len(), 1);
+    assert_eq!(
+        events_of(&engine, "comes-back", &["EnteredZone"])
+            .await
+            .len(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -466,7 +623,13 @@ async fn a_reading_that_leaves_one_zone_for_another_stores_the_exit_first() {
     post_ok(&engine, &now_reading("bus-2", start, DEPOT.0, DEPOT.1, 5.0)).await;
     post_ok(
         &engine,
-        &now_reading("bus-2", start + chrono::Duration::seconds(5), DEPOT.0, DEPOT.1 + 0.032, 5.0),
+        &now_reading(
+            "bus-2",
+            start + chrono::Duration::seconds(5),
+            DEPOT.0,
+            DEPOT.1 + 0.032,
+            5.0,
+        ),
     )
     .await;
     let history = engine.history("bus-2").await;

@@ -438,11 +438,17 @@ async fn seed_every_kind_of_event(engine: &Engine) {
         .expect("an alarm");
     let id = last_opened["data"]["alarm_id"].as_str().unwrap();
     let (status, body) = engine
-        .post(&format!("/api/alarms/{id}/ack"), &serde_json::json!({"comment": "seen"}))
+        .post(
+            &format!("/api/alarms/{id}/ack"),
+            &serde_json::json!({"comment": "seen"}),
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     let r = engine
-        .request(reqwest::Method::PUT, &format!("/api/devices/{DEVICE}/offline-after"))
+        .request(
+            reqwest::Method::PUT,
+            &format!("/api/devices/{DEVICE}/offline-after"),
+        )
         .json(&serde_json::json!({"seconds": 3600}))
         .send()
         .await

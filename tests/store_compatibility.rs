@@ -23,10 +23,48 @@ async fn a_store_written_by_the_first_schema_opens_and_answers_as_it_did() {
     )
     .unwrap();
     let engine = Engine::start(&data).await;
-    assert_eq!(
-        engine.get("/api/devices?limit=1000").await,
-        expected("devices.json")
-    );
+    // What the old build answered: each device's last reading and conditions. (Newer builds add
+    // alarms and offline detection: these devices, silent since the fixture was written, go
+    // offline, and their conditions open alarms, as the next assertions check.)
+    let as_before = |devices: &Value| -> Vec<Value> {
+        devices["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "device_id": d["device_id"],
+                    "last_reading": d["last_reading"],
+                    "outside_zones": d["outside_zones"],
+                    "temperature_alarms": d["temperature_alarms"],
+                })
+            })
+            .collect()
+    };
+    let devices = engine.get("/api/devices?limit=1000").await;
+    assert_eq!(as_before(&devices), as_before(&expected("devices.json")));
+    // Every condition the old store held opens its alarm, and every device goes offline.
+    let conditions: usize = expected("devices.json")["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            d["outside_zones"].as_array().unwrap().len()
+                + d["temperature_alarms"].as_array().unwrap().len()
+        })
+        .sum();
+    let known = devices["devices"].as_array().unwrap().len();
+    common::amqp::eventually(
+        std::time::Duration::from_secs(20),
+        "the old store's conditions to open alarms",
+        || async {
+            let open = engine.get("/api/alarms?state=open&limit=1000").await;
+            let open = open["alarms"].as_array().unwrap();
+            let offline = open.iter().filter(|a| a["kind"] == "offline").count();
+            (open.len() == conditions + known && offline == known).then_some(())
+        },
+    )
+    .await;
     assert_eq!(engine.get("/api/zones").await, expected("zones.json"));
     assert_eq!(
         engine.get("/api/temperature-ranges").await,

@@ -169,7 +169,11 @@ pub enum AlarmState {
 }
 
 impl AlarmState {
-    pub const ALL: [AlarmState; 3] = [AlarmState::Open, AlarmState::Acknowledged, AlarmState::Cleared];
+    pub const ALL: [AlarmState; 3] = [
+        AlarmState::Open,
+        AlarmState::Acknowledged,
+        AlarmState::Cleared,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -189,7 +193,7 @@ impl FromStr for AlarmState {
             .ok_or_else(|| {
                 ValidationError::new(
                     "state",
-                    format!("must be open, acknowledged or cleared, got {s:?}"),
+                    format!("must be open, acknowledged, cleared or active, got {s:?}"),
                 )
             })
     }

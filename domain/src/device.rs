@@ -45,6 +45,8 @@ pub enum DeviceStatus {
     Normal,
     OutOfZone,
     TemperatureAlarm,
+    /// Silent for its offline period.
+    Offline,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -102,7 +104,11 @@ fn opening_due(key: &AlarmKey, condition: &Condition, terms: &AlarmTerms) -> Dat
 }
 
 fn seconds(s: u64) -> TimeDelta {
-    TimeDelta::seconds(i64::try_from(s).unwrap_or(i64::MAX).min(i64::MAX / 1_000_000))
+    TimeDelta::seconds(
+        i64::try_from(s)
+            .unwrap_or(i64::MAX)
+            .min(i64::MAX / 1_000_000),
+    )
 }
 
 impl Device {
@@ -205,6 +211,8 @@ impl Device {
             DeviceStatus::TemperatureAlarm
         } else if self.outside_zones(rules).next().is_some() {
             DeviceStatus::OutOfZone
+        } else if self.offline_since.is_some() {
+            DeviceStatus::Offline
         } else {
             DeviceStatus::Normal
         }
@@ -378,9 +386,12 @@ impl Device {
         });
         let clearing = self.alarms.keys().map(|key| match self.terms(key, rules) {
             Some(terms) if self.holds(key, &terms) => DateTime::<Utc>::MAX_UTC,
-            Some(terms) => self.ended.get(key).map_or(DateTime::<Utc>::MIN_UTC, |ended| {
-                self.engine_time(*ended + terms.dwell)
-            }),
+            Some(terms) => self
+                .ended
+                .get(key)
+                .map_or(DateTime::<Utc>::MIN_UTC, |ended| {
+                    self.engine_time(*ended + terms.dwell)
+                }),
             // The rule is gone: the alarm clears at the next decision.
             None => DateTime::<Utc>::MIN_UTC,
         });
@@ -434,15 +445,17 @@ impl Device {
     fn terms(&self, key: &AlarmKey, rules: &Rules) -> Option<AlarmTerms> {
         let rule = key.rule.as_ref();
         match key.kind {
-            AlarmKind::OutsideZone => rules
-                .zones
-                .get(rule?)
-                .filter(|z| z.watches(&self.id))
-                .map(|z| AlarmTerms {
-                    revision: z.revision,
-                    severity: z.severity,
-                    dwell: seconds(z.dwell),
-                }),
+            AlarmKind::OutsideZone => {
+                rules
+                    .zones
+                    .get(rule?)
+                    .filter(|z| z.watches(&self.id))
+                    .map(|z| AlarmTerms {
+                        revision: z.revision,
+                        severity: z.severity,
+                        dwell: seconds(z.dwell),
+                    })
+            }
             AlarmKind::TemperatureOutOfRange => rules
                 .ranges
                 .get(rule?)

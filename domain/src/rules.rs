@@ -49,7 +49,10 @@ impl Thresholds {
     /// The same thresholds with another default offline period (seconds, at least 1).
     pub fn with_offline_after(mut self, seconds: u64) -> Result<Self, ValidationError> {
         if seconds == 0 {
-            return Err(ValidationError::new("offline_after", "must be at least 1 s"));
+            return Err(ValidationError::new(
+                "offline_after",
+                "must be at least 1 s",
+            ));
         }
         self.offline_after_s = seconds;
         Ok(self)

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 
 /// Why a value was refused. `field` names the input field, so callers can point at it.
@@ -224,7 +224,9 @@ pub struct Reading {
 }
 
 impl Reading {
-    /// Validates raw fields; the first invalid field wins, in declaration order.
+    /// Validates raw fields; the first invalid field wins, in declaration order. The timestamp
+    /// is kept to the microsecond, the precision events are stored and replayed at, so that a
+    /// decision made live and one replayed from the store see the same times.
     pub fn new(
         device_id: impl Into<String>,
         timestamp: DateTime<Utc>,
@@ -234,7 +236,7 @@ impl Reading {
     ) -> Result<Self, ValidationError> {
         Ok(Self {
             device_id: DeviceId::parse(device_id)?,
-            timestamp,
+            timestamp: timestamp.trunc_subsecs(6),
             location: Location::new(lat, lon)?,
             temperature: Temperature::new(temperature)?,
         })

@@ -99,6 +99,10 @@ impl Deadlines {
         self.index().by_device.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The earliest deadline, if any.
     pub fn next(&self) -> Option<DateTime<Utc>> {
         let index = self.index();

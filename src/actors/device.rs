@@ -55,6 +55,12 @@ pub(super) struct GetState {
     pub reply: oneshot::Sender<Device>,
 }
 
+/// The engine's clock at the store's precision (microseconds): times that go into events and
+/// state read back the same from the store.
+fn stored_now() -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap_or_default()
+}
+
 /// Conflicting writers to its own stream in a row before an actor gives up.
 const MAX_CONFLICT_RECOVERIES: u32 = 3;
 /// Pause before reloading after a failure; doubled per failed recovery in a row, up to the max.
@@ -147,7 +153,11 @@ pub(super) struct DeviceActor {
     /// A late reading's repeat check is on its way to the store: nothing else is decided meanwhile.
     looking_up: bool,
     events_since_snapshot: u64,
-    last_active: Instant,
+    /// When it last took a command other than a tick; `None`: only ticks so far. An actor
+    /// started for a tick (a passivated device whose deadline came) passivates again at the next
+    /// check instead of staying for the idle timeout: a million devices going offline must not
+    /// mean a million actors.
+    last_active: Option<Instant>,
     /// Set when the in-memory state can no longer be trusted and cannot be recovered: the actor
     /// has left the router, answers what is still in its mailbox with this error, and stops.
     failure: Option<EngineError>,
@@ -180,7 +190,7 @@ impl DeviceActor {
             reloading: false,
             looking_up: false,
             events_since_snapshot: 0,
-            last_active: Instant::now(),
+            last_active: None,
             failure: None,
         }
     }
@@ -240,7 +250,9 @@ impl DeviceActor {
     fn passivate_if_idle(&mut self, ctx: &mut Context<Self>) {
         if self.failure.is_some()
             || self.busy()
-            || self.last_active.elapsed() < self.settings.idle_timeout
+            || self
+                .last_active
+                .is_some_and(|t| t.elapsed() < self.settings.idle_timeout)
         {
             return;
         }
@@ -357,13 +369,16 @@ impl DeviceActor {
                 events
             }
             Command::Acknowledge { alarm, by, comment } => {
-                match self.device.acknowledge(alarm, by, comment.clone(), Utc::now()) {
+                match self
+                    .device
+                    .acknowledge(alarm, by, comment.clone(), stored_now())
+                {
                     Ok(event) => vec![event],
                     Err(refused) => return self.answer(ingest, IngestOutcome::Refused(refused)),
                 }
             }
             Command::SetOfflineAfter(seconds) => {
-                vec![self.device.set_offline_after(*seconds, Utc::now())]
+                vec![self.device.set_offline_after(*seconds, stored_now())]
             }
         };
         self.append(ingest, events, rules.version, ctx)
@@ -399,9 +414,11 @@ impl DeviceActor {
             return;
         };
         let at = reading.timestamp;
-        if self.in_flight.iter().any(
-            |entry| matches!(&entry.ingest.command, Command::Reading(r) if r.timestamp == at),
-        ) {
+        if self
+            .in_flight
+            .iter()
+            .any(|entry| matches!(&entry.ingest.command, Command::Reading(r) if r.timestamp == at))
+        {
             return self.duplicate(ingest);
         }
         self.looking_up = true;
@@ -441,7 +458,7 @@ impl DeviceActor {
         }
         if matches!(ingest.command, Command::Reading(_)) {
             // As the store will record it (`recorded_at`), which a restore replays.
-            self.device.heard(Utc::now());
+            self.device.heard(stored_now());
         }
         let late = matches!(
             events.as_slice(),
@@ -624,7 +641,9 @@ impl Handler<Ingest> for DeviceActor {
 
     fn handle(&mut self, ingest: Ingest, ctx: &mut Context<Self>) {
         self.queued.fetch_sub(1, Ordering::SeqCst);
-        self.last_active = Instant::now();
+        if !matches!(ingest.command, Command::Tick(_)) {
+            self.last_active = Some(Instant::now());
+        }
         if let Some(failure) = &self.failure {
             let _ = ingest.reply.send(Err(failure.clone()));
             self.stop_if_drained(ctx);

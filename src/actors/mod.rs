@@ -288,7 +288,10 @@ pub async fn load_device(store: &dyn EventStore, id: DeviceId) -> Result<Device,
             let event = codec::decode_device_event(&recorded)?;
             // At the stored version: retention may have removed readings before it.
             device.apply_at(recorded.version, &event);
-            if matches!(event, fleetwatch_domain::DeviceEvent::ReadingRecorded { .. }) {
+            if matches!(
+                event,
+                fleetwatch_domain::DeviceEvent::ReadingRecorded { .. }
+            ) {
                 device.heard(recorded.recorded_at);
             }
             next = Some(recorded.version + 1);

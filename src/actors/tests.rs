@@ -13,7 +13,8 @@ use tokio::sync::{broadcast, oneshot, watch, Semaphore};
 use super::*;
 use crate::store::{
     Appended, CommittedBatch, NewEvent, Pruned, RecordedEvent, Retention, SnapshotAndTail,
-    SqliteStore, SqliteStoreOptions, StoreHealth, StoreResult, StreamAt, Wake, StreamInfo,
+    SqliteStore, SqliteStoreOptions, StoreHealth, StoreResult, StreamAt, StreamInfo, Wake,
+    WakeTime,
 };
 
 /// A real store with faults switched on and off by the test: a store that cannot write (appends
@@ -86,7 +87,7 @@ impl EventStore for FaultyStore {
         }
         appended
     }
-    fn wake_times(&self) -> BoxFuture<'static, StoreResult<Vec<(String, DateTime<Utc>)>>> {
+    fn wake_times(&self) -> BoxFuture<'static, StoreResult<Vec<WakeTime>>> {
         self.inner.wake_times()
     }
     fn read_stream(

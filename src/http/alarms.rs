@@ -22,7 +22,7 @@ const MAX_OFFLINE_AFTER_S: u64 = 30 * 86_400;
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct AlarmsQuery {
-    /// `open`, `acknowledged` or `cleared`.
+    /// `open`, `acknowledged`, `cleared`, or `active` (open or acknowledged: not cleared).
     state: Option<String>,
     /// Only this device's alarms.
     device: Option<String>,
@@ -146,8 +146,11 @@ pub(super) async fn list_alarms(
     query: web::Query<AlarmsQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let query = query.into_inner();
+    let active = query.state.as_deref() == Some("active");
+    let wanted = if active { None } else { query.state };
     let filter = AlarmFilter {
-        state: parsed::<AlarmState>(&query.state)?,
+        state: parsed::<AlarmState>(&wanted)?,
+        active,
         device: query.device.filter(|d| !d.is_empty()),
         kind: parsed::<AlarmKind>(&query.kind)?,
         severity: parsed::<Severity>(&query.severity)?,

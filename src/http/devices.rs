@@ -32,10 +32,26 @@ struct RangeAlarmView<'a> {
     bound: Bound,
 }
 
+/// An alarm of the device that has not cleared.
+#[derive(Serialize, ToSchema)]
+#[schema(as = DeviceAlarm)]
+struct DeviceAlarmView<'a> {
+    id: String,
+    #[schema(value_type = schemas::AlarmKind)]
+    kind: fleetwatch_domain::AlarmKind,
+    /// The zone or range; absent for `offline`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule_id: Option<&'a str>,
+    #[schema(value_type = schemas::Severity)]
+    severity: fleetwatch_domain::Severity,
+    opened_at: chrono::DateTime<chrono::Utc>,
+    acknowledged: bool,
+}
+
 /// A device's live state: its actor's, so it may include a reading whose events are still being
 /// committed (for a few milliseconds); the history (`/events`) holds only what is durable.
 #[derive(Serialize, ToSchema)]
-#[schema(as = Device, example = json!({"device_id": "truck-7", "version": 42, "last_reading": {"timestamp": "2026-11-23T18:00:00Z", "lat": 52.37, "lon": 4.89, "temperature": 4.5}, "outside_zones": ["depot"], "temperature_alarms": [{"range_id": "cold-chain", "bound": "above"}], "status": "temperature_alarm"}))]
+#[schema(as = Device, example = json!({"device_id": "truck-7", "version": 42, "last_reading": {"timestamp": "2026-11-23T18:00:00Z", "lat": 52.37, "lon": 4.89, "temperature": 4.5}, "outside_zones": ["depot"], "temperature_alarms": [{"range_id": "cold-chain", "bound": "above"}], "alarms": [{"id": "truck-7.3", "kind": "outside_zone", "rule_id": "depot", "severity": "warning", "opened_at": "2026-11-23T18:00:00Z", "acknowledged": false}], "status": "temperature_alarm"}))]
 pub struct DeviceView<'a> {
     device_id: &'a str,
     /// Events applied: the version of the device's stream.
@@ -46,6 +62,16 @@ pub struct DeviceView<'a> {
     outside_zones: Vec<&'a str>,
     /// Active temperature alarms.
     temperature_alarms: Vec<RangeAlarmView<'a>>,
+    /// Every alarm of the device that has not cleared (open or acknowledged), one per kind and
+    /// zone or range. `outside_zones` and `temperature_alarms` are the conditions; an alarm opens
+    /// on one once the rule's dwell has passed.
+    alarms: Vec<DeviceAlarmView<'a>>,
+    /// Since when the device is offline (silent for its offline period); absent when online.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offline_since: Option<chrono::DateTime<chrono::Utc>>,
+    /// The device's own offline period in seconds; absent: the engine's `--offline-after`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offline_after_s: Option<u64>,
     #[schema(value_type = schemas::DeviceStatus)]
     status: DeviceStatus,
 }
@@ -69,6 +95,19 @@ impl<'a> DeviceView<'a> {
                     bound,
                 })
                 .collect(),
+            alarms: device
+                .alarms()
+                .map(|(key, alarm)| DeviceAlarmView {
+                    id: alarm.id.to_string(),
+                    kind: key.kind,
+                    rule_id: key.rule.as_ref().map(|r| r.as_str()),
+                    severity: alarm.severity,
+                    opened_at: alarm.opened_at,
+                    acknowledged: alarm.acknowledged,
+                })
+                .collect(),
+            offline_since: device.offline_since(),
+            offline_after_s: device.own_offline_after(),
             status: device.status(rules),
         }
     }

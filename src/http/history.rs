@@ -62,7 +62,11 @@ fn time_range(
     Ok((from, to))
 }
 
-pub(super) fn page_limit(limit: Option<usize>, default: usize, max: usize) -> Result<usize, ApiError> {
+pub(super) fn page_limit(
+    limit: Option<usize>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ApiError> {
     match limit {
         None => Ok(default),
         Some(n) if (1..=max).contains(&n) => Ok(n),

@@ -3,8 +3,7 @@
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse};
 use fleetwatch_domain::{
-    AlarmKind, RuleId, Severity, ShapeSpec, Temperature, TemperatureRange, Watched, Zone,
-    ZoneShape,
+    AlarmKind, RuleId, Severity, ShapeSpec, Temperature, TemperatureRange, Watched, Zone, ZoneShape,
 };
 use serde::Deserialize;
 use utoipa::ToSchema;
@@ -199,8 +198,10 @@ fn range(id: RuleId, body: RangeBody, limits: RuleLimits) -> Result<TemperatureR
     limits.check_devices(&body.devices)?;
     let min = Temperature::checked("min", body.min)?;
     let max = Temperature::checked("max", body.max)?;
-    Ok(TemperatureRange::new(id, body.name, min, max, body.devices)?
-        .with_alarm(body.severity, body.dwell))
+    Ok(
+        TemperatureRange::new(id, body.name, min, max, body.devices)?
+            .with_alarm(body.severity, body.dwell),
+    )
 }
 
 /// After a rule was removed or replaced, the devices with an alarm on it decide again now (an

@@ -131,13 +131,15 @@ pub struct TemperatureRange {
 }
 
 /// A device's overall condition: `temperature_alarm` if any range alarm is active, else
-/// `out_of_zone` if it is outside a zone that watches it, else `normal`.
+/// `out_of_zone` if it is outside a zone that watches it, else `offline` if it is silent, else
+/// `normal`. `alarms` lists every alarm; this is one word for a marker's colour.
 #[derive(Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceStatus {
     Normal,
     OutOfZone,
     TemperatureAlarm,
+    Offline,
 }
 
 /// Which side of a temperature range a temperature fell out on.

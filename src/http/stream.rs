@@ -35,7 +35,17 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 const CATCH_UP_PAGE: usize = 1000;
 /// Seconds a refused stream is told to wait (`Retry-After`).
 const RETRY_AFTER_SECS: &str = "5";
-const ZONE_TYPES: [&str; 4] = ["LeftZone", "EnteredZone", "ZoneDefined", "ZoneRemoved"];
+/// Events about a zone: its crossings, its definition, and its alarms' changes (whose `rule_id`
+/// is the zone when their `kind` is `outside_zone`).
+const ZONE_TYPES: [&str; 7] = [
+    "LeftZone",
+    "EnteredZone",
+    "ZoneDefined",
+    "ZoneRemoved",
+    "AlarmOpened",
+    "AlarmAcknowledged",
+    "AlarmCleared",
+];
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -43,7 +53,7 @@ pub struct StreamQuery {
     /// Comma-separated device ids: only these devices' events (rules events always pass).
     devices: Option<String>,
     /// Comma-separated zone ids: only zone events (`LeftZone`, `EnteredZone`, `ZoneDefined`,
-    /// `ZoneRemoved`) of these zones.
+    /// `ZoneRemoved`, and the changes of `outside_zone` alarms) of these zones.
     zones: Option<String>,
     /// Comma-separated event types; `alarms` stands for the alarm changes (`AlarmOpened`,
     /// `AlarmAcknowledged`, `AlarmCleared`) and the conditions they follow (`LeftZone`,
@@ -79,6 +89,17 @@ fn list(value: &Option<String>) -> Option<HashSet<String>> {
 struct ZoneRef {
     zone_id: Option<String>,
     zone: Option<ZoneIdOnly>,
+    kind: Option<String>,
+    rule_id: Option<String>,
+}
+
+impl ZoneRef {
+    fn zone(self) -> Option<String> {
+        match (self.kind.as_deref(), self.rule_id) {
+            (Some("outside_zone"), Some(rule)) => Some(rule),
+            _ => self.zone_id.or(self.zone.map(|z| z.id)),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -98,9 +119,10 @@ impl Filter {
                             .chain(&DeviceEvent::CONDITION_TYPES)
                             .map(|s| s.to_string())
                             .collect(),
-                        "alarm_changes" => {
-                            DeviceEvent::ALARM_TYPES.iter().map(|s| s.to_string()).collect()
-                        }
+                        "alarm_changes" => DeviceEvent::ALARM_TYPES
+                            .iter()
+                            .map(|s| s.to_string())
+                            .collect(),
                         _ => vec![t],
                     }
                 })
@@ -130,7 +152,7 @@ impl Filter {
             }
             let zone = crate::codec::event_json(event)
                 .and_then(|data| serde_json::from_value::<ZoneRef>(data).ok())
-                .and_then(|r| r.zone_id.or(r.zone.map(|z| z.id)));
+                .and_then(ZoneRef::zone);
             if !zone.is_some_and(|z| zones.contains(&z)) {
                 return false;
             }
@@ -407,6 +429,23 @@ mod tests {
         assert!(Filter::new(&None, &s("z1"), &None).matches(&zone_def));
         assert!(!Filter::new(&None, &s("z2"), &None).matches(&left));
         assert!(!Filter::new(&None, &s("z1"), &None).matches(&moved));
+
+        let opened = event(
+            "d1",
+            "AlarmOpened",
+            r#"{"type":"AlarmOpened","device_id":"d1","at":"2026-11-30T12:00:00Z","alarm_id":"d1.1","kind":"outside_zone","rule_id":"z1","severity":"warning","cause_version":3}"#,
+        );
+        let offline = event(
+            "d1",
+            "AlarmOpened",
+            r#"{"type":"AlarmOpened","device_id":"d1","at":"2026-11-30T12:00:00Z","alarm_id":"d1.2","kind":"offline","severity":"warning","cause_version":5}"#,
+        );
+        assert!(Filter::new(&None, &None, &s("alarm_changes")).matches(&opened));
+        assert!(!Filter::new(&None, &None, &s("alarm_changes")).matches(&left));
+        assert!(Filter::new(&None, &None, &s("alarms")).matches(&opened));
+        assert!(Filter::new(&None, &s("z1"), &None).matches(&opened));
+        assert!(!Filter::new(&None, &s("z2"), &None).matches(&opened));
+        assert!(!Filter::new(&None, &s("z1"), &None).matches(&offline));
     }
 
     #[test]

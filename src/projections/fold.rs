@@ -288,13 +288,12 @@ impl Changes {
                     kind: ConditionKind::Offline,
                     rule: String::new(),
                 };
-                self.conditions.push(
-                    if matches!(event, DeviceEvent::DeviceBackOnline { .. }) {
+                self.conditions
+                    .push(if matches!(event, DeviceEvent::DeviceBackOnline { .. }) {
                         ConditionChange::Ended(holding)
                     } else {
                         ConditionChange::Began(holding)
-                    },
-                );
+                    });
             }
             DeviceEvent::AlarmOpened {
                 at,

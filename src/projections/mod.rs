@@ -53,6 +53,8 @@ pub struct DeviceCounts {
 #[derive(Debug, Clone, Default)]
 pub struct AlarmFilter {
     pub state: Option<fleetwatch_domain::AlarmState>,
+    /// Only alarms not cleared (open or acknowledged).
+    pub active: bool,
     pub device: Option<String>,
     pub kind: Option<fleetwatch_domain::AlarmKind>,
     pub severity: Option<fleetwatch_domain::Severity>,

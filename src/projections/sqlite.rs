@@ -11,7 +11,9 @@ use fleetwatch_domain::Location;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::fold::{AlarmChange, Bucket, Changes, ConditionChange, ConditionKind, StoredBucket, FLEET};
+use super::fold::{
+    AlarmChange, Bucket, Changes, ConditionChange, ConditionKind, StoredBucket, FLEET,
+};
 use super::{
     AlarmFilter, AlarmRow, BucketRow, Crossing, DeviceCounts, ReadModelError, TopBy, TopEntry,
 };
@@ -90,7 +92,7 @@ CREATE INDEX alarms_by_device ON alarms (device, position);
 ";
 
 /// Alarms matching the filter ?1 state, ?2 device, ?3 kind, ?4 severity, ?5 zone (each NULL:
-/// any), before position ?6, newest first.
+/// any), ?7 not cleared (when 1), before position ?6, newest first.
 const ALARMS: &str = "
     SELECT a.position, a.id, d.name, a.kind, a.rule, a.severity, a.state, a.opened_at,
            a.cause_version, a.sequence, a.acknowledged_at, a.acknowledged_by, a.comment,
@@ -99,7 +101,7 @@ const ALARMS: &str = "
      WHERE (?1 IS NULL OR a.state = ?1) AND (?2 IS NULL OR d.name = ?2)
        AND (?3 IS NULL OR a.kind = ?3) AND (?4 IS NULL OR a.severity = ?4)
        AND (?5 IS NULL OR (a.kind = 'outside_zone' AND a.rule = ?5))
-       AND a.position < ?6
+       AND a.position < ?6 AND (?7 = 0 OR a.state <> 'cleared')
      ORDER BY a.position DESC";
 
 /// The buckets of the devices named in the JSON array ?1, `?2 <= start < ?3`, of stored width
@@ -550,6 +552,7 @@ impl Readers {
                 filter.severity.map(|s| s.as_str()),
                 filter.zone,
                 before.min(i64::MAX as u64) as i64,
+                filter.active,
             ],
             alarm_row,
         )?;

@@ -114,6 +114,9 @@ pub enum Wake {
     At(Option<DateTime<Utc>>),
 }
 
+/// A stream and its wake-up time ([`EventStore::wake_times`]).
+pub type WakeTime = (String, DateTime<Utc>);
+
 /// Committed events, published once per commit in position order.
 pub type CommittedBatch = Arc<Vec<RecordedEvent>>;
 
@@ -188,7 +191,7 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> BoxFuture<'static, StoreResult<Appended>>;
 
     /// Every stream with a wake-up time, and the time.
-    fn wake_times(&self) -> BoxFuture<'static, StoreResult<Vec<(String, DateTime<Utc>)>>>;
+    fn wake_times(&self) -> BoxFuture<'static, StoreResult<Vec<WakeTime>>>;
 
     /// Events of `stream` with version >= `from_version`, in order, at most `limit`.
     fn read_stream(

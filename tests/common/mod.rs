@@ -271,7 +271,10 @@ pub fn assert_alarms_alternate(device: &str, events: &[Value]) {
                     "{device}: a second open alarm for {key}"
                 );
                 let id = data["alarm_id"].as_str().unwrap().to_owned();
-                assert!(open.insert(id.clone(), (key, 1)).is_none(), "{device}: {id} opened twice");
+                assert!(
+                    open.insert(id.clone(), (key, 1)).is_none(),
+                    "{device}: {id} opened twice"
+                );
             }
             Some(change @ ("AlarmAcknowledged" | "AlarmCleared")) => {
                 let id = data["alarm_id"].as_str().unwrap();
@@ -279,7 +282,11 @@ pub fn assert_alarms_alternate(device: &str, events: &[Value]) {
                 let (_, last) = open
                     .get_mut(id)
                     .unwrap_or_else(|| panic!("{device}: {change} of {id}, which is not open"));
-                assert_eq!(sequence, *last + 1, "{device}: {change} of {id} out of sequence");
+                assert_eq!(
+                    sequence,
+                    *last + 1,
+                    "{device}: {change} of {id} out of sequence"
+                );
                 *last = sequence;
                 if change == "AlarmCleared" {
                     open.remove(id);

@@ -110,9 +110,15 @@ fn without_dwell_one_alarm_opens_when_the_device_leaves_and_clears_when_it_retur
     assert_eq!(severity, Severity::Critical);
     assert_eq!(at, t(10));
     // The cause is the LeftZone event of this decision, at its stream version.
-    let left_zone_index = left.iter().position(|e| e.event_type() == "LeftZone").unwrap();
+    let left_zone_index = left
+        .iter()
+        .position(|e| e.event_type() == "LeftZone")
+        .unwrap();
     let first_version_of_decision = d.version() - left.len() as u64 + 1;
-    assert_eq!(cause_version, first_version_of_decision + left_zone_index as u64);
+    assert_eq!(
+        cause_version,
+        first_version_of_decision + left_zone_index as u64
+    );
 
     for s in 11..500 {
         let events = feed(&mut d, &outside(s), &rules);
@@ -126,7 +132,11 @@ fn without_dwell_one_alarm_opens_when_the_device_leaves_and_clears_when_it_retur
     let again = feed(&mut d, &outside(600), &rules);
     let opened: Vec<_> = again.iter().filter_map(DeviceEvent::alarm_id).collect();
     assert_eq!(opened.len(), 1);
-    assert_eq!(opened[0].to_string(), "truck-7.2", "a new alarm, with the next id");
+    assert_eq!(
+        opened[0].to_string(),
+        "truck-7.2",
+        "a new alarm, with the next id"
+    );
 }
 
 #[test]
@@ -141,7 +151,10 @@ fn a_border_crossing_shorter_than_the_dwell_raises_nothing() {
     assert!(alarm_changes(&tick(&mut d, 40, &rules)).is_empty());
     feed(&mut d, &inside(45), &rules);
     for s in [69, 70, 71, 600] {
-        assert!(alarm_changes(&tick(&mut d, s, &rules)).is_empty(), "at {s}s");
+        assert!(
+            alarm_changes(&tick(&mut d, s, &rules)).is_empty(),
+            "at {s}s"
+        );
     }
     assert_eq!(d.alarms().count(), 0);
 }
@@ -153,7 +166,12 @@ fn a_condition_that_holds_for_the_dwell_opens_at_the_dwell_s_end() {
     feed(&mut d, &inside(0), &rules);
     let before = d.version();
     let left = feed(&mut d, &outside(10), &rules);
-    let left_version = before + 1 + left.iter().position(|e| e.event_type() == "LeftZone").unwrap() as u64;
+    let left_version = before
+        + 1
+        + left
+            .iter()
+            .position(|e| e.event_type() == "LeftZone")
+            .unwrap() as u64;
     let deadline = d.next_deadline(&rules).unwrap();
     assert_eq!(deadline, t(70));
     assert!(tick(&mut d, 69, &rules).is_empty());
@@ -165,7 +183,11 @@ fn a_condition_that_holds_for_the_dwell_opens_at_the_dwell_s_end() {
     else {
         unreachable!()
     };
-    assert_eq!(*at, t(70), "opened when the dwell ran out, not when noticed");
+    assert_eq!(
+        *at,
+        t(70),
+        "opened when the dwell ran out, not when noticed"
+    );
     assert_eq!(*cause_version, left_version);
     // A reading after the dwell opens it too, without a tick (readings carry time forward).
     let mut e = device();
@@ -197,7 +219,11 @@ fn an_alarm_clears_only_once_the_condition_has_been_gone_for_the_dwell() {
     assert_eq!(alarm_changes(&cleared), ["AlarmCleared"]);
     assert_eq!(cleared[0].at(), t(360));
     assert_eq!(d.alarms().count(), 0);
-    assert_eq!(d.next_deadline(&rules), Some(t(300 + 600)), "only offline is left");
+    assert_eq!(
+        d.next_deadline(&rules),
+        Some(t(300 + 600)),
+        "only offline is left"
+    );
 }
 
 #[test]
@@ -263,7 +289,11 @@ fn one_reading_that_leaves_a_zone_and_enters_another_emits_the_exit_first() {
 fn a_device_silent_for_its_offline_period_goes_offline_and_its_next_reading_brings_it_back() {
     let rules = rules_with(vec![], vec![]);
     let mut d = device();
-    assert_eq!(d.next_deadline(&rules), None, "never heard from: never offline");
+    assert_eq!(
+        d.next_deadline(&rules),
+        None,
+        "never heard from: never offline"
+    );
     feed(&mut d, &inside(0), &rules);
     assert_eq!(d.next_deadline(&rules), Some(t(600)));
     assert!(tick(&mut d, 599, &rules).is_empty());
@@ -274,7 +304,11 @@ fn a_device_silent_for_its_offline_period_goes_offline_and_its_next_reading_brin
     );
     assert_eq!(gone[0].at(), t(600));
     assert_eq!(d.offline_since(), Some(t(600)));
-    assert_eq!(d.next_deadline(&rules), None, "offline: nothing more is due");
+    assert_eq!(
+        d.next_deadline(&rules),
+        None,
+        "offline: nothing more is due"
+    );
     assert!(tick(&mut d, 5000, &rules).is_empty(), "no offline spam");
     let back = feed(&mut d, &inside(6000), &rules);
     let types: Vec<_> = back.iter().map(DeviceEvent::event_type).collect();
@@ -305,7 +339,10 @@ fn a_device_s_own_offline_period_overrides_the_default() {
     let set = d.set_offline_after(Some(30), t(1));
     d.apply(&set);
     assert_eq!(d.next_deadline(&rules), Some(t(30)));
-    assert_eq!(tick(&mut d, 31, &rules)[0].event_type(), "DeviceWentOffline");
+    assert_eq!(
+        tick(&mut d, 31, &rules)[0].event_type(),
+        "DeviceWentOffline"
+    );
     let unset = d.set_offline_after(None, t(40));
     d.apply(&unset);
     assert_eq!(d.own_offline_after(), None);
@@ -344,7 +381,10 @@ fn temperature_alarms_follow_the_range_s_severity_and_dwell() {
     let Some(DeviceEvent::AlarmOpened { kind, severity, .. }) = opened.first() else {
         panic!("{opened:?}")
     };
-    assert_eq!((*kind, *severity), (AlarmKind::TemperatureOutOfRange, Severity::Critical));
+    assert_eq!(
+        (*kind, *severity),
+        (AlarmKind::TemperatureOutOfRange, Severity::Critical)
+    );
     // Jumping to the other bound is the same condition: no second alarm.
     let jump = feed(&mut d, &at(50, DEPOT.0, DEPOT.1, -5.0), &rules);
     assert!(alarm_changes(&jump).is_empty(), "{jump:?}");
@@ -378,9 +418,14 @@ fn dwell_runs_on_the_device_s_timeline_when_it_uploads_old_readings() {
     let mut d = device();
     // Readings taken a week ago, arriving now (t(0), t(1), ...) with ticks in between.
     let week = 7 * 86_400;
-    let mut heard = 0;
-    for (taken, inside_zone) in [(-week, true), (-week + 10, false), (-week + 30, true)] {
-        let reading = if inside_zone { inside(taken) } else { outside(taken) };
+    let arrivals = [(-week, true), (-week + 10, false), (-week + 30, true)];
+    for (heard, (taken, inside_zone)) in arrivals.into_iter().enumerate() {
+        let heard = heard as i64;
+        let reading = if inside_zone {
+            inside(taken)
+        } else {
+            outside(taken)
+        };
         let Decision::Events(events) = d.handle(&reading, &rules) else {
             panic!()
         };
@@ -388,7 +433,6 @@ fn dwell_runs_on_the_device_s_timeline_when_it_uploads_old_readings() {
         d.heard(t(heard));
         let ticked = tick(&mut d, heard, &rules);
         assert!(alarm_changes(&ticked).is_empty(), "{ticked:?}");
-        heard += 1;
     }
     assert!(alarm_changes(&tick(&mut d, 500, &rules)).is_empty());
     assert_eq!(d.alarms().count(), 0);
@@ -402,5 +446,9 @@ fn dwell_runs_on_the_device_s_timeline_when_it_uploads_old_readings() {
     assert!(tick(&mut d, 659, &rules).is_empty());
     let opened = tick(&mut d, 660, &rules);
     assert_eq!(alarm_changes(&opened), ["AlarmOpened"]);
-    assert_eq!(opened[0].at(), t(-week + 100), "dated on the device's timeline");
+    assert_eq!(
+        opened[0].at(),
+        t(-week + 100),
+        "dated on the device's timeline"
+    );
 }

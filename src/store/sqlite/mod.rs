@@ -19,7 +19,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 
 use super::{
     Appended, CommittedBatch, EventStore, NewEvent, Pruned, RecordedEvent, Retention, Snapshot,
-    SnapshotAndTail, StoreError, StoreHealth, StoreResult, StreamAt, StreamInfo, Wake,
+    SnapshotAndTail, StoreError, StoreHealth, StoreResult, StreamAt, StreamInfo, Wake, WakeTime,
 };
 pub use schema::{format as store_format, FORMAT as STORE_FORMAT};
 use writer::{HealthSignal, WriteCommand, Writer, WriterConfig};
@@ -237,12 +237,15 @@ impl EventStore for SqliteStore {
         .boxed()
     }
 
-    fn wake_times(&self) -> BoxFuture<'static, StoreResult<Vec<(String, DateTime<Utc>)>>> {
+    fn wake_times(&self) -> BoxFuture<'static, StoreResult<Vec<WakeTime>>> {
         self.read(|conn| {
-            let mut stmt = conn
-                .prepare_cached("SELECT name, wake_at FROM streams WHERE wake_at IS NOT NULL")?;
+            let mut stmt =
+                conn.prepare_cached("SELECT name, wake_at FROM streams WHERE wake_at IS NOT NULL")?;
             let rows = stmt.query_map([], |row| {
-                Ok((row.get::<_, String>(0)?, micros(row.get(1)?).unwrap_or_default()))
+                Ok((
+                    row.get::<_, String>(0)?,
+                    micros(row.get(1)?).unwrap_or_default(),
+                ))
             })?;
             rows.collect()
         })

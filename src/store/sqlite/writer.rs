@@ -601,8 +601,8 @@ impl Writer {
                 tx.prepare_cached("INSERT INTO streams (name, version) VALUES (?1, ?2)")?;
             let mut update_stream =
                 tx.prepare_cached("UPDATE streams SET version = ?2 WHERE id = ?1")?;
-            let mut update_stream_waking = tx
-                .prepare_cached("UPDATE streams SET version = ?2, wake_at = ?3 WHERE id = ?1")?;
+            let mut update_stream_waking =
+                tx.prepare_cached("UPDATE streams SET version = ?2, wake_at = ?3 WHERE id = ?1")?;
             let mut upsert_snapshot = tx.prepare_cached(
                 "INSERT INTO snapshots (stream, version, schema, payload) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (stream) DO UPDATE SET version = excluded.version,
