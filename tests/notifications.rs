@@ -640,124 +640,179 @@ async fn the_webhook_api_validates_and_needs_the_admin_scope() {
     assert_eq!(missing.status(), 404);
 }
 
-#[tokio::test]
-async fn every_alarm_change_is_published_to_the_alarms_exchange() {
-    let names = Names::new("alarms");
-    let alarms_exchange = format!("{}.alarms", names.exchange);
-    let connection =
-        match lapin::Connection::connect(common::amqp::URL, lapin::ConnectionProperties::default())
-            .await
+/// A consumer bound with `#` to an alarms exchange of the test's own, on the real broker.
+struct AlarmsConsumer {
+    exchange: String,
+    connection: lapin::Connection,
+    channel: lapin::Channel,
+    consumer: lapin::Consumer,
+    /// Every message so far: routing key, body, properties.
+    received: Vec<(String, Value, lapin::BasicProperties)>,
+}
+
+impl AlarmsConsumer {
+    async fn bind(exchange: &str) -> AlarmsConsumer {
+        let connection = match lapin::Connection::connect(
+            common::amqp::URL,
+            lapin::ConnectionProperties::default(),
+        )
+        .await
         {
             Ok(c) => c,
             Err(e) => panic!("RabbitMQ must run on 127.0.0.1:5672 for this test (scripts/test-deps.sh starts it): {e}"),
         };
-    let channel = connection.create_channel().await.unwrap();
-    fleetwatch::ingest::amqp::declare_exchange(&channel, &alarms_exchange)
-        .await
-        .unwrap();
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            lapin::options::QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.name().as_str().into(),
-            alarms_exchange.as_str().into(),
-            "#".into(),
-            lapin::options::QueueBindOptions::default(),
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            queue.name().as_str().into(),
-            "test".into(),
-            lapin::options::BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        fleetwatch::ingest::amqp::declare_exchange(&channel, exchange)
+            .await
+            .unwrap();
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                lapin::options::QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                queue.name().as_str().into(),
+                exchange.into(),
+                "#".into(),
+                lapin::options::QueueBindOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let consumer = channel
+            .basic_consume(
+                queue.name().as_str().into(),
+                "test".into(),
+                lapin::options::BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        AlarmsConsumer {
+            exchange: exchange.to_owned(),
+            connection,
+            channel,
+            consumer,
+            received: Vec::new(),
+        }
+    }
 
-    let dir = tempfile::tempdir().unwrap();
+    fn distinct(&self) -> Vec<(String, u64)> {
+        let mut seen = HashSet::new();
+        self.received
+            .iter()
+            .map(|(_, body, _)| {
+                (
+                    body["alarm_id"].as_str().unwrap().to_owned(),
+                    body["sequence"].as_u64().unwrap(),
+                )
+            })
+            .filter(|key| seen.insert(key.clone()))
+            .collect()
+    }
+
+    /// Receives until `n` distinct changes have arrived in all.
+    async fn receive(&mut self, n: usize, engine: &Engine) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.distinct().len() < n {
+            let next = tokio::time::timeout_at(deadline, self.consumer.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "timed out: {:?} of {n} changes\n{}",
+                        self.distinct(),
+                        engine.log_tail()
+                    )
+                })
+                .expect("the consumer ended")
+                .expect("a delivery");
+            let body: Value = serde_json::from_slice(&next.data).unwrap();
+            self.received
+                .push((next.routing_key.to_string(), body, next.properties.clone()));
+        }
+    }
+
+    /// Every message: its routing key, persistent, a change.
+    fn check(&self) {
+        for (routing_key, body, properties) in &self.received {
+            assert_eq!(
+                routing_key,
+                &format!(
+                    "{}.{}.{}",
+                    body["kind"].as_str().unwrap(),
+                    body["severity"].as_str().unwrap(),
+                    body["device_id"].as_str().unwrap()
+                )
+            );
+            assert_eq!(properties.delivery_mode(), &Some(2), "persistent");
+            assert!(
+                ["opened", "acknowledged", "cleared"].contains(&body["change"].as_str().unwrap())
+            );
+        }
+    }
+
+    async fn close(self) {
+        let _ = self
+            .channel
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await;
+        let _ = self.connection.close(200, "test done".into()).await;
+    }
+}
+
+async fn start_amqp_engine(
+    dir: &std::path::Path,
+    names: &Names,
+    alarms: &str,
+    url: Option<&str>,
+) -> Engine {
     let mut args = names.engine_args();
-    args.extend(["--amqp-alarms-exchange".to_owned(), alarms_exchange.clone()]);
+    args.extend(["--amqp-alarms-exchange".to_owned(), alarms.to_owned()]);
+    if let Some(url) = url {
+        args.extend(["--amqp-url".to_owned(), url.to_owned()]);
+    }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut engine = Engine::start_with(&dir.path().join("data"), &args).await;
+    let engine = Engine::start_with(&dir.join("data"), &args).await;
     engine.wait_broker_connected().await;
+    engine
+}
+
+#[tokio::test]
+async fn every_alarm_change_is_published_to_the_alarms_exchange() {
+    let names = Names::new("alarms");
+    let alarms_exchange = format!("{}.alarms", names.exchange);
+    let mut consumer = AlarmsConsumer::bind(&alarms_exchange).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = start_amqp_engine(dir.path(), &names, &alarms_exchange, None).await;
     engine.create_depot_and_cold_chain().await;
     let mut devices: Vec<String> = (1..=2).map(|n| format!("rabbit-truck-{n}")).collect();
     for device in &devices {
         make_alarm_changes(&engine, device).await;
     }
-    // Made while the engine is down (killed): published after the restart.
+    // Killed: what was not confirmed is published after the restart, and nothing is lost.
     engine.kill();
     engine.restart().await;
     let late = "rabbit-truck-3".to_owned();
     make_alarm_changes(&engine, &late).await;
     devices.push(late);
     let expected = expected_changes(&engine, &devices).await;
-
-    let mut received: Vec<(String, Value, lapin::BasicProperties)> = Vec::new();
-    let mut seen = HashSet::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while seen.len() < expected.len() {
-        let next = tokio::time::timeout_at(deadline, consumer.next())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "timed out: {} of {} changes: {:?}\n{}",
-                    seen.len(),
-                    expected.len(),
-                    received.iter().map(|r| &r.0).collect::<Vec<_>>(),
-                    engine.log_tail()
-                )
-            })
-            .expect("the consumer ended")
-            .expect("a delivery");
-        let body: Value = serde_json::from_slice(&next.data).unwrap();
-        seen.insert((
-            body["alarm_id"].as_str().unwrap().to_owned(),
-            body["sequence"].as_u64().unwrap(),
-        ));
-        received.push((next.routing_key.to_string(), body, next.properties.clone()));
-    }
-    let mut distinct = HashSet::new();
-    let in_order: Vec<(String, u64)> = received
-        .iter()
-        .map(|(_, body, _)| {
-            (
-                body["alarm_id"].as_str().unwrap().to_owned(),
-                body["sequence"].as_u64().unwrap(),
-            )
-        })
-        .filter(|key| distinct.insert(key.clone()))
-        .collect();
-    assert_eq!(in_order, expected, "every change, in order");
-    for (routing_key, body, properties) in &received {
-        assert_eq!(
-            routing_key,
-            &format!(
-                "{}.{}.{}",
-                body["kind"].as_str().unwrap(),
-                body["severity"].as_str().unwrap(),
-                body["device_id"].as_str().unwrap()
-            )
-        );
-        assert_eq!(properties.delivery_mode(), &Some(2), "persistent");
-        assert!(["opened", "acknowledged", "cleared"].contains(&body["change"].as_str().unwrap()));
-    }
+    consumer.receive(expected.len(), &engine).await;
+    assert_eq!(consumer.distinct(), expected, "every change, in order");
+    consumer.check();
     assert!(
         engine
             .metric("fleetwatch_notify_delivered_total{sink=\"amqp\"}")
@@ -765,11 +820,95 @@ async fn every_alarm_change_is_published_to_the_alarms_exchange() {
             >= 5.0,
         "counted after the restart"
     );
-    let _ = channel
-        .exchange_delete(
-            alarms_exchange.as_str().into(),
-            lapin::options::ExchangeDeleteOptions::default(),
-        )
-        .await;
-    let _ = connection.close(200, "test done".into()).await;
+    consumer.close().await;
+}
+
+/// A TCP relay to the real broker that the test can cut: every connection through it is dropped
+/// and new ones are refused until it is restored. The broker itself is shared and left alone.
+#[derive(Clone)]
+struct Relay {
+    port: u16,
+    up: Arc<Mutex<bool>>,
+    cut: Arc<tokio::sync::Notify>,
+}
+
+impl Relay {
+    async fn start() -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay = Relay {
+            port: listener.local_addr().unwrap().port(),
+            up: Arc::new(Mutex::new(true)),
+            cut: Arc::default(),
+        };
+        let serving = relay.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !*serving.up.lock().unwrap() {
+                    continue;
+                }
+                let cut = serving.cut.clone();
+                tokio::spawn(async move {
+                    let Ok(mut broker) = TcpStream::connect("127.0.0.1:5672").await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut broker) => {}
+                        _ = cut.notified() => {}
+                    }
+                });
+            }
+        });
+        relay
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn cut(&self) {
+        *self.up.lock().unwrap() = false;
+        self.cut.notify_waiters();
+    }
+
+    fn restore(&self) {
+        *self.up.lock().unwrap() = true;
+    }
+}
+
+#[tokio::test]
+async fn the_alarm_publisher_reconnects_and_loses_nothing_while_the_broker_is_unreachable() {
+    let names = Names::new("alarms-relay");
+    let alarms_exchange = format!("{}.alarms", names.exchange);
+    let mut consumer = AlarmsConsumer::bind(&alarms_exchange).await;
+    let relay = Relay::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = start_amqp_engine(dir.path(), &names, &alarms_exchange, Some(&relay.url())).await;
+    engine.create_depot_and_cold_chain().await;
+    let first = vec!["relay-truck-1".to_owned()];
+    make_alarm_changes(&engine, &first[0]).await;
+    let expected = expected_changes(&engine, &first).await;
+    consumer.receive(expected.len(), &engine).await;
+
+    // The broker out of reach: changes made now wait for it (HTTP ingest goes on).
+    relay.cut();
+    let devices = vec!["relay-truck-1".to_owned(), "relay-truck-2".to_owned()];
+    make_alarm_changes(&engine, &devices[1]).await;
+    eventually(
+        Duration::from_secs(20),
+        "the publisher to notice",
+        || async {
+            (engine
+                .metric("fleetwatch_notify_failures_total{sink=\"amqp\"}")
+                .await
+                >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    relay.restore();
+    let expected = expected_changes(&engine, &devices).await;
+    consumer.receive(expected.len(), &engine).await;
+    assert_eq!(consumer.distinct(), expected, "every change, in order");
+    consumer.check();
+    consumer.close().await;
 }
