@@ -231,8 +231,8 @@ impl Notifier {
         self.inner.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Creates a webhook that gets the matching changes committed from now on. Blocking (SQLite
-    /// and the store's head): call it off the async workers.
+    /// Creates a webhook that gets the matching changes committed from now on (SQLite is
+    /// written on the blocking pool).
     pub async fn create(&self, new: NewWebhook) -> Result<Webhook, NotifyError> {
         validate(&new, &self.inner.settings.allowed_hosts)?;
         let head = self.inner.store.head_position().await?;
@@ -245,14 +245,7 @@ impl Notifier {
         };
         let inner = self.inner.clone();
         let stored = record.clone();
-        tokio::task::spawn_blocking(move || {
-            if inner.state.count_webhooks()? >= MAX_WEBHOOKS {
-                return Err(NotifyError::TooMany);
-            }
-            inner.state.insert_webhook(&stored, head)
-        })
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))??;
+        blocking(move || inner.state.insert_webhook(&stored, head, MAX_WEBHOOKS)).await?;
         tracing::info!(id = %record.id, url = %record.url, after = head, "webhook created");
         let webhook = Webhook::from(&record);
         self.run_webhook(record);

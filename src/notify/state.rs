@@ -91,11 +91,21 @@ impl State {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stores a webhook and its subscriber, starting after `position`.
-    pub fn insert_webhook(&self, hook: &WebhookRecord, position: u64) -> Result<(), NotifyError> {
+    /// Stores a webhook and its subscriber, starting after `position`, unless `max` webhooks
+    /// exist.
+    pub fn insert_webhook(
+        &self,
+        hook: &WebhookRecord,
+        position: u64,
+        max: usize,
+    ) -> Result<(), NotifyError> {
         let filter = serde_json::to_string(&hook.filter)?;
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        let count: i64 = tx.query_row("SELECT COUNT(*) FROM webhooks", [], |r| r.get(0))?;
+        if count as usize >= max {
+            return Err(NotifyError::TooMany);
+        }
         tx.execute(
             "INSERT INTO webhooks (id, url, filter, secret, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![hook.id, hook.url, filter, hook.secret, hook.created_at.to_rfc3339()],
@@ -106,13 +116,6 @@ impl State {
         )?;
         tx.commit()?;
         Ok(())
-    }
-
-    pub fn count_webhooks(&self) -> Result<usize, NotifyError> {
-        let n: i64 = self
-            .conn()
-            .query_row("SELECT COUNT(*) FROM webhooks", [], |r| r.get(0))?;
-        Ok(n as usize)
     }
 
     /// Every webhook, oldest first.
@@ -274,7 +277,13 @@ mod tests {
         };
         {
             let state = State::open(dir.path()).unwrap();
-            state.insert_webhook(&hook, 7).unwrap();
+            state.insert_webhook(&hook, 7, 1).unwrap();
+            let mut second = hook.clone();
+            second.id = "b".into();
+            assert!(matches!(
+                state.insert_webhook(&second, 7, 1),
+                Err(NotifyError::TooMany)
+            ));
             let name = webhook_subscriber("a");
             state.failed(&name, 2, "HTTP 500").unwrap();
             state.delivered(&name, 12, 1, ("truck-7.1", 1)).unwrap();
