@@ -246,7 +246,8 @@ impl Notifier {
         let inner = self.inner.clone();
         let stored = record.clone();
         blocking(move || inner.state.insert_webhook(&stored, head, MAX_WEBHOOKS)).await?;
-        tracing::info!(id = %record.id, url = %record.url, after = head, "webhook created");
+        // Not the URL: for many services (chat webhooks) its path is the secret.
+        tracing::info!(id = %record.id, host = %host_of(&record.url), after = head, "webhook created");
         let webhook = Webhook::from(&record);
         self.run_webhook(record);
         Ok(webhook)
@@ -378,6 +379,14 @@ fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
         .min(cap);
     let millis = ceiling.as_millis().min(u64::MAX as u128) as u64;
     Duration::from_millis(rand::rng().random_range(0..=millis))
+}
+
+/// The host of a webhook URL, for logs (the rest of it may be a secret).
+fn host_of(url: &str) -> String {
+    reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// An error with its causes, on one line.

@@ -217,7 +217,7 @@ impl Runner {
                     }
                     let wait = backoff(attempts, RETRY_BASE, self.inner.settings.retry_max);
                     if attempts == 1 {
-                        tracing::warn!(webhook = %self.hook.id, url = %self.hook.url, alarm = %change.alarm_id, sequence = change.sequence, %error, "webhook delivery failed; retrying with backoff");
+                        tracing::warn!(webhook = %self.hook.id, host = %super::host_of(&self.hook.url), alarm = %change.alarm_id, sequence = change.sequence, %error, "webhook delivery failed; retrying with backoff");
                     } else {
                         tracing::debug!(webhook = %self.hook.id, attempts, %error, retry_in = ?wait, "webhook delivery failed again");
                     }
@@ -251,7 +251,11 @@ impl Runner {
         if let Some(secret) = &self.hook.secret {
             request = request.header(SIGNATURE_HEADER, signature(secret, body));
         }
-        let response = request.send().await.map_err(|e| error_chain(&e))?;
+        // Without the URL: it is logged and shown, and its path may be a secret.
+        let response = request
+            .send()
+            .await
+            .map_err(|e| error_chain(&e.without_url()))?;
         let status = response.status();
         if status.is_success() {
             Ok(())
