@@ -17,6 +17,8 @@ vendor_files! {
     "/vendor/topojson-client/topojson-client.min.js", "text/javascript; charset=utf-8",
         "topojson-client/dist/topojson-client.min.js";
     "/vendor/world-atlas/countries-110m.json", "application/json", "world-atlas/countries-110m.json";
+    "/vendor/uplot/uPlot.iife.min.js", "text/javascript; charset=utf-8", "uplot/dist/uPlot.iife.min.js";
+    "/vendor/uplot/uPlot.min.css", "text/css; charset=utf-8", "uplot/dist/uPlot.min.css";
     "/api/docs/swagger-ui-bundle.js", "text/javascript; charset=utf-8",
         "swagger-ui-dist/swagger-ui-bundle.js";
     "/api/docs/swagger-ui.css", "text/css; charset=utf-8", "swagger-ui-dist/swagger-ui.css";

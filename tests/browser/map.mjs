@@ -3,6 +3,12 @@
 //
 //   node tests/browser/map.mjs <base_url> <screenshot_path>
 //
+// Markers, zones drawn through the page, alarms and ranges; then a device's panel: its chart of
+// temperature buckets (uPlot) and its track on the map, for readings this script sends, with the
+// range and bucket selectors, errors from the API shown in the panel, and the fleet panel.
+// Devices are drawn on a canvas, so the script reads them through `window.fleetwatch`
+// (markers, markerState) rather than DOM elements.
+//
 // Expects an engine already running at <base_url> with an empty data dir. Drives Debian's
 // chromium (/usr/bin/chromium, override with FLEETWATCH_CHROMIUM) through playwright-core.
 // Exit code 0 = pass; otherwise the failing step is printed, and a screenshot of the page at
@@ -25,6 +31,8 @@ const WAIT_MS = 10_000;
 const OVERALL_TIMEOUT_MS = 120_000;
 
 const DEVICE = 'e2e-truck';
+const CHART_DEVICE = 'e2e-chart';
+const UNKNOWN_DEVICE = 'e2e-no-such-device';
 const ZONE_ID = 'e2e-amsterdam';
 const ZONE_NAME = 'E2E Amsterdam';
 const POLYGON_NAME = `E2E drawn polygon ${Date.now().toString(36)}`;
@@ -89,22 +97,109 @@ async function poll(what, fn, timeoutMs = WAIT_MS) {
 
 // ---- browser-side probes ----
 
-const markerInfo = (page, id) => page.evaluate((deviceId) => {
+// What the page shows for a device's canvas marker: { lat, lon, status, fill, highlighted, x, y, ... }.
+const markerInfo = (page, id) => page.evaluate((deviceId) => window.fleetwatch && window.fleetwatch.markerState(deviceId), id);
+
+/**
+ * What the devices' canvas shows at a device's marker, after centring the map on it: the pixel's
+ * colour (#rrggbb) and alpha, and whether the marker is on that canvas's renderer, with no element.
+ */
+const paintedAt = (page, id) => page.evaluate(async (deviceId) => {
   const fw = window.fleetwatch;
-  const m = fw && fw.markers.get(deviceId);
+  const m = fw.markers.get(deviceId);
   if (!m) return null;
-  const ll = m.getLatLng();
-  return { lat: ll.lat, lon: ll.lng, fill: m.options.fillColor, status: m.status || null };
+  fw.map.setView(m.getLatLng(), Math.max(fw.map.getZoom(), 10), { animate: false });
+  // Until no repaint is pending: the canvas shows the marker where it is now.
+  for (let i = 0; i < 60 && (i < 2 || fw.deviceRenderer._redrawRequest); i++) await new Promise((r) => requestAnimationFrame(r));
+  const s = fw.markerState(deviceId);
+  const canvas = fw.deviceRenderer._container;
+  const rect = canvas.getBoundingClientRect();
+  const mapRect = fw.map.getContainer().getBoundingClientRect();
+  const x = Math.round((mapRect.left + s.x - rect.left) * (canvas.width / rect.width));
+  const y = Math.round((mapRect.top + s.y - rect.top) * (canvas.height / rect.height));
+  const [r, g, b, a] = canvas.getContext('2d').getImageData(x, y, 1, 1).data;
+  return {
+    fill: s.fill,
+    pixel: `#${[r, g, b].map((v) => v.toString(16).padStart(2, '0')).join('')}`,
+    alpha: a,
+    onCanvas: m.options.renderer === fw.deviceRenderer && canvas instanceof HTMLCanvasElement && !m.getElement(),
+  };
 }, id);
+
+/**
+ * The chart's buckets with data (uPlot's data: x = bucket start in seconds; null gaps dropped),
+ * and whether the mean line is painted at each of them on the chart's canvas.
+ */
+const chartInfo = (page) => page.evaluate(() => {
+  const p = window.fleetwatch.devicePanel;
+  const u = p.chart;
+  if (!u) return null;
+  const [xs, mins, maxs, means, counts] = u.data;
+  const canvas = u.ctx.canvas;
+  const ctx = canvas.getContext('2d');
+  const buckets = [];
+  for (let i = 0; i < xs.length; i++) {
+    if (means[i] === null || means[i] === undefined) continue;
+    // A 9x9 box around (start, mean) in canvas pixels: the mean line or point is there.
+    const cx = Math.round(u.valToPos(xs[i], 'x', true));
+    const cy = Math.round(u.valToPos(means[i], 'temp', true));
+    const img = ctx.getImageData(cx - 4, cy - 4, 9, 9).data;
+    let painted = false;
+    for (let k = 0; k < img.length; k += 4) {
+      const [r, g, b, a] = [img[k], img[k + 1], img[k + 2], img[k + 3]];
+      if (a > 150 && b > r + 60 && b > g + 40) { painted = true; break; } // the mean's blue
+    }
+    buckets.push({ start: xs[i], min: mins[i], max: maxs[i], mean: means[i], count: counts[i], painted });
+  }
+  return {
+    device: p.deviceId, bucket: p.bucket, draws: p.chartDraws, buckets, error: p.error,
+    info: document.querySelector('#device-chart-info').textContent,
+    width: canvas.width, height: canvas.height,
+  };
+});
+
+/** The track drawn for the panel's device: its points, and its SVG path in the tracks pane. */
+const trackInfo = (page) => page.evaluate(() => {
+  const fw = window.fleetwatch;
+  const p = fw.devicePanel;
+  const path = document.querySelector('.leaflet-tracks-pane path.device-track');
+  return {
+    device: p.deviceId,
+    onMap: !!(p.track && fw.map.hasLayer(p.track)),
+    points: p.track ? p.track.getLatLngs().map((ll) => [ll.lat, ll.lng]) : [],
+    capped: p.trackCapped,
+    pathDevice: path && path.getAttribute('data-device'),
+    pathD: path ? path.getAttribute('d') || '' : null,
+    info: document.querySelector('#device-track-info').textContent,
+  };
+});
+
+/** Waits for the panel to finish a load of `device` after `loadsBefore` loads. */
+async function waitPanelLoad(page, device, loadsBefore) {
+  return poll(`the device panel of ${device} to load`, () => page.evaluate(([id, n]) => {
+    const p = window.fleetwatch.devicePanel;
+    return p.deviceId === id && p.loads > n && !document.querySelector('#device-panel').hidden ? p.loads : null;
+  }, [device, loadsBefore]));
+}
+
+const panelLoads = (page) => page.evaluate(() => window.fleetwatch.devicePanel.loads);
 
 const near = (a, b, eps = 1e-6) => Math.abs(a - b) <= eps;
 
-async function waitForMarkerAt(page, lat, lon) {
-  return poll(`the marker of ${DEVICE} at ${lat}, ${lon}`, async () => {
-    const m = await markerInfo(page, DEVICE);
-    return m && near(m.lat, lat) && near(m.lon, lon) ? m : null;
+async function waitForMarkerOf(page, id, lat, lon) {
+  return poll(`the marker of ${id} at ${lat}, ${lon}`, async () => {
+    const m = await markerInfo(page, id);
+    return m && m.on_map && near(m.lat, lat) && near(m.lon, lon) ? m : null;
   });
 }
+
+const waitForMarkerAt = (page, lat, lon) => waitForMarkerOf(page, DEVICE, lat, lon);
+
+const round6 = (v) => Math.round(v * 1e6) / 1e6;
+
+/** Answers >= 400 the script asks for on purpose (URL patterns); any other is a problem. */
+const expectedErrors = [];
+const expectedError = (url) => expectedErrors.some((re) => re.test(url));
 
 async function waitConnected(page) {
   await page.waitForFunction(
@@ -158,7 +253,10 @@ async function main() {
     const baseOrigin = new URL(BASE).origin;
     page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
     page.on('console', (m) => {
-      if (m.type() === 'error') problems.push(`console error: ${m.text()}`);
+      // Chromium logs every failed request; the ones asked for on purpose are fine.
+      if (m.type() === 'error' && !(/status of 40[04]/.test(m.text()) && expectedError(m.location().url || ''))) {
+        problems.push(`console error: ${m.text()}`);
+      }
     });
     page.on('request', (req) => {
       const u = new URL(req.url());
@@ -168,7 +266,7 @@ async function main() {
     });
     page.on('response', (res) => {
       const u = new URL(res.url());
-      if (res.status() >= 400 && !u.pathname.endsWith('.map')) problems.push(`HTTP ${res.status()} for ${res.url()}`);
+      if (res.status() >= 400 && !u.pathname.endsWith('.map') && !expectedError(res.url())) problems.push(`HTTP ${res.status()} for ${res.url()}`);
     });
 
     try {
@@ -184,6 +282,11 @@ async function main() {
       await postReading(p1.lat, p1.lon, 4.0);
       const m1 = await waitForMarkerAt(page, p1.lat, p1.lon);
       assert(m1.status === 'normal' || m1.status === null, `marker status after an in-zone reading is ${m1.status}`);
+      let px1 = null;
+      await poll(`the devices' canvas to show the marker's colour ${m1.fill} at it`, async () => {
+        px1 = await paintedAt(page, DEVICE);
+        return px1.onCanvas && px1.pixel === m1.fill && px1.alpha === 255;
+      }).catch((e) => fail(`${e.message}; last seen ${JSON.stringify(px1)}`));
 
       step('2b. a reading ~500 m further (still inside) moves the marker');
       const p2 = { lat: 52.3765, lon: 4.893 };
@@ -200,22 +303,35 @@ async function main() {
         return texts.find((t) => t.includes(ZONE_NAME) || t.includes(ZONE_ID)) || null;
       });
       assert(/left|outside/i.test(entryText), `alarm entry does not say the device left the zone: "${entryText}"`);
+      // The canvas marker has no element: the highlight is an SVG ring around it.
+      await poll(`the pulsing highlight ring around ${DEVICE}`, () => page.evaluate((id) => {
+        const ring = document.querySelector(`.leaflet-highlights-pane path.device-highlight.pulse[data-device="${id}"]`);
+        return ring && window.fleetwatch.markerState(id).highlighted ? true : null;
+      }, DEVICE));
       const m3b = await poll(`the marker of ${DEVICE} to change colour`, async () => {
         const m = await markerInfo(page, DEVICE);
         return m && m.fill !== m1.fill ? m : null;
       });
-      console.log(`[map.mjs]    alarm entry: "${entryText.trim()}"; marker colour ${m1.fill} -> ${m3b.fill}`);
+      let px3 = null;
+      await poll(`the devices' canvas to show the new colour ${m3b.fill} at the marker`, async () => {
+        px3 = await paintedAt(page, DEVICE);
+        return px3.pixel === m3b.fill && px3.alpha === 255;
+      }).catch((e) => fail(`${e.message}; last seen ${JSON.stringify(px3)}`));
+      console.log(`[map.mjs]    alarm entry: "${entryText.trim()}"; marker colour ${m1.fill} -> ${m3b.fill} (on the canvas: ${px1.pixel} -> ${px3.pixel})`);
       const dev = await expectStatus('GET', `/api/devices/${DEVICE}`, undefined, 200);
       assert(dev.status === 'out_of_zone', `GET /api/devices/${DEVICE} says status ${dev.status}, expected out_of_zone`);
       void m3;
 
-      step('3b. clicking the alarm entry shows the device popup with its recent events');
+      step('3b. clicking the alarm entry shows the device popup with its recent events, and its panel');
+      const loads3b = await panelLoads(page);
       await page.click(entrySel);
       await poll('the device popup with its events', async () => {
         const t = await page.textContent('.leaflet-popup-content').catch(() => null);
         return t && t.includes(DEVICE) && t.includes('LeftZone') ? t : null;
       });
+      await waitPanelLoad(page, DEVICE, loads3b);
       await page.evaluate(() => window.fleetwatch.map.closePopup());
+      await page.click('#device-close');
 
       step('4. draw a polygon zone through the page UI');
       // Somewhere empty north-west of Amsterdam, away from the existing zone and the marker.
@@ -291,6 +407,175 @@ async function main() {
         return m && m.fill !== m3b.fill && m.fill !== m1.fill ? m : null;
       });
 
+
+      step('4e. a device panel: the chart of its temperature buckets and its track on the map');
+      // Readings dated in four consecutive whole minutes a few minutes ago (not in the future:
+      // the engine refuses readings beyond --max-clock-skew), three per minute.
+      const MINUTE = 60_000;
+      const firstMinute = Math.floor(Date.now() / MINUTE) * MINUTE - 8 * MINUTE;
+      const chartReadings = [];
+      for (let m = 0; m < 4; m++) {
+        [0, 0.5, 2.0].forEach((dt, k) => {
+          const i = m * 3 + k;
+          chartReadings.push({
+            device_id: CHART_DEVICE,
+            timestamp: new Date(firstMinute + m * MINUTE + k * 15_000).toISOString(),
+            lat: round6(52.33 + i * 0.004),
+            lon: round6(4.93 + (i % 2) * 0.006 + i * 0.002),
+            temperature: 2.5 + m + dt,
+          });
+        });
+      }
+      const posted = await expectStatus('POST', '/api/readings', chartReadings, 202);
+      assert(posted.accepted === 12 && posted.late === 0, `chart readings: ${JSON.stringify(posted)}`);
+      const expected = [0, 1, 2, 3].map((m) => {
+        const temps = chartReadings.slice(m * 3, m * 3 + 3).map((r) => r.temperature);
+        return {
+          start: (firstMinute + m * MINUTE) / 1000,
+          count: 3,
+          mean: temps.reduce((a, b) => a + b, 0) / 3,
+          min: Math.min(...temps),
+          max: Math.max(...temps),
+        };
+      });
+      // The read models follow the store about a second behind.
+      const span = `from=${new Date(firstMinute - MINUTE).toISOString()}&to=${new Date().toISOString()}`;
+      await poll(`the engine's ${expected.length} minute buckets of ${CHART_DEVICE}`, async () => {
+        const r = await api('GET', `/api/devices/${CHART_DEVICE}/temperature?bucket=minute&${span}`);
+        return r.status === 200 && r.json.buckets.length === expected.length && r.json.buckets.every((b) => b.count === 3);
+      });
+      const last = chartReadings[chartReadings.length - 1];
+      await waitForMarkerOf(page, CHART_DEVICE, last.lat, last.lon);
+
+      // Click its marker on the canvas.
+      await page.evaluate(([lat, lon]) => {
+        window.fleetwatch.map.closePopup();
+        window.fleetwatch.map.setView([lat, lon], 14, { animate: false });
+      }, [last.lat, last.lon]);
+      await page.waitForTimeout(300);
+      let loads = await panelLoads(page);
+      const target = await markerInfo(page, CHART_DEVICE);
+      const mapBox0 = await page.locator('#map').boundingBox();
+      await page.mouse.click(mapBox0.x + target.x, mapBox0.y + target.y);
+      await waitPanelLoad(page, CHART_DEVICE, loads);
+      await poll(`the popup of ${CHART_DEVICE} (a click on its marker opens both)`, async () => {
+        const t = await page.textContent('.leaflet-popup-content').catch(() => null);
+        return t && t.includes(CHART_DEVICE) ? t : null;
+      });
+      assert((await page.textContent('#device-name')).trim() === CHART_DEVICE, 'the panel names another device');
+      assert(await page.inputValue('#device-range') === '1h' && await page.inputValue('#device-bucket') === 'minute',
+        'the panel does not start on the last hour by minute');
+
+      const chart = await chartInfo(page);
+      assert(chart && !chart.error, `the panel shows an error: ${chart && chart.error}`);
+      assert(chart.draws > 0 && chart.width > 100 && chart.height > 50, `the chart was not drawn: ${JSON.stringify(chart)}`);
+      assert(chart.buckets.length === expected.length,
+        `the chart has ${chart.buckets.length} buckets, expected ${expected.length}: ${JSON.stringify(chart.buckets)}`);
+      chart.buckets.forEach((b, i) => {
+        const e = expected[i];
+        assert(b.start === e.start && b.count === e.count && near(b.mean, e.mean) && near(b.min, e.min) && near(b.max, e.max),
+          `chart bucket ${i} is ${JSON.stringify(b)}, expected ${JSON.stringify(e)}`);
+        assert(b.painted, `the mean line is not painted at bucket ${i} (${JSON.stringify(b)})`);
+      });
+      assert(/4 minute buckets · 12 readings/.test(chart.info), `chart caption: "${chart.info}"`);
+      console.log(`[map.mjs]    chart: ${chart.buckets.map((b) => `${b.count}×${b.mean.toFixed(3)} [${b.min}…${b.max}]`).join(', ')}`);
+
+      const track = await trackInfo(page);
+      const sent = chartReadings.map((r) => [r.lat, r.lon]);
+      assert(track.onMap && track.device === CHART_DEVICE, `the track is not on the map: ${JSON.stringify(track)}`);
+      assert(track.points.length === sent.length && track.points.every(([la, lo], i) => near(la, sent[i][0]) && near(lo, sent[i][1])),
+        `the track's points ${JSON.stringify(track.points)} are not the readings' ${JSON.stringify(sent)}`);
+      assert(track.pathDevice === CHART_DEVICE && /^M/.test(track.pathD) && (track.pathD.match(/L/g) || []).length >= 1,
+        `the track's SVG path: ${track.pathDevice} "${track.pathD}"`);
+      assert(!track.capped && /Track: 12 readings/.test(track.info), `track caption: "${track.info}"`);
+      const trackInView = await page.evaluate(() => window.fleetwatch.map.getBounds().contains(window.fleetwatch.devicePanel.track.getBounds()));
+      assert(trackInView, 'the track is not in view');
+
+      step('4f. the range selector: last 24 hours by hour (the selector picks the bucket)');
+      loads = await panelLoads(page);
+      await page.selectOption('#device-range', '24h');
+      await waitPanelLoad(page, CHART_DEVICE, loads);
+      assert(await page.inputValue('#device-bucket') === 'hour', 'choosing 24 hours did not choose hour buckets');
+      const hourly = await chartInfo(page);
+      const hours = new Map();
+      for (const r of chartReadings) {
+        const h = Math.floor(Date.parse(r.timestamp) / 3_600_000) * 3600;
+        hours.set(h, [...(hours.get(h) || []), r.temperature]);
+      }
+      assert(hourly.bucket === 'hour' && hourly.buckets.length === hours.size,
+        `hour buckets: ${JSON.stringify(hourly.buckets)}, expected ${hours.size}`);
+      for (const b of hourly.buckets) {
+        const temps = hours.get(b.start);
+        assert(temps && b.count === temps.length && near(b.mean, temps.reduce((x, y) => x + y, 0) / temps.length)
+          && near(b.min, Math.min(...temps)) && near(b.max, Math.max(...temps)),
+          `hour bucket ${JSON.stringify(b)} does not match the readings`);
+      }
+      assert((await trackInfo(page)).points.length === sent.length, 'the track over 24 hours lost points');
+
+      step('4g. an impossible choice shows the API\'s error in the panel (30 days by minute: 400)');
+      loads = await panelLoads(page);
+      await page.selectOption('#device-range', '30d');
+      await waitPanelLoad(page, CHART_DEVICE, loads);
+      assert(await page.inputValue('#device-bucket') === 'day', 'choosing 30 days did not choose day buckets');
+      assert(!(await chartInfo(page)).error, 'the panel shows an error for 30 days by day');
+      loads = await panelLoads(page);
+      expectedErrors.push(new RegExp(`/api/devices/${CHART_DEVICE}/temperature\\?.*bucket=minute`));
+      await page.selectOption('#device-bucket', 'minute');
+      await waitPanelLoad(page, CHART_DEVICE, loads);
+      const errText = await page.textContent('#device-error');
+      assert(/HTTP 400/.test(errText) && /10000/.test(errText) && /from/.test(errText),
+        `#device-error after 30 days by minute: "${errText}"`);
+      assert(await page.isVisible('#device-error'), '#device-error is not visible');
+      console.log(`[map.mjs]    shown: "${errText.trim()}"`);
+      assert((await trackInfo(page)).points.length === sent.length, 'the track went away with the chart error');
+
+      step('4h. an unknown device from the search field: 404 shown in the panel');
+      expectedErrors.push(new RegExp(`/api/devices/${UNKNOWN_DEVICE}/`));
+      loads = await panelLoads(page);
+      await page.fill('#device-search', UNKNOWN_DEVICE);
+      await page.click('#device-search-go');
+      await waitPanelLoad(page, UNKNOWN_DEVICE, loads);
+      const err404 = await page.textContent('#device-error');
+      assert(/HTTP 404/.test(err404), `#device-error for an unknown device: "${err404}"`);
+      assert(!(await trackInfo(page)).onMap, 'a track is drawn for an unknown device');
+
+      step('4i. closing the panel removes the track');
+      await page.selectOption('#device-range', '1h');
+      loads = await panelLoads(page);
+      await page.fill('#device-search', CHART_DEVICE);
+      await page.click('#device-search-go');
+      await waitPanelLoad(page, CHART_DEVICE, loads);
+      assert((await trackInfo(page)).onMap, 'the track is not back');
+      await page.click('#device-close');
+      assert(await page.isHidden('#device-panel'), 'the panel is still shown');
+      const closed = await trackInfo(page);
+      assert(!closed.onMap && closed.pathD === null && closed.points.length === 0, `the track is still drawn: ${JSON.stringify(closed)}`);
+
+      step('4j. the fleet panel: statistics and top devices from the engine');
+      await page.evaluate(() => Promise.all([window.fleetwatch.refreshFleet(), window.fleetwatch.refreshTop()]));
+      const fleetShown = await poll('the fleet panel\'s figures', async () => {
+        const f = await page.evaluate(() => ({
+          known: document.querySelector('#fleet-known').textContent,
+          active: document.querySelector('#fleet-active').textContent,
+          outside: document.querySelector('#fleet-outside').textContent,
+          perMinute: document.querySelector('#fleet-readings-1m').textContent,
+          error: document.querySelector('#fleet-error').textContent,
+          top: [...document.querySelectorAll('#fleet-top li[data-device]')].map((li) => li.dataset.device),
+          updates: window.fleetwatch.fleet.updates,
+        }));
+        return f.known === '2' && f.top.includes(CHART_DEVICE) ? f : null;
+      });
+      const stats = await expectStatus('GET', '/api/stats', undefined, 200);
+      assert(fleetShown.error === '' && fleetShown.updates >= 1, `fleet panel: ${JSON.stringify(fleetShown)}`);
+      assert(Number(fleetShown.outside) === stats.devices.outside_a_zone, `fleet panel says ${fleetShown.outside} outside a zone, the engine ${stats.devices.outside_a_zone}`);
+      assert(fleetShown.top[0] === CHART_DEVICE, `top devices by readings: ${fleetShown.top.join(', ')}`);
+      console.log(`[map.mjs]    fleet panel: ${JSON.stringify(fleetShown)}`);
+      loads = await panelLoads(page);
+      await page.click(`#fleet-top li[data-device="${CHART_DEVICE}"]`);
+      await waitPanelLoad(page, CHART_DEVICE, loads);
+      assert((await trackInfo(page)).points.length === sent.length, 'the panel opened from the top list has no track');
+      await page.click('#device-close');
+
       step('5. screenshot');
       await page.evaluate(() => window.fleetwatch.fitAll());
       await page.waitForTimeout(600);
@@ -301,11 +586,15 @@ async function main() {
         return { x: p.x, y: p.y };
       }, DEVICE);
       const mapBox = await page.locator('#map').boundingBox();
+      const loads5 = await panelLoads(page);
       await page.mouse.click(mapBox.x + pt.x, mapBox.y + pt.y);
       await poll('the device popup after clicking its marker', async () => {
         const t = await page.textContent('.leaflet-popup-content').catch(() => null);
         return t && t.includes(DEVICE) && t.includes('TemperatureOutOfRange') ? t : null;
       });
+      await waitPanelLoad(page, DEVICE, loads5);
+      // The popup would hide the track: the screenshot shows the map, the track and the chart.
+      await page.evaluate(() => window.fleetwatch.map.closePopup());
       await page.waitForTimeout(500);
       await page.screenshot({ path: SHOT, fullPage: true });
       console.log(`[map.mjs]    screenshot: ${SHOT}`);

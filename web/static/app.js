@@ -5,13 +5,22 @@
  * Talks to the engine's HTTP API (docs/api.md): REST for the initial state, server-sent events
  * (/api/stream) for live updates.
  *
- * For automation, `window.fleetwatch` exposes { map, markers, zones, devices, ranges, state }.
+ * Devices are circle markers on one canvas (an L.Canvas renderer that paints them by writing
+ * pixels, see DeviceCanvas): 10,000 devices moving once a second are repainted several times a
+ * second, never one SVG element each. The canvas takes no pointer events; the page finds the
+ * device under the pointer itself (`deviceAt`), so zones below stay clickable and editable. The
+ * stream is read (fetch) and parsed in a worker, which hands the page a batch every 100 ms. A
+ * device's panel charts its temperature buckets (uPlot) and draws its track; the fleet panel
+ * shows /api/stats.
+ *
+ * For automation, `window.fleetwatch` exposes { map, markers, zones, devices, ranges, state,
+ * markerState(id), devicePanel, fleet, perf, ... } (see the end of this file).
  *
  * Access (docs/api.md, "Access control"): when /api/config says a scope needs a token, or any call
  * answers 401/403, the page asks for a token in a small form, keeps it in sessionStorage and sends
- * it as `Authorization: Bearer` on every fetch. EventSource cannot send headers, so the stream is
- * opened with a short-lived ticket from POST /api/stream/tickets instead; the token itself never
- * goes into a URL.
+ * it as `Authorization: Bearer` on every fetch of the page. The stream's reader (a worker, which
+ * never sees the token) opens it with a short-lived ticket from POST /api/stream/tickets instead;
+ * the token itself never goes into a URL.
  */
 (function () {
   'use strict';
@@ -42,6 +51,24 @@
   const HIGHLIGHT_MS = 4000;
   const RECREATE_DELAY_MS = 3000;
   const OPEN_WAIT_MS = 3000;
+  /** Shortest and longest time between two marker flushes (see flushDevices). */
+  const FLUSH_MIN_MS = 50;
+  const FLUSH_MAX_MS = 1000;
+  /** Marker work (flush + canvas redraw) may take at most 1/FLUSH_SHARE of the main thread. */
+  const FLUSH_SHARE = 6;
+  /** Most markers created or moved in one flush; the rest follow in the next one. */
+  const FLUSH_BATCH = 4000;
+  /** How far (px) from a device's centre a click or hover still finds it. */
+  const HIT_TOLERANCE = 4;
+  /** Most readings drawn as a track, and the page size they are fetched in. */
+  const TRACK_CAP = 5000;
+  const TRACK_PAGE = 1000;
+  const FLEET_REFRESH_MS = 5000;
+  const TOP_REFRESH_MS = 15000;
+  const PANEL_REFRESH_MS = 30000;
+  const RANGES = { '1h': 3600, '6h': 6 * 3600, '24h': 86400, '7d': 7 * 86400, '30d': 30 * 86400 };
+  const DEFAULT_BUCKET = { '1h': 'minute', '6h': 'minute', '24h': 'hour', '7d': 'hour', '30d': 'day', custom: 'hour' };
+  const BUCKET_SECONDS = { minute: 60, hour: 3600, day: 86400 };
 
   // ------------------------------------------------------------------------------------------
   // Small helpers
@@ -224,10 +251,177 @@
   map.getPane('countries').style.zIndex = 150;
   map.getPane('countries').style.pointerEvents = 'none';
 
-  // Device markers above zones.
+  // A device's track above zones, below the devices.
+  map.createPane('tracks');
+  map.getPane('tracks').style.zIndex = 420;
+  const trackRenderer = L.svg({ pane: 'tracks' });
+
+  // Page-side counters for tests and benchmarks (window.fleetwatch.perf).
+  const perf = {
+    streamEvents: 0,   // events received on the live stream
+    flushes: 0,        // marker flushes
+    flushedMarkers: 0, // markers created or updated by them
+    lastFlushMs: 0,
+    redraws: 0,        // canvas redraws of the devices
+    lastRedrawMs: 0,
+    flushGapMs: FLUSH_MIN_MS,
+  };
+
+  // Device markers above zones, all on one canvas that takes no pointer events (see deviceAt).
   map.createPane('devices');
   map.getPane('devices').style.zIndex = 450;
-  const deviceRenderer = L.svg({ pane: 'devices' });
+  map.getPane('devices').style.pointerEvents = 'none';
+  /**
+   * A device's circle, drawn once per colour, size and pixel ratio, kept as the list of its
+   * pixels: the device canvas is painted by writing these into one ImageData (see DeviceCanvas).
+   */
+  const sprites = new Map();
+  function markerSprite(fill, radius, stroke, weight, opacity, ratio) {
+    const key = `${fill}|${radius}|${stroke}|${weight}|${opacity}|${ratio}`;
+    let sprite = sprites.get(key);
+    if (sprite) return sprite;
+    const half = Math.ceil((radius + weight) * ratio) + 1;
+    const size = 2 * half;
+    const canvas = document.createElement('canvas');
+    canvas.width = size;
+    canvas.height = size;
+    const ctx = canvas.getContext('2d', { willReadFrequently: true });
+    ctx.scale(ratio, ratio);
+    const c = half / ratio;
+    ctx.beginPath();
+    ctx.arc(c, c, radius, 0, Math.PI * 2);
+    ctx.globalAlpha = opacity;
+    ctx.fillStyle = fill;
+    ctx.fill();
+    if (weight > 0) {
+      ctx.globalAlpha = 1;
+      ctx.lineWidth = weight;
+      ctx.strokeStyle = stroke;
+      ctx.stroke();
+    }
+    const data = ctx.getImageData(0, 0, size, size).data;
+    const words = new Uint32Array(data.buffer);
+    // Its visible pixels: offset, the pixel as one word (RGBA in the platform's byte order) and
+    // its opacity.
+    const dx = []; const dy = []; const word = []; const alpha = [];
+    for (let y = 0; y < size; y++) {
+      for (let x = 0; x < size; x++) {
+        const a = data[(y * size + x) * 4 + 3];
+        if (a === 0) continue;
+        dx.push(x); dy.push(y); word.push(words[y * size + x]); alpha.push(a);
+      }
+    }
+    sprite = {
+      fill, radius, ratio, half, size, n: dx.length,
+      dx: Int32Array.from(dx), dy: Int32Array.from(dy), word: Uint32Array.from(word), alpha: Uint8Array.from(alpha),
+      offsets: null, offsetsWidth: 0, // dy * width + dx, for the canvas width last painted
+    };
+    sprites.set(key, sprite);
+    return sprite;
+  }
+
+  /**
+   * Leaflet's canvas renderer for the device markers, painting every marker in one pass: their
+   * sprites' pixels are written into one ImageData, put on the canvas at once (markers cover each
+   * other in draw order; their anti-aliased rims blend only with the map). 10,000 drawImage or
+   * arc calls cost a software-rendered canvas (no GPU) several times as much, much of it in the
+   * frame after the script. Every redraw repaints the whole canvas, so no redraw bounds are kept.
+   * Redraws are timed (the script's part, and the frame it delays) so that flushes can be spaced
+   * by what they cost.
+   */
+  const DeviceCanvas = L.Canvas.extend({
+    _extendRedrawBounds() {},
+    _clear() {},
+    _draw() { this._paint(); },
+    _redraw() {
+      this._redrawRequest = null;
+      this._redrawBounds = null;
+      const t = performance.now();
+      this._paint();
+      const script = performance.now() - t;
+      perf.redraws += 1;
+      perf.lastRedrawMs = script;
+      // The next frame comes once this one (and the canvas in it) is on screen.
+      requestAnimationFrame(() => {
+        perf.lastRedrawMs = Math.max(script, performance.now() - t - 1000 / 60);
+      });
+    },
+    _paint() {
+      const canvas = this._container;
+      if (!canvas || !this._bounds || !this._ctx) return;
+      const W = canvas.width;
+      const H = canvas.height;
+      if (!W || !H) return;
+      let img = this._fwImage;
+      if (!img || img.width !== W || img.height !== H) {
+        img = new ImageData(W, H);
+        this._fwImage = img;
+        this._fwWords = new Uint32Array(img.data.buffer);
+      }
+      const px = this._fwWords;
+      px.fill(0);
+      const ratio = W / Math.max(1, this._bounds.getSize().x);
+      const ox = this._bounds.min.x;
+      const oy = this._bounds.min.y;
+      for (let order = this._drawFirst; order; order = order.next) {
+        const layer = order.layer;
+        const p = layer._point;
+        if (!p) continue;
+        const o = layer.options;
+        const radius = Math.max(1, Math.round(layer._radius));
+        let sprite = layer._fwSprite;
+        if (!sprite || sprite.fill !== o.fillColor || sprite.radius !== radius || sprite.ratio !== ratio) {
+          sprite = markerSprite(o.fillColor, radius, o.color, o.weight, o.fillOpacity, ratio);
+          layer._fwSprite = sprite;
+        }
+        const x0 = Math.round((p.x - ox) * ratio) - sprite.half;
+        const y0 = Math.round((p.y - oy) * ratio) - sprite.half;
+        const size = sprite.size;
+        if (x0 >= W || y0 >= H || x0 + size <= 0 || y0 + size <= 0) continue;
+        const { dx, dy, word, alpha, n } = sprite;
+        // A pixel is written over what is there when it is mostly opaque; the anti-aliased rim
+        // only over empty canvas (the map shows through it), never over another marker.
+        if (x0 >= 0 && y0 >= 0 && x0 + size <= W && y0 + size <= H) {
+          if (sprite.offsetsWidth !== W) {
+            sprite.offsets = Int32Array.from(dx, (x, k) => dy[k] * W + x);
+            sprite.offsetsWidth = W;
+          }
+          const off = sprite.offsets;
+          const base = y0 * W + x0;
+          for (let k = 0; k < n; k++) {
+            const i = base + off[k];
+            if (alpha[k] >= 128 || px[i] === 0) px[i] = word[k];
+          }
+        } else {
+          for (let k = 0; k < n; k++) {
+            const x = x0 + dx[k];
+            const y = y0 + dy[k];
+            if (x < 0 || y < 0 || x >= W || y >= H) continue;
+            const i = y * W + x;
+            if (alpha[k] >= 128 || px[i] === 0) px[i] = word[k];
+          }
+        }
+      }
+      this._ctx.putImageData(img, 0, 0);
+    },
+  });
+  /**
+   * A device's marker: a circle marker that keeps no pixel bounds (the renderer above repaints
+   * everything, and finds no marker under the pointer: see deviceAt).
+   */
+  const DeviceMarker = L.CircleMarker.extend({
+    _updateBounds() {},
+    _empty() { return false; },
+  });
+  const deviceRenderer = new DeviceCanvas({ pane: 'devices' });
+  /** Every marker is in this group (one place to add, remove and count them). */
+  const deviceLayer = L.featureGroup([], { pane: 'devices' }).addTo(map);
+
+  // The pulsing ring around a highlighted device: a few SVG elements at most.
+  map.createPane('highlights');
+  map.getPane('highlights').style.zIndex = 460;
+  map.getPane('highlights').style.pointerEvents = 'none';
+  const highlightRenderer = L.svg({ pane: 'highlights' });
 
   async function loadBaseLayer() {
     try {
@@ -343,29 +537,53 @@
 
   function markerStyle(status) {
     const colour = STATUS_COLOURS[status] || STATUS_COLOURS.normal;
-    return { color: '#ffffff', weight: 1.5, fillColor: colour, fillOpacity: 0.95 };
+    return { color: '#ffffff', weight: 1.5, fillColor: colour, fillOpacity: 1 };
   }
 
   const dirtyDevices = new Set();
   let flushTimer = null;
 
-  /** Marker updates are batched so a busy stream doesn't re-render per event. */
+  /**
+   * Marker updates are batched so a busy stream doesn't re-render per event: changed devices are
+   * marked, and flushed together. A flush moves markers on the canvas, which then redraws once in
+   * the next frame. Flushes are spaced by what the last one cost (flush plus redraw, times
+   * FLUSH_SHARE, within FLUSH_MIN_MS..FLUSH_MAX_MS): a few devices move within 50 ms, 10,000
+   * moving devices are redrawn a few times a second and leave the page most of its time.
+   */
   function markDirty(id) {
     dirtyDevices.add(id);
-    if (!flushTimer) flushTimer = setTimeout(flushDevices, 50);
+    scheduleFlush();
+  }
+
+  function scheduleFlush() {
+    if (!flushTimer) flushTimer = setTimeout(flushDevices, perf.flushGapMs);
   }
 
   /** A rule changed (e.g. the devices it watches): recompute every marker's status. */
   function markAllDevicesDirty() {
     if (!state.loaded) return;
     for (const id of devices.keys()) dirtyDevices.add(id);
-    if (!flushTimer) flushTimer = setTimeout(flushDevices, 50);
+    scheduleFlush();
   }
 
-  function flushDevices() {
+  /** Renders dirty devices now (`all`: every one of them, not just a batch). */
+  function flushDevices(all) {
+    clearTimeout(flushTimer);
     flushTimer = null;
-    for (const id of dirtyDevices) renderDevice(id);
-    dirtyDevices.clear();
+    const started = performance.now();
+    let n = 0;
+    for (const id of dirtyDevices) {
+      if (all !== true && n >= FLUSH_BATCH) break;
+      dirtyDevices.delete(id);
+      renderDevice(id);
+      n += 1;
+    }
+    const cost = performance.now() - started;
+    perf.flushes += 1;
+    perf.flushedMarkers += n;
+    perf.lastFlushMs = cost;
+    perf.flushGapMs = Math.min(FLUSH_MAX_MS, Math.max(FLUSH_MIN_MS, FLUSH_SHARE * (cost + perf.lastRedrawMs)));
+    if (dirtyDevices.size) scheduleFlush();
     scheduleStats();
   }
 
@@ -373,26 +591,24 @@
     const dev = devices.get(id);
     let marker = markers.get(id);
     if (!dev || !dev.last_reading) {
-      if (marker) { marker.remove(); markers.delete(id); }
+      if (marker) { deviceLayer.removeLayer(marker); markers.delete(id); }
       return;
     }
     const ll = [dev.last_reading.lat, dev.last_reading.lon];
     const status = statusOf(dev);
     if (!marker) {
-      marker = L.circleMarker(ll, {
+      marker = new DeviceMarker(ll, {
         ...markerStyle(status),
         radius: MARKER_RADIUS,
-        className: 'device-marker',
         renderer: deviceRenderer,
         pane: 'devices',
+        interactive: false, // see deviceAt
         pmIgnore: true,
         snapIgnore: true,
       });
       marker.deviceId = id;
       marker.status = status;
-      marker.bindTooltip(id, { direction: 'top', offset: [0, -6] });
-      marker.on('click', () => openDevicePopup(id));
-      marker.addTo(map);
+      deviceLayer.addLayer(marker);
       markers.set(id, marker);
       if (awaitingFirstDevice) fitToFirstDevices();
     } else {
@@ -403,28 +619,142 @@
         marker.status = status;
       }
     }
-    if (marker._path) {
-      marker._path.setAttribute('data-device', id);
-      marker._path.setAttribute('data-status', status);
-    }
+    const ring = highlights.get(id);
+    if (ring) ring.setLatLng(ll);
+    if (devicePanel.deviceId === id) updatePanelStatus();
   }
 
+  /** device id -> the pulsing SVG ring drawn around it while it is highlighted */
+  const highlights = new Map();
+
+  /**
+   * Draws attention to a device for a few seconds: its marker grows and comes to the front, and
+   * a pulsing ring (`path.device-highlight.pulse[data-device]`, SVG) is drawn around it.
+   */
   function highlightDevice(id) {
     const marker = markers.get(id);
     if (!marker) return;
     marker.setRadius(MARKER_RADIUS * 2);
     marker.bringToFront();
-    if (marker._path) {
-      marker._path.classList.remove('pulse');
-      void marker._path.getBoundingClientRect(); // restart the animation
-      marker._path.classList.add('pulse');
+    let ring = highlights.get(id);
+    if (!ring) {
+      ring = L.circleMarker(marker.getLatLng(), {
+        radius: MARKER_RADIUS * 2 + 4,
+        renderer: highlightRenderer,
+        pane: 'highlights',
+        className: 'device-highlight',
+        color: STATUS_COLOURS[marker.status] || STATUS_COLOURS.normal,
+        weight: 3,
+        fill: false,
+        interactive: false,
+        pmIgnore: true,
+        snapIgnore: true,
+      }).addTo(map);
+      highlights.set(id, ring);
+    } else {
+      ring.setStyle({ color: STATUS_COLOURS[marker.status] || STATUS_COLOURS.normal });
+    }
+    const path = ring.getElement();
+    if (path) {
+      path.setAttribute('data-device', id);
+      path.classList.remove('pulse');
+      void path.getBoundingClientRect(); // restart the animation
+      path.classList.add('pulse');
     }
     clearTimeout(marker._fwHighlightTimer);
     marker._fwHighlightTimer = setTimeout(() => {
       marker.setRadius(MARKER_RADIUS);
-      if (marker._path) marker._path.classList.remove('pulse');
+      const r = highlights.get(id);
+      if (r) { r.remove(); highlights.delete(id); }
     }, HIGHLIGHT_MS);
   }
+
+  /** What the page shows for a device (for tests: canvas markers have no DOM element). */
+  function markerState(id) {
+    const m = markers.get(id);
+    if (!m) return null;
+    const ll = m.getLatLng();
+    const p = map.latLngToContainerPoint(ll);
+    const size = map.getSize();
+    return {
+      lat: ll.lat,
+      lon: ll.lng,
+      status: m.status,
+      fill: m.options.fillColor,
+      radius: m.getRadius(),
+      highlighted: highlights.has(id),
+      on_map: deviceLayer.hasLayer(m) && map.hasLayer(m),
+      x: p.x,
+      y: p.y,
+      in_view: p.x >= 0 && p.y >= 0 && p.x <= size.x && p.y <= size.y,
+    };
+  }
+
+  // ---- finding the device under the pointer (the canvas takes no pointer events) ----
+
+  /** The id of the device drawn nearest to a container point, within its radius and a tolerance. */
+  function deviceAt(containerPoint) {
+    const lp = map.containerPointToLayerPoint(containerPoint);
+    let best = null;
+    let bestD2 = Infinity;
+    for (const [id, m] of markers) {
+      // `_point`: where the marker is drawn, in layer pixels (kept by Leaflet as it projects).
+      const p = m._point || map.latLngToLayerPoint(m.getLatLng());
+      const dx = p.x - lp.x;
+      const dy = p.y - lp.y;
+      const d2 = dx * dx + dy * dy;
+      const r = m.getRadius() + HIT_TOLERANCE;
+      if (d2 <= r * r && d2 < bestD2) { best = id; bestD2 = d2; }
+    }
+    return best;
+  }
+
+  /** Clicks go to the zones and the map as usual, unless they are on a device. */
+  function pointerIsFree() {
+    const pm = map.pm;
+    return !(pm.globalDrawModeEnabled() || pm.globalEditModeEnabled() || pm.globalDragModeEnabled()
+      || pm.globalRemovalModeEnabled() || (map.dragging && map.dragging.moved()));
+  }
+
+  const mapEl = map.getContainer();
+  // Capture phase on the map's container: before Leaflet (and a zone below) sees the click.
+  mapEl.addEventListener('click', (e) => {
+    if (!pointerIsFree() || e.target.closest('.leaflet-control, .leaflet-popup, .leaflet-tooltip')) return;
+    const id = deviceAt(map.mouseEventToContainerPoint(e));
+    if (!id) return;
+    e.stopPropagation();
+    e.preventDefault();
+    openDevice(id);
+  }, true);
+
+  const deviceTooltip = L.tooltip({ direction: 'top', offset: [0, -8], className: 'device-tooltip' });
+  let hoverFrame = null;
+  let hoverEvent = null;
+  let hovered = null;
+  mapEl.addEventListener('mousemove', (e) => {
+    hoverEvent = e;
+    if (hoverFrame) return;
+    hoverFrame = requestAnimationFrame(() => {
+      hoverFrame = null;
+      const ev = hoverEvent;
+      const id = pointerIsFree() && !ev.target.closest('.leaflet-control, .leaflet-popup')
+        ? deviceAt(map.mouseEventToContainerPoint(ev)) : null;
+      if (id === hovered) return;
+      hovered = id;
+      mapEl.classList.toggle('over-device', !!id);
+      if (id) {
+        deviceTooltip.setLatLng(markers.get(id).getLatLng()).setContent(esc(id));
+        if (!map.hasLayer(deviceTooltip)) deviceTooltip.addTo(map);
+      } else if (map.hasLayer(deviceTooltip)) {
+        deviceTooltip.remove();
+      }
+    });
+  });
+  mapEl.addEventListener('mouseleave', () => {
+    hovered = null;
+    mapEl.classList.remove('over-device');
+    if (map.hasLayer(deviceTooltip)) deviceTooltip.remove();
+  });
 
   function upsertDeviceFromApi(d) {
     const existing = devices.get(d.device_id);
@@ -564,6 +894,501 @@
     if (marker) devicePopup.setLatLng(marker.getLatLng());
     devicePopup.setContent(html);
   }
+
+  // ------------------------------------------------------------------------------------------
+  // Device panel: temperature buckets (uPlot) and the track over a time range
+
+  /** What the panel shows (also for tests: window.fleetwatch.devicePanel). */
+  const devicePanel = {
+    deviceId: null,
+    range: null,        // { from: Date, to: Date, relative: bool } of the last load
+    bucket: null,       // 'minute' | 'hour' | 'day' of the last load
+    buckets: null,      // the last answer of GET /api/devices/{id}/temperature
+    chart: null,        // the uPlot instance
+    chartDraws: 0,      // times uPlot has drawn the chart
+    track: null,        // the L.Polyline of the track, while shown
+    trackPoints: 0,
+    trackCapped: false,
+    error: '',          // the error shown in #device-error ('' when none)
+    loads: 0,           // loads finished (successful or not)
+    seq: 0,
+  };
+  let trackLine = null;
+  let trackStart = null;
+  let panelRefreshTimer = null;
+  const mapArea = $('.map-area');
+
+  const enc = encodeURIComponent;
+  const errorText = (e) => `${e.message}${e instanceof ApiError ? ` (HTTP ${e.status})` : ''}`;
+
+  /** A device's marker popup and its panel (chart and track). */
+  function openDevice(id, opts) {
+    if (markers.has(id)) openDevicePopup(id);
+    openDevicePanel(id, opts);
+  }
+
+  function openDevicePanel(id, opts) {
+    const other = devicePanel.deviceId !== id;
+    devicePanel.deviceId = id;
+    $('#device-name').textContent = id;
+    updatePanelStatus();
+    $('#device-panel').hidden = false;
+    mapArea.classList.add('with-device-panel');
+    if (other) {
+      clearTrack();
+      setPanelError('');
+      $('#device-chart-info').textContent = '';
+      $('#device-track-info').textContent = '';
+    }
+    loadDevicePanel({ fit: !(opts && opts.fit === false) });
+  }
+
+  function closeDevicePanel() {
+    devicePanel.seq += 1; // drops answers still on their way
+    devicePanel.deviceId = null;
+    clearTimeout(panelRefreshTimer);
+    $('#device-panel').hidden = true;
+    mapArea.classList.remove('with-device-panel');
+    clearTrack();
+    if (devicePanel.chart) { devicePanel.chart.destroy(); devicePanel.chart = null; }
+    devicePanel.buckets = null;
+    setPanelError('');
+  }
+
+  function updatePanelStatus() {
+    const el = $('#device-status');
+    const dev = devices.get(devicePanel.deviceId);
+    if (!dev || !dev.last_reading) { el.hidden = true; return; }
+    const s = statusOf(dev);
+    el.hidden = false;
+    el.className = `badge status-${s}`;
+    el.textContent = STATUS_LABELS[s] || s;
+  }
+
+  function setPanelError(text) {
+    devicePanel.error = text;
+    $('#device-error').textContent = text;
+  }
+
+  const pad2 = (n) => String(n).padStart(2, '0');
+  /** A Date as the value of an <input type="datetime-local"> (local time, seconds). */
+  function localInput(d) {
+    return `${d.getFullYear()}-${pad2(d.getMonth() + 1)}-${pad2(d.getDate())}T${pad2(d.getHours())}:${pad2(d.getMinutes())}:${pad2(d.getSeconds())}`;
+  }
+
+  /** The range chosen in the panel; throws with a message for an incomplete custom range. */
+  function panelRange() {
+    const choice = $('#device-range').value;
+    if (choice === 'custom') {
+      const f = $('#device-from').value;
+      const t = $('#device-to').value;
+      if (!f || !t) throw new Error('Give both ends of the custom range.');
+      const from = new Date(f);
+      const to = new Date(t);
+      if (Number.isNaN(from.getTime()) || Number.isNaN(to.getTime())) throw new Error('The custom range is not a valid time.');
+      return { from, to, relative: false };
+    }
+    const to = new Date();
+    return { from: new Date(to.getTime() - RANGES[choice] * 1000), to, relative: true };
+  }
+
+  /**
+   * Loads the panel's buckets and track for its range. Both requests are made at once; the answer
+   * to an older load (another device or range chosen since) is dropped. Errors are shown in the
+   * panel (`#device-error`), naming which part failed and the HTTP status.
+   */
+  async function loadDevicePanel(opts) {
+    const id = devicePanel.deviceId;
+    if (!id) return;
+    clearTimeout(panelRefreshTimer);
+    const seq = ++devicePanel.seq;
+    let range;
+    try {
+      range = panelRange();
+    } catch (e) {
+      setPanelError(e.message);
+      devicePanel.loads += 1;
+      return;
+    }
+    const bucket = $('#device-bucket').value;
+    const panel = $('#device-panel');
+    panel.classList.add('loading');
+    const q = new URLSearchParams({ from: range.from.toISOString(), to: range.to.toISOString(), bucket });
+    const [buckets, track] = await Promise.allSettled([
+      api('GET', `/api/devices/${enc(id)}/temperature?${q}`),
+      fetchTrack(id, range, seq),
+    ]);
+    if (seq !== devicePanel.seq) return;
+    panel.classList.remove('loading');
+    devicePanel.range = range;
+    devicePanel.bucket = bucket;
+    const errors = [];
+    if (buckets.status === 'fulfilled') {
+      drawChart(buckets.value, bucket);
+    } else {
+      errors.push(`Temperature buckets: ${errorText(buckets.reason)}`);
+      drawChart(null, bucket);
+    }
+    if (track.status === 'fulfilled') {
+      drawTrack(track.value, opts && opts.fit);
+    } else {
+      errors.push(`Track: ${errorText(track.reason)}`);
+      clearTrack();
+      $('#device-track-info').textContent = '';
+    }
+    setPanelError(errors.join('\n'));
+    devicePanel.loads += 1;
+    if (range.relative) {
+      panelRefreshTimer = setTimeout(() => {
+        if (devicePanel.deviceId === id && !document.hidden) loadDevicePanel({ fit: false });
+      }, PANEL_REFRESH_MS);
+    }
+  }
+
+  /**
+   * The device's readings in the range, page after page, at most TRACK_CAP of them (the first
+   * ones, in time order). `capped`: the range holds more.
+   */
+  async function fetchTrack(id, range, seq) {
+    const readings = [];
+    let after = null;
+    let retention = null;
+    for (;;) {
+      const q = new URLSearchParams({
+        from: range.from.toISOString(),
+        to: range.to.toISOString(),
+        limit: String(Math.min(TRACK_PAGE, TRACK_CAP - readings.length)),
+      });
+      if (after) q.set('after', after);
+      const page = await api('GET', `/api/devices/${enc(id)}/readings?${q}`);
+      if (seq !== devicePanel.seq) return null;
+      retention = page.retention;
+      readings.push(...(page.readings || []));
+      if (!page.next_after) return { readings, capped: false, retention };
+      after = page.next_after;
+      if (readings.length >= TRACK_CAP) {
+        // A full last page says nothing about what follows: ask for one more reading.
+        const more = new URLSearchParams({ from: range.from.toISOString(), to: range.to.toISOString(), limit: '1', after });
+        const next = await api('GET', `/api/devices/${enc(id)}/readings?${more}`);
+        return { readings, capped: (next.readings || []).length > 0, retention };
+      }
+    }
+  }
+
+  function clearTrack() {
+    if (trackLine) trackLine.remove();
+    if (trackStart) trackStart.remove();
+    trackLine = null;
+    trackStart = null;
+    devicePanel.track = null;
+    devicePanel.trackPoints = 0;
+    devicePanel.trackCapped = false;
+  }
+
+  const TRACK_STYLE = {
+    renderer: trackRenderer, pane: 'tracks', interactive: false, pmIgnore: true, snapIgnore: true,
+  };
+
+  function drawTrack(result, fit) {
+    if (!result) return;
+    const latlngs = result.readings.map((r) => [r.lat, r.lon]);
+    clearTrack();
+    trackLine = L.polyline(latlngs, {
+      ...TRACK_STYLE, className: 'device-track', color: '#0f766e', weight: 3, opacity: 0.85,
+    }).addTo(map);
+    if (latlngs.length) {
+      trackStart = L.circleMarker(latlngs[0], {
+        ...TRACK_STYLE, className: 'device-track-start', radius: 4, color: '#0f766e', weight: 2, fillColor: '#ffffff', fillOpacity: 1,
+      }).addTo(map);
+    }
+    const el = trackLine.getElement();
+    if (el) el.setAttribute('data-device', devicePanel.deviceId);
+    devicePanel.track = trackLine;
+    devicePanel.trackPoints = latlngs.length;
+    devicePanel.trackCapped = result.capped;
+    devicePanel.trackRetention = result.retention && result.retention.readings_removed_before;
+    renderTrackInfo();
+    if (fit && latlngs.length) {
+      // Fit the track into the part of the map the panel leaves visible, unless it is there.
+      const b = trackLine.getBounds();
+      const size = map.getSize();
+      const panelH = $('#device-panel').offsetHeight || 0;
+      const visible = L.latLngBounds(
+        map.containerPointToLatLng([20, 20]),
+        map.containerPointToLatLng([Math.max(21, size.x - 20), Math.max(21, size.y - panelH - 40)]),
+      );
+      if (!visible.contains(b)) {
+        map.fitBounds(b, { paddingTopLeft: [40, 40], paddingBottomRight: [40, panelH + 50], maxZoom: 15 });
+      }
+    }
+  }
+
+  function renderTrackInfo() {
+    const info = $('#device-track-info');
+    const n = devicePanel.trackPoints;
+    info.innerHTML = '';
+    const main = document.createElement('span');
+    main.textContent = `Track: ${n.toLocaleString('en')} reading${n === 1 ? '' : 's'}`;
+    info.appendChild(main);
+    if (devicePanel.trackCapped) {
+      const cap = document.createElement('span');
+      cap.className = 'capped';
+      cap.id = 'device-track-capped';
+      cap.textContent = ` · capped at the first ${TRACK_CAP.toLocaleString('en')} of the range: narrow it to see the rest`;
+      info.appendChild(cap);
+    }
+    const removed = devicePanel.trackRetention;
+    if (removed && devicePanel.range && new Date(removed) > devicePanel.range.from) {
+      const r = document.createElement('span');
+      r.textContent = ` · readings before ${fmtTime(removed)} were removed (retention)`;
+      info.appendChild(r);
+    }
+    info.dataset.points = String(n);
+    info.dataset.capped = String(devicePanel.trackCapped);
+  }
+
+  /** A live reading of the panel's device extends its track (last-N ranges, below the cap). */
+  function followTrack(d) {
+    if (!trackLine || !devicePanel.range || !devicePanel.range.relative || devicePanel.trackCapped) return;
+    if (!d.location || d.late) return;
+    if (devicePanel.trackPoints >= TRACK_CAP) { devicePanel.trackCapped = true; renderTrackInfo(); return; }
+    trackLine.addLatLng([d.location.lat, d.location.lon]);
+    devicePanel.trackPoints += 1;
+    renderTrackInfo();
+  }
+
+  /** The temperature ranges that watch a device (drawn as dashed limits on its chart). */
+  function rangesOf(id) {
+    return [...ranges.values()].filter((r) => watches(r, id));
+  }
+
+  /** A time axis label, 24-hour local time; the date too when the range spans days. */
+  function fmtTick(sec, span) {
+    const d = new Date(sec * 1000);
+    const hm = `${pad2(d.getHours())}:${pad2(d.getMinutes())}`;
+    const md = `${pad2(d.getMonth() + 1)}-${pad2(d.getDate())}`;
+    if (span <= 86400) return hm;
+    if (span <= 8 * 86400) return `${md} ${hm}`;
+    return md;
+  }
+
+  function drawChart(page, bucket) {
+    const el = $('#device-chart');
+    if (devicePanel.chart) { devicePanel.chart.destroy(); devicePanel.chart = null; }
+    devicePanel.buckets = page;
+    const info = $('#device-chart-info');
+    if (!page) {
+      info.textContent = '';
+      info.dataset.buckets = '0';
+      $('#device-chart-empty').hidden = true;
+      return;
+    }
+    // Buckets with data only: a gap of a bucket or more is a null, so lines break there.
+    const width = BUCKET_SECONDS[bucket] || 3600;
+    const xs = []; const mins = []; const maxs = []; const means = []; const counts = [];
+    let prev = null;
+    let total = 0;
+    let lo = Infinity;
+    let hi = -Infinity;
+    for (const b of page.buckets || []) {
+      const t = Date.parse(b.start) / 1000;
+      if (prev !== null && t - prev > width) {
+        xs.push(prev + width); mins.push(null); maxs.push(null); means.push(null); counts.push(null);
+      }
+      xs.push(t); mins.push(b.min); maxs.push(b.max); means.push(b.mean); counts.push(b.count);
+      total += b.count;
+      if (typeof b.min === 'number') lo = Math.min(lo, b.min);
+      if (typeof b.max === 'number') hi = Math.max(hi, b.max);
+      prev = t;
+    }
+    const n = (page.buckets || []).length;
+    info.textContent = n
+      ? `${n.toLocaleString('en')} ${bucket} bucket${n === 1 ? '' : 's'} · ${total.toLocaleString('en')} readings · ${fmtTemp(lo)} … ${fmtTemp(hi)}`
+      : `No ${bucket} buckets in this range`;
+    info.dataset.buckets = String(n);
+    $('#device-chart-empty').hidden = n > 0;
+    const xFrom = Date.parse(page.from) / 1000;
+    const xTo = Date.parse(page.to) / 1000;
+    const limits = rangesOf(devicePanel.deviceId);
+    const temp = (u, v) => (v === null || v === undefined ? '—' : `${v.toFixed(2)} °C`);
+    const opts = {
+      width: Math.max(200, el.clientWidth),
+      height: Math.max(120, el.clientHeight),
+      scales: {
+        x: { time: true, range: () => [xFrom, xTo] },
+        temp: {
+          range: (u, min, max) => {
+            const vals = [min, max, ...limits.flatMap((r) => [r.min, r.max])].filter((v) => v !== null && Number.isFinite(v));
+            if (!vals.length) return [0, 10];
+            const a = Math.min(...vals);
+            const b = Math.max(...vals);
+            const pad = Math.max(0.5, (b - a) * 0.1);
+            return [a - pad, b + pad];
+          },
+        },
+        count: {},
+      },
+      series: [
+        { label: 'time', value: (u, v) => (v === null || v === undefined ? '—' : fmtTime(new Date(v * 1000).toISOString())) },
+        { label: 'min', scale: 'temp', stroke: 'rgba(37, 99, 235, .5)', width: 1, value: temp },
+        { label: 'max', scale: 'temp', stroke: 'rgba(220, 38, 38, .5)', width: 1, value: temp },
+        { label: 'mean', scale: 'temp', stroke: '#1d4ed8', width: 2, value: temp },
+        { label: 'readings', scale: 'count', stroke: '#9ca3af', width: 0, paths: () => null, points: { show: false },
+          value: (u, v) => (v === null || v === undefined ? '—' : String(v)) },
+      ],
+      bands: [{ series: [2, 1], fill: 'rgba(37, 99, 235, .14)' }],
+      axes: [
+        { values: (u, splits) => splits.map((v) => fmtTick(v, xTo - xFrom)) },
+        { scale: 'temp', values: (u, vals) => vals.map((v) => `${v}°`), size: 48 },
+      ],
+      legend: { live: true },
+      hooks: {
+        draw: [(u) => {
+          devicePanel.chartDraws += 1;
+          // The device's temperature ranges as dashed limits.
+          const { ctx } = u;
+          ctx.save();
+          ctx.setLineDash([6, 4]);
+          ctx.lineWidth = 1;
+          ctx.strokeStyle = 'rgba(220, 38, 38, .6)';
+          for (const r of limits) {
+            for (const v of [r.min, r.max]) {
+              const y = Math.round(u.valToPos(v, 'temp', true));
+              ctx.beginPath();
+              ctx.moveTo(u.bbox.left, y);
+              ctx.lineTo(u.bbox.left + u.bbox.width, y);
+              ctx.stroke();
+            }
+          }
+          ctx.restore();
+        }],
+      },
+    };
+    devicePanel.chart = new uPlot(opts, [xs, mins, maxs, means, counts], el);
+  }
+
+  // Keep the chart as wide and tall as the panel.
+  new ResizeObserver(() => {
+    const el = $('#device-chart');
+    if (devicePanel.chart && el.clientWidth > 0) {
+      devicePanel.chart.setSize({ width: Math.max(200, el.clientWidth), height: Math.max(120, el.clientHeight) });
+    }
+  }).observe($('#device-chart'));
+
+  $('#device-range').addEventListener('change', () => {
+    const choice = $('#device-range').value;
+    const custom = choice === 'custom';
+    $('#device-custom').hidden = !custom;
+    if (custom) {
+      // Start from the range shown.
+      const r = devicePanel.range || { from: new Date(Date.now() - 3600e3), to: new Date() };
+      $('#device-from').value = localInput(r.from);
+      $('#device-to').value = localInput(r.to);
+      return; // loaded on Apply
+    }
+    $('#device-bucket').value = DEFAULT_BUCKET[choice];
+    loadDevicePanel({ fit: true });
+  });
+  $('#device-bucket').addEventListener('change', () => loadDevicePanel({ fit: false }));
+  $('#device-apply').addEventListener('click', () => loadDevicePanel({ fit: true }));
+  $('#device-reload').addEventListener('click', () => loadDevicePanel({ fit: false }));
+  $('#device-close').addEventListener('click', closeDevicePanel);
+
+  // ------------------------------------------------------------------------------------------
+  // Fleet panel: GET /api/stats every few seconds, the top devices less often
+
+  /** The last answers (also for tests: window.fleetwatch.fleet). */
+  const fleet = { stats: null, top: null, updates: 0, error: '' };
+  let fleetTimer = null;
+  let topTimer = null;
+
+  const fmtCount = (v) => (typeof v === 'number' ? Math.round(v).toLocaleString('en') : '–');
+  const fmtRate = (v) => {
+    if (typeof v !== 'number') return '–';
+    return v < 10 && v !== Math.round(v) ? v.toFixed(1) : Math.round(v).toLocaleString('en');
+  };
+
+  function setFleetError(part, text) {
+    fleet.errors = { ...(fleet.errors || {}), [part]: text };
+    fleet.error = Object.values(fleet.errors).filter(Boolean).join('\n');
+    $('#fleet-error').textContent = fleet.error;
+  }
+
+  async function refreshFleet() {
+    clearTimeout(fleetTimer);
+    try {
+      if (!document.hidden) {
+        const s = await api('GET', '/api/stats');
+        fleet.stats = s;
+        fleet.updates += 1;
+        const set = (sel, v) => { $(sel).textContent = v; };
+        set('#fleet-readings-1s', fmtRate(s.readings_per_second && s.readings_per_second.last_second));
+        set('#fleet-readings-1m', fmtRate(s.readings_per_second && s.readings_per_second.last_minute));
+        set('#fleet-events-1s', fmtRate(s.events_per_second && s.events_per_second.last_second));
+        set('#fleet-events-1m', fmtRate(s.events_per_second && s.events_per_second.last_minute));
+        const d = s.devices || {};
+        set('#fleet-active', fmtCount(d.active));
+        set('#fleet-known', fmtCount(d.known));
+        set('#fleet-outside', fmtCount(d.outside_a_zone));
+        set('#fleet-out-of-range', fmtCount(d.out_of_range));
+        set('#fleet-dead', fmtCount(s.dead_lettered_messages));
+        const behind = (s.store_position || 0) - (s.read_models_position || 0);
+        set('#fleet-lag', behind > 0 ? `· history ${fmtCount(behind)} events behind` : '');
+        set('#fleet-updated', `updated ${fmtTime(new Date().toISOString())}`);
+        setFleetError('stats', '');
+      }
+    } catch (e) {
+      setFleetError('stats', `Statistics: ${errorText(e)}`);
+    }
+    fleetTimer = setTimeout(refreshFleet, FLEET_REFRESH_MS);
+  }
+
+  async function refreshTop() {
+    clearTimeout(topTimer);
+    const by = $('#fleet-top-by').value;
+    try {
+      if (!document.hidden) {
+        const top = await api('GET', `/api/stats/top?by=${enc(by)}&window=1h&limit=5`);
+        if (by === $('#fleet-top-by').value) {
+          fleet.top = top;
+          const list = $('#fleet-top');
+          list.innerHTML = '';
+          for (const d of top.devices || []) {
+            const li = document.createElement('li');
+            li.dataset.device = d.device_id;
+            li.title = 'Show its chart and track';
+            const name = document.createElement('span');
+            name.className = 'top-device';
+            name.textContent = d.device_id;
+            const value = document.createElement('span');
+            value.className = 'top-value';
+            value.textContent = by === 'distance' ? fmtDistance(d.value) : fmtCount(d.value);
+            li.append(name, value);
+            list.appendChild(li);
+          }
+          if (!list.children.length) list.innerHTML = '<li class="empty">Nothing in the last hour.</li>';
+          setFleetError('top', '');
+        }
+      }
+    } catch (e) {
+      setFleetError('top', `Top devices: ${errorText(e)}`);
+    }
+    topTimer = setTimeout(refreshTop, TOP_REFRESH_MS);
+  }
+
+  $('#fleet-top-by').addEventListener('change', refreshTop);
+  $('#fleet-top').addEventListener('click', (e) => {
+    const li = e.target.closest('li[data-device]');
+    if (li) openDevice(li.dataset.device);
+  });
+  $('#device-search-form').addEventListener('submit', (e) => {
+    e.preventDefault();
+    const id = $('#device-search').value.trim();
+    if (!id) return;
+    const marker = markers.get(id);
+    if (marker) map.setView(marker.getLatLng(), Math.max(map.getZoom(), 12));
+    openDevice(id);
+  });
 
   // ------------------------------------------------------------------------------------------
   // Zones
@@ -919,6 +1744,13 @@
     if (!listsTimer) listsTimer = setTimeout(renderLists, 100);
   }
 
+  /** Replaces an element's content only when it changed (lists are re-rendered often). */
+  function setHtml(el, html) {
+    if (el._fwHtml === html) return;
+    el._fwHtml = html;
+    el.innerHTML = html;
+  }
+
   function renderLists() {
     listsTimer = null;
     // Devices outside each zone.
@@ -926,10 +1758,9 @@
     for (const dev of devices.values()) {
       for (const zid of dev.outside_zones) outside.set(zid, (outside.get(zid) || 0) + 1);
     }
-    const zoneList = $('#zone-list');
     const sortedZones = [...zones.values()].map((l) => l.fwZone)
       .sort((a, b) => zoneTitle(a).localeCompare(zoneTitle(b)));
-    zoneList.innerHTML = sortedZones.map((z) => {
+    setHtml($('#zone-list'), sortedZones.map((z) => {
       const n = outside.get(z.id) || 0;
       return `<li data-zone="${esc(z.id)}">
         <span class="swatch swatch-zone"></span>
@@ -939,16 +1770,15 @@
         </div>
         <button type="button" class="btn btn-small btn-danger" data-action="delete-zone" title="Delete zone">Delete</button>
       </li>`;
-    }).join('') || '<li class="empty">No zones yet.</li>';
+    }).join('') || '<li class="empty">No zones yet.</li>');
     $('#zone-count').textContent = String(zones.size);
 
     const inAlarm = new Map();
     for (const dev of devices.values()) {
       for (const rid of dev.temperature_alarms.keys()) inAlarm.set(rid, (inAlarm.get(rid) || 0) + 1);
     }
-    const rangeList = $('#range-list');
     const sortedRanges = [...ranges.values()].sort((a, b) => (a.name || a.id).localeCompare(b.name || b.id));
-    rangeList.innerHTML = sortedRanges.map((r) => {
+    setHtml($('#range-list'), sortedRanges.map((r) => {
       const n = inAlarm.get(r.id) || 0;
       return `<li data-range="${esc(r.id)}">
         <span class="swatch swatch-range"></span>
@@ -958,7 +1788,7 @@
         </div>
         <button type="button" class="btn btn-small btn-danger" data-action="delete-range" title="Delete range">Delete</button>
       </li>`;
-    }).join('') || '<li class="empty">No temperature ranges yet.</li>';
+    }).join('') || '<li class="empty">No temperature ranges yet.</li>');
     $('#range-count').textContent = String(ranges.size);
   }
 
@@ -1054,7 +1884,7 @@
     if (!marker) { toast(`Device ${id} has no known position`); return; }
     map.setView(marker.getLatLng(), Math.max(map.getZoom(), 12));
     highlightDevice(id);
-    openDevicePopup(id);
+    openDevice(id, { fit: false });
   });
 
   // ------------------------------------------------------------------------------------------
@@ -1147,32 +1977,323 @@
     }
     markDirty(id);
     if (state.popupDevice === id) refreshDevicePopupSoon(id);
+    if (devicePanel.deviceId === id && ev.type === 'ReadingRecorded' && !replayed) followTrack(d);
     if (raised) {
       flushDevices(); // the marker must exist (and have its new colour) before it is highlighted
       highlightDevice(id);
     }
   }
 
-  function onStreamMessage(msg) {
-    let ev;
-    try {
-      ev = JSON.parse(msg.data);
-    } catch (e) {
-      console.warn('bad stream message', msg.data);
+  /** A batch from the stream reader: its events and readings, applied in stream order. */
+  function onStreamBatch(b) {
+    perf.streamEvents += b.received;
+    perf.streamBatches = (perf.streamBatches || 0) + 1;
+    if (b.maxPosition >= 0 && (state.lastEventId === null || b.maxPosition > state.lastEventId)) state.lastEventId = b.maxPosition;
+    const r = b.readings;
+    const n = r.ids.length;
+    let i = 0;
+    for (const ev of b.events) {
+      while (i < n && r.seq[i] < ev.seq) onStreamReading(r, i++);
+      if (!state.loaded) state.buffered.push(ev);
+      else applyEvent(ev);
+    }
+    while (i < n) onStreamReading(r, i++);
+  }
+
+  /** Reading `i` of a batch's columns, as the event it came from. */
+  function readingEvent(r, i) {
+    const id = r.ids[i];
+    return {
+      position: r.position[i], stream: id, version: r.version[i], type: 'ReadingRecorded',
+      data: { type: 'ReadingRecorded', device_id: id, at: r.at[i], location: { lat: r.lat[i], lon: r.lon[i] }, temperature: r.temp[i] },
+    };
+  }
+
+  /** applyEvent for a live reading of a known device, without making an event object. */
+  function onStreamReading(r, i) {
+    const id = r.ids[i];
+    const dev = devices.get(id);
+    if (!state.loaded || !dev || !dev.last_reading || fetchingDevices.has(id)) {
+      const ev = readingEvent(r, i);
+      if (!state.loaded) state.buffered.push(ev);
+      else applyEvent(ev);
       return;
     }
-    if (!ev.type && msg.type && msg.type !== 'message') ev.type = msg.type;
-    const pos = typeof ev.position === 'number' ? ev.position : Number(msg.lastEventId);
-    if (Number.isFinite(pos) && (state.lastEventId === null || pos > state.lastEventId)) state.lastEventId = pos;
-    if (!state.loaded) {
-      state.buffered.push(ev);
-      return;
-    }
-    applyEvent(ev);
+    if (r.version[i] <= dev.version) return;
+    dev.version = r.version[i];
+    const reading = dev.last_reading;
+    reading.lat = r.lat[i];
+    reading.lon = r.lon[i];
+    reading.temperature = r.temp[i];
+    reading.timestamp = r.at[i];
+    markDirty(id);
+    if (state.popupDevice === id) refreshDevicePopupSoon(id);
+    if (devicePanel.deviceId === id) followTrack({ location: { lat: r.lat[i], lon: r.lon[i] } });
   }
 
   // ------------------------------------------------------------------------------------------
-  // Connection (EventSource)
+  // Reading the stream off the main thread
+
+  /**
+   * The live stream's reader. It runs in a dedicated worker (or, where a worker cannot be made,
+   * on the page): it reads the stream, parses every event, and hands the page one batch every
+   * `batchMs`. Readings, the bulk of the stream, come as columns holding only the latest live
+   * reading of each device in the batch; every other event comes whole. `seq` orders the two, so
+   * the page applies them in stream order. Self-contained: its source text is the worker's.
+   *
+   * The stream is read with fetch and parsed here rather than with EventSource, which dispatches
+   * one DOM event per message: at 10,000 events a second that alone took most of a core of a
+   * small machine (fetch and this parser: about a seventh of it). It behaves as EventSource does
+   * (the HTML standard's rules): `id:` sets the last event id, also without data; `retry:` sets
+   * the reconnection delay; a lost or ended stream is reopened after that delay with
+   * `Last-Event-ID`, reported as an error with `closed: false`; an answer other than a 200
+   * event stream ends it for good (`closed: true`), as EventSource does.
+   */
+  function streamReader(post, batchMs) {
+    let conn = 0;
+    let current = null; // { conn, abort: AbortController, timer } of the open connection
+    let seq = 0;
+    let events = [];
+    let readings = new Map(); // device id -> its latest reading in the batch (Map order = seq order)
+    let received = 0;
+    let maxPosition = -1;
+    let timer = null;
+
+    function flush() {
+      clearTimeout(timer);
+      timer = null;
+      if (!received) return;
+      const n = readings.size;
+      const cols = {
+        ids: new Array(n), at: new Array(n),
+        seq: new Float64Array(n), version: new Float64Array(n), position: new Float64Array(n),
+        lat: new Float64Array(n), lon: new Float64Array(n), temp: new Float64Array(n),
+      };
+      let i = 0;
+      for (const [id, r] of readings) {
+        cols.ids[i] = id; cols.at[i] = r.at; cols.seq[i] = r.seq; cols.version[i] = r.version;
+        cols.position[i] = r.position; cols.lat[i] = r.lat; cols.lon[i] = r.lon; cols.temp[i] = r.temp;
+        i += 1;
+      }
+      post({ kind: 'batch', conn, events, readings: cols, received, maxPosition },
+        [cols.seq.buffer, cols.version.buffer, cols.position.buffer, cols.lat.buffer, cols.lon.buffer, cols.temp.buffer]);
+      events = [];
+      readings = new Map();
+      received = 0;
+      seq = 0;
+    }
+
+    /** One dispatched message: `type` (the `event:` field, '' for none), its data, the last id. */
+    function onMessage(type, data, lastEventId) {
+      let ev;
+      try {
+        ev = JSON.parse(data);
+      } catch (_) {
+        post({ kind: 'bad', conn, data: String(data).slice(0, 200) });
+        return;
+      }
+      if (!ev || typeof ev !== 'object') return;
+      if (!ev.type && type) ev.type = type;
+      const pos = typeof ev.position === 'number' ? ev.position : Number(lastEventId);
+      if (Number.isFinite(pos) && pos > maxPosition) maxPosition = pos;
+      received += 1;
+      const d = ev.data;
+      if (ev.type === 'ReadingRecorded' && d && typeof d === 'object' && !d.late && d.location
+          && typeof ev.version === 'number' && typeof d.temperature === 'number') {
+        const id = d.device_id || ev.stream;
+        readings.delete(id);
+        readings.set(id, {
+          seq: seq++, version: ev.version, position: pos, at: d.at,
+          lat: d.location.lat, lon: d.location.lon, temp: d.temperature,
+        });
+      } else {
+        ev.seq = seq++;
+        events.push(ev);
+      }
+      if (!timer) timer = setTimeout(flush, batchMs);
+    }
+
+    /** Reads one connection's stream (and its reconnections) until it is closed or fails. */
+    function open(c, url) {
+      let lastEventId = null;
+      let retryMs = 3000;
+      let failed = false;
+
+      async function attempt() {
+        if (current !== c) return;
+        c.abort = new AbortController();
+        const headers = { Accept: 'text/event-stream' };
+        if (lastEventId !== null) headers['Last-Event-ID'] = lastEventId;
+        let res;
+        try {
+          res = await fetch(url, { headers, cache: 'no-store', signal: c.abort.signal });
+        } catch (_) {
+          return lost(); // unreachable: try again, as EventSource does
+        }
+        if (current !== c) return;
+        const type = res.headers.get('Content-Type') || '';
+        if (res.status !== 200 || !/^text\/event-stream\b/i.test(type)) {
+          // "Fail the connection": EventSource does not try again.
+          failed = true;
+          try { c.abort.abort(); } catch (_) { /* done */ }
+          flush();
+          post({ kind: 'error', conn: c.conn, closed: true, status: res.status });
+          return;
+        }
+        post({ kind: 'open', conn: c.conn });
+        const reader = res.body.getReader();
+        const decoder = new TextDecoder();
+        let buf = '';
+        let data = '';
+        let hasData = false;
+        let eventType = '';
+        let first = true;
+        try {
+          for (;;) {
+            const { value, done } = await reader.read();
+            if (done || current !== c) break;
+            let text = decoder.decode(value, { stream: true });
+            if (first) {
+              if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
+              first = false;
+            }
+            buf += text;
+            let start = 0;
+            let cr = buf.indexOf('\r'); // the engine sends none; looked for again only past it
+            for (;;) {
+              // A line ends at \n, \r\n or \r (a \r last in the buffer waits for what follows).
+              let end = buf.indexOf('\n', start);
+              if (cr >= 0 && cr < start) cr = buf.indexOf('\r', start);
+              if (cr >= 0 && (end < 0 || cr < end)) {
+                if (cr === buf.length - 1) break;
+                end = cr;
+              }
+              if (end < 0) break;
+              const line = buf.slice(start, end);
+              start = end + (buf.charCodeAt(end) === 13 && buf.charCodeAt(end + 1) === 10 ? 2 : 1);
+              if (line === '') {
+                // Dispatch. An event without data only moves the last event id.
+                if (hasData) onMessage(eventType, data, lastEventId);
+                data = '';
+                hasData = false;
+                eventType = '';
+                continue;
+              }
+              if (line.charCodeAt(0) === 58) continue; // ':' comment (keep-alive)
+              const colon = line.indexOf(':');
+              const field = colon < 0 ? line : line.slice(0, colon);
+              let val = colon < 0 ? '' : line.slice(colon + 1);
+              if (val.charCodeAt(0) === 32) val = val.slice(1);
+              if (field === 'data') {
+                data = hasData ? `${data}\n${val}` : val;
+                hasData = true;
+              } else if (field === 'event') {
+                eventType = val;
+              } else if (field === 'id') {
+                if (val.indexOf('\0') < 0) lastEventId = val;
+              } else if (field === 'retry') {
+                if (/^\d+$/.test(val)) retryMs = Number(val);
+              }
+            }
+            buf = start ? buf.slice(start) : buf;
+          }
+        } catch (_) {
+          // The connection broke (or was closed): below.
+        }
+        if (current === c) lost();
+      }
+
+      function lost() {
+        if (current !== c || failed) return;
+        flush();
+        post({ kind: 'error', conn: c.conn, closed: false });
+        c.timer = setTimeout(attempt, retryMs);
+      }
+
+      attempt();
+    }
+
+    function close() {
+      const c = current;
+      current = null;
+      if (!c) return;
+      clearTimeout(c.timer);
+      if (c.abort) { try { c.abort.abort(); } catch (_) { /* done */ } }
+    }
+
+    return function control(cmd) {
+      if (cmd.cmd === 'open') {
+        close();
+        flush();
+        conn = cmd.conn;
+        current = { conn: cmd.conn, abort: null, timer: null };
+        open(current, cmd.url);
+      } else if (cmd.cmd === 'close') {
+        close();
+        flush();
+      }
+    };
+  }
+
+  const STREAM_BATCH_MS = 100;
+  let streamControl = null;
+  let streamConn = 0;
+  /** The connection the page listens to: { readyState, onopen, onerror, onbatch, close() }. */
+  let streamHandle = null;
+
+  function onReaderMessage(msg) {
+    const h = streamHandle;
+    if (!h || msg.conn !== h.conn) return; // from a connection closed since
+    if (msg.kind === 'batch') {
+      h.onbatch(msg);
+    } else if (msg.kind === 'open') {
+      h.readyState = 1;
+      if (h.onopen) h.onopen();
+    } else if (msg.kind === 'error') {
+      h.readyState = msg.closed ? 2 : 0;
+      if (h.onerror) h.onerror();
+    } else if (msg.kind === 'bad') {
+      console.warn('bad stream message', msg.data);
+    }
+  }
+
+  /** The reader in a worker made from its source text; on the page if workers are unavailable. */
+  function readerControl() {
+    if (streamControl) return streamControl;
+    try {
+      const src = `'use strict';\n${streamReader.toString()}\n`
+        + `const control = streamReader((m, transfer) => postMessage(m, transfer || []), ${STREAM_BATCH_MS});\n`
+        + 'onmessage = (e) => control(e.data);\n';
+      const worker = new Worker(URL.createObjectURL(new Blob([src], { type: 'text/javascript' })), { name: 'fleetwatch-stream' });
+      worker.onmessage = (e) => onReaderMessage(e.data);
+      worker.onerror = (e) => console.warn('stream worker failed', e.message);
+      streamControl = (cmd) => worker.postMessage(cmd);
+      state.streamReader = 'worker';
+    } catch (e) {
+      console.warn('no worker for the stream, reading it on the page', e);
+      streamControl = streamReader(onReaderMessage, STREAM_BATCH_MS);
+      state.streamReader = 'page';
+    }
+    return streamControl;
+  }
+
+  /** Opens the stream at `url` (relative to the page), like an EventSource. */
+  function openStream(url, onbatch) {
+    streamConn += 1;
+    const h = {
+      conn: streamConn, readyState: 0, onopen: null, onerror: null, onbatch,
+      close() {
+        if (streamHandle === h) { streamHandle = null; readerControl()({ cmd: 'close' }); }
+        h.readyState = 2;
+      },
+    };
+    streamHandle = h;
+    readerControl()({ cmd: 'open', conn: h.conn, url: new URL(url, window.location.href).href, types: STREAM_TYPES });
+    return h;
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Connection
 
   let source = null;
   let recreateTimer = null;
@@ -1184,7 +2305,7 @@
     el.className = `state-${s}`;
   }
 
-  /** The stream's URL; with a fresh ticket when reading needs a token (EventSource sends no headers). */
+  /** The stream's URL; with a fresh ticket when reading needs a token (the reader has no token). */
   async function streamUrl(since) {
     const q = new URLSearchParams({ types: STREAM_TYPES.join(',') });
     if (since !== null && since !== undefined) q.set('since', String(since));
@@ -1213,7 +2334,7 @@
       setTimeout(done, OPEN_WAIT_MS);
 
       if (source) source.close();
-      const es = new EventSource(url);
+      const es = openStream(url, onStreamBatch);
       source = es;
       es.onopen = () => {
         if (source !== es) return;
@@ -1222,7 +2343,7 @@
       };
       es.onerror = () => {
         if (source !== es) return;
-        if (es.readyState === EventSource.CLOSED) {
+        if (es.readyState === 2) { // CLOSED
           // The browser gave up (e.g. the engine answered with an error, such as 401 for an
           // expired ticket after a reconnect): start over later, with a new ticket.
           setConnection('reconnecting');
@@ -1235,9 +2356,6 @@
         }
         done();
       };
-      for (const type of STREAM_TYPES) es.addEventListener(type, onStreamMessage);
-      // Unnamed events, should the engine ever send them.
-      es.onmessage = onStreamMessage;
     });
   }
 
@@ -1298,11 +2416,21 @@
     await loadAll();
     if (!userMovedMap && !fitAll()) map.setView([30, 10], 2);
     awaitingFirstDevice = markers.size === 0;
+    // The fleet panel, once the token (if one is needed) is known.
+    refreshFleet();
+    refreshTop();
   }
 
   window.addEventListener('beforeunload', () => { if (source) source.close(); });
 
-  window.fleetwatch = { map, markers, zones, devices, ranges, state, fitAll, highlightDevice, openDevicePopup };
+  window.fleetwatch = {
+    map, markers, zones, devices, ranges, state, fitAll, highlightDevice, openDevicePopup,
+    // Canvas markers have no DOM element: what each shows, and which is under a point.
+    markerState, deviceAt, deviceLayer, deviceRenderer,
+    // The device panel (chart and track) and the fleet panel.
+    openDevice, openDevicePanel, closeDevicePanel, loadDevicePanel, devicePanel, fleet, refreshFleet, refreshTop,
+    perf,
+  };
 
   renderLists();
   start();
