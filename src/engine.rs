@@ -125,13 +125,9 @@ impl Engine {
         let rules = RuleBook::load(store.clone(), settings.thresholds)
             .await?
             .with_max_rules(settings.max_rules);
+        // Filled from the store by `spawn_deadlines`, in the background: with a million devices
+        // that takes seconds, which the engine serves and ingests through.
         let deadlines = Arc::new(Deadlines::default());
-        for (stream, at) in store.wake_times().await? {
-            if let Ok(device) = DeviceId::parse(stream) {
-                deadlines.file(&device, Some(at));
-            }
-        }
-        metrics::gauge!("fleetwatch_deadlines").set(deadlines.len() as f64);
         let router = Router::new(
             settings.actor_threads,
             store.clone(),
@@ -211,6 +207,29 @@ impl Engine {
         tokio::spawn(async move {
             let ticks = Arc::new(Semaphore::new(MAX_TICKS_IN_FLIGHT));
             let inner = &engine.inner;
+            // The stored deadlines. Readings decided meanwhile file theirs too; both are real
+            // deadlines of the device, and filing "no later" keeps the earlier, which is safe (a
+            // tick that finds nothing due files the device at its real deadline).
+            loop {
+                match inner.store.wake_times().await {
+                    Ok(times) => {
+                        for (stream, at) in times {
+                            if let Ok(device) = DeviceId::parse(stream) {
+                                inner.deadlines.file_no_later(&device, at);
+                            }
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the devices' deadlines yet; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = stop.cancelled() => return,
+                        }
+                    }
+                }
+            }
+            metrics::gauge!("fleetwatch_deadlines").set(inner.deadlines.len() as f64);
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(DEADLINE_CHECK_EVERY) => {}
