@@ -15,7 +15,9 @@
 //! docs/benchmarks.md quotes them with a release engine).
 //!
 //! With read and admin tokens set, the page asks for a token before showing anything, and shows
-//! devices and live events once given one (`tests/browser/auth.mjs`, `target/browser/auth.png`).
+//! devices and live events once given one; acknowledging an alarm with the read token asks for a
+//! better one and, refused, shows the API's 403 at the alarm; with the admin token it works
+//! (`tests/browser/auth.mjs`, `target/browser/auth.png`).
 //!
 //! Alarms (`tests/browser/alarms.mjs`, `target/browser/alarms.png`): alarms of every severity
 //! opened by readings dated now, before the page opens, are listed on load exactly as
