@@ -15,7 +15,17 @@
 //! docs/benchmarks.md quotes them with a release engine).
 //!
 //! With read and admin tokens set, the page asks for a token before showing anything, and shows
-//! devices and live events once given one (`tests/browser/auth.mjs`, `target/browser/auth.png`).
+//! devices and live events once given one; acknowledging an alarm with the read token asks for a
+//! better one and, refused, shows the API's 403 at the alarm; with the admin token it works
+//! (`tests/browser/auth.mjs`, `target/browser/auth.png`).
+//!
+//! Alarms (`tests/browser/alarms.mjs`, `target/browser/alarms.png`): alarms of every severity
+//! opened by readings dated now, before the page opens, are listed on load exactly as
+//! `GET /api/alarms?state=active` has them, newest first, in their severity colours; a device's
+//! popup shows each of its alarms; the Acknowledge button turns one acknowledged (and the API
+//! agrees), acknowledging it again shows the API's 409; a reading that ends the condition makes
+//! it leave the list and a new one appears live; the header's counters equal the list, the fleet
+//! panel and `GET /api/stats` throughout.
 //!
 //! The API explorer (`/api/docs`) loads without a token and from the engine alone, and its
 //! Authorize button's token is sent with "Try it out" (`tests/browser/explorer.mjs`,
@@ -84,6 +94,14 @@ impl Drop for Simulator {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_map_lists_open_alarms_on_load_and_acknowledges_one() {
+    let _one_at_a_time = BROWSER.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::start_with(&dir.path().join("data"), &["--amqp-disabled"]).await;
+    run_scenario(&engine, "alarms", &[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

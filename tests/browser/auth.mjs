@@ -175,6 +175,23 @@ async function main() {
         return texts.find((t) => /left/i.test(t)) || null;
       });
 
+      step('4b. acknowledging the alarm needs admin: the page asks, and shows the 403 when refused');
+      const alarmSel = `#alarm-list li.alarm-item[data-device="${DEVICE}"]`;
+      const alarmId = await poll('the open alarm listed', () => page.evaluate((sel) => {
+        const li = document.querySelector(sel);
+        return li && li.dataset.state === 'open' && li.querySelector('button[data-action="ack"]') ? li.dataset.alarm : null;
+      }, alarmSel));
+      await page.click(`${alarmSel} button[data-action="ack"]`);
+      await poll('the prompt asking for more rights to acknowledge', async () => (await promptShown(page))
+        && /more rights/.test(await page.textContent('#auth-message')));
+      await page.click('#auth-cancel');
+      const refused = await poll('the refusal shown at the alarm', () => page.evaluate((sel) => {
+        const e = document.querySelector(`${sel} .alarm-error`);
+        return e && /HTTP 403/.test(e.textContent) ? e.textContent : null;
+      }, alarmSel));
+      assert(await page.evaluate((sel) => document.querySelector(sel).dataset.state === 'open', alarmSel), 'the refused alarm is not shown open');
+      console.log(`[auth.mjs]    ${alarmId}: "${refused}"`);
+
       step('5. saving a range needs admin: the page asks for a better token');
       await page.fill('#range-name', RANGE_NAME);
       await page.fill('#range-min', '2');
@@ -189,6 +206,15 @@ async function main() {
       });
       assert(range.min === 2 && range.max === 8, `range saved as ${JSON.stringify(range)}`);
       await poll('the range listed in the sidebar', async () => (await page.textContent('#range-list')).includes(RANGE_NAME));
+
+      step('5b. with the admin token, Acknowledge works');
+      await page.click(`${alarmSel} button[data-action="ack"]`);
+      await poll('the alarm shown acknowledged', () => page.evaluate((sel) => document.querySelector(sel)?.dataset.state === 'acknowledged', alarmSel));
+      const acked = await poll('GET /api/alarms to say acknowledged', async () => {
+        const r = await api('GET', '/api/alarms?state=acknowledged', undefined, READ_TOKEN);
+        return r.status === 200 ? r.json.alarms.find((a) => a.id === alarmId) : null;
+      });
+      assert(acked.acknowledged, `acknowledged alarm: ${JSON.stringify(acked)}`);
 
       step('6. a reload keeps the token for the session: no prompt, connected, device shown');
       await page.reload({ waitUntil: 'load' });
@@ -207,7 +233,9 @@ async function main() {
       assert(leaked.length === 0, `tokens in URLs: ${leaked.join(', ')}`);
       assert(refusals.includes('401 POST /api/stream/tickets'), `refusals seen: ${refusals.join(', ')}`);
       assert(refusals.includes('403 POST /api/temperature-ranges'), `refusals seen: ${refusals.join(', ')}`);
-      const unexpected = refusals.filter((r) => !['401 POST /api/stream/tickets', '403 POST /api/temperature-ranges'].includes(r));
+      const ackRefusal = `403 POST /api/alarms/${alarmId}/ack`;
+      assert(refusals.includes(ackRefusal), `refusals seen: ${refusals.join(', ')}`);
+      const unexpected = refusals.filter((r) => !['401 POST /api/stream/tickets', '403 POST /api/temperature-ranges', ackRefusal].includes(r));
       assert(unexpected.length === 0, `unexpected refusals: ${unexpected.join(', ')}`);
 
       await page.screenshot({ path: SHOT, fullPage: true });

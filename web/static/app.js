@@ -32,8 +32,19 @@
     'DeviceRegistered', 'ReadingRecorded',
     'LeftZone', 'EnteredZone', 'TemperatureOutOfRange', 'TemperatureBackInRange',
     'ZoneDefined', 'ZoneRemoved', 'TemperatureRangeDefined', 'TemperatureRangeRemoved',
+    'DeviceWentOffline', 'DeviceBackOnline',
+    'AlarmOpened', 'AlarmAcknowledged', 'AlarmCleared',
   ];
-  const ALARM_TYPES = new Set(['LeftZone', 'EnteredZone', 'TemperatureOutOfRange', 'TemperatureBackInRange']);
+  const ALARM_TYPES = new Set(['LeftZone', 'EnteredZone', 'TemperatureOutOfRange', 'TemperatureBackInRange', 'DeviceWentOffline', 'DeviceBackOnline']);
+  /** The alarm changes (docs/api.md, "Alarms"): they keep the alarm list current. */
+  const ALARM_CHANGE_TYPES = new Set(['AlarmOpened', 'AlarmAcknowledged', 'AlarmCleared']);
+  const SEVERITY_RANK = { critical: 3, warning: 2, info: 1 };
+  const KIND_LABELS = { outside_zone: 'outside zone', temperature_out_of_range: 'temperature out of range', offline: 'offline' };
+  /** Pages of GET /api/alarms?state=active read at load, at most (ALARM_PAGE each). */
+  const ALARM_PAGE = 1000;
+  const ALARM_PAGES_MAX = 20;
+  /** Alarm entries drawn in the list, at most (newest first); the counts cover them all. */
+  const ALARM_LIST_MAX = 500;
   const STATUS_COLOURS = {
     normal: '#2563eb',
     out_of_zone: '#f59e0b',
@@ -854,6 +865,18 @@
         return `temperature ${fmtTemp(d.temperature)} ${d.bound === 'below' ? 'below' : 'above'} range ${rangeName(d.range_id)} (limit ${fmtTemp(d.limit)})`;
       case 'TemperatureBackInRange':
         return `temperature back in range ${rangeName(d.range_id)} (${fmtTemp(d.temperature)})`;
+      case 'DeviceWentOffline':
+        return `went offline (last seen ${fmtTime(d.last_seen, true)})`;
+      case 'DeviceBackOnline':
+        return 'back online';
+      case 'AlarmOpened':
+      case 'AlarmAcknowledged':
+      case 'AlarmCleared': {
+        const verb = { AlarmOpened: 'opened', AlarmAcknowledged: 'acknowledged', AlarmCleared: 'cleared' }[ev.type];
+        const rule = d.rule_id ? ` ${d.kind === 'outside_zone' ? zoneName(d.rule_id) : rangeName(d.rule_id)}` : '';
+        const by = ev.type === 'AlarmAcknowledged' && d.by ? ` by ${d.by}${d.comment ? `: ${d.comment}` : ''}` : '';
+        return `${d.severity || ''} alarm ${KIND_LABELS[d.kind] || d.kind || ''}${rule} ${verb}${by}`;
+      }
       default:
         return '';
     }
@@ -870,7 +893,13 @@
       const r = dev.last_reading || {};
       const events = (evs.events || []).slice().reverse();
       const zoneNames = (dev.outside_zones || []).map((z) => esc(zones.get(z) && zones.get(z).fwZone.name ? zones.get(z).fwZone.name : z));
-      const alarms = (dev.temperature_alarms || []).map((a) => `${esc(ranges.get(a.range_id) && ranges.get(a.range_id).name ? ranges.get(a.range_id).name : a.range_id)} (${esc(a.bound)})`);
+      const tempAlarms = (dev.temperature_alarms || []).map((a) => `${esc(ranges.get(a.range_id) && ranges.get(a.range_id).name ? ranges.get(a.range_id).name : a.range_id)} (${esc(a.bound)})`);
+      // Every alarm of the device that has not cleared (docs/api.md: `alarms`), most severe first.
+      const devAlarms = (dev.alarms || []).slice().sort((a, b) => (SEVERITY_RANK[b.severity] || 0) - (SEVERITY_RANK[a.severity] || 0)
+        || String(b.opened_at).localeCompare(String(a.opened_at)));
+      const alarmRows = devAlarms.map((a) => `<li class="popup-alarm sev-${esc(a.severity)}" data-alarm="${esc(a.id)}" data-state="${a.acknowledged ? 'acknowledged' : 'open'}">
+          <span class="popup-alarm-what">${esc(alarmWhat(a.kind, a.rule_id))}</span>
+          <span class="muted">${esc(a.severity)} · ${a.acknowledged ? 'acknowledged' : 'open'} · since ${esc(fmtTime(a.opened_at, true))}</span></li>`).join('');
       html = `<div class="fw-popup" data-device="${esc(id)}">
         <h3>${esc(id)} <span class="badge status-${esc(dev.status)}">${esc(STATUS_LABELS[dev.status] || dev.status)}</span></h3>
         <table>
@@ -878,10 +907,13 @@
           <tr><th>Temperature</th><td>${fmtTemp(r.temperature)}</td></tr>
           <tr><th>Reading at</th><td title="${esc(r.timestamp)}">${esc(fmtTime(r.timestamp))}</td></tr>
           <tr><th>Status</th><td>${esc(dev.status)}</td></tr>
+          ${dev.offline_since ? `<tr><th>Offline</th><td class="popup-offline" title="${esc(dev.offline_since)}">since ${esc(fmtTime(dev.offline_since))}</td></tr>` : ''}
           ${zoneNames.length ? `<tr><th>Outside</th><td>${zoneNames.join(', ')}</td></tr>` : ''}
-          ${alarms.length ? `<tr><th>Temp. alarms</th><td>${alarms.join(', ')}</td></tr>` : ''}
+          ${tempAlarms.length ? `<tr><th>Out of range</th><td>${tempAlarms.join(', ')}</td></tr>` : ''}
           <tr><th>Version</th><td>${esc(dev.version)}</td></tr>
         </table>
+        <h4 class="popup-alarms-head">Alarms <span class="count">${devAlarms.length}</span></h4>
+        <ul class="popup-alarms">${alarmRows || '<li class="muted">No active alarms</li>'}</ul>
         <ul class="events">
           ${events.map((ev) => `<li><span class="ev-at">${esc(fmtTime(ev.data && ev.data.at, true))}</span><span class="ev-type">${esc(ev.type)}</span> <span class="ev-desc">${esc(describeEvent(ev))}</span></li>`).join('') || '<li class="muted">No events</li>'}
         </ul>
@@ -962,7 +994,10 @@
     const s = statusOf(dev);
     el.hidden = false;
     el.className = `badge status-${s}`;
-    el.textContent = STATUS_LABELS[s] || s;
+    // Besides the one status, every alarm of the device in the alarm list (not cleared).
+    const own = [...alarms.values()].filter((a) => a.device_id === devicePanel.deviceId);
+    el.textContent = `${STATUS_LABELS[s] || s}${own.length ? ` · ${own.length} alarm${own.length === 1 ? '' : 's'}` : ''}`;
+    el.title = own.map((a) => `${a.severity} ${alarmWhat(a.kind, a.rule_id)} (${a.state})`).join('\n');
   }
 
   function setPanelError(text) {
@@ -1331,6 +1366,11 @@
         set('#fleet-known', fmtCount(d.known));
         set('#fleet-outside', fmtCount(d.outside_a_zone));
         set('#fleet-out-of-range', fmtCount(d.out_of_range));
+        set('#fleet-offline', fmtCount(d.offline));
+        // The header's device conditions are this same answer: they cannot disagree with the panel.
+        set('#stat-out', fmtCount(d.outside_a_zone));
+        set('#stat-temp', fmtCount(d.out_of_range));
+        set('#stat-offline', fmtCount(d.offline));
         set('#fleet-dead', fmtCount(s.dead_lettered_messages));
         const behind = (s.store_position || 0) - (s.read_models_position || 0);
         set('#fleet-lag', behind > 0 ? `· history ${fmtCount(behind)} events behind` : '');
@@ -1784,7 +1824,7 @@
         <span class="swatch swatch-range"></span>
         <div class="item-main">
           <div class="item-title">${esc(r.name || r.id)}</div>
-          <div class="item-sub">${esc(r.min)} … ${esc(r.max)} °C · ${esc(describeDevices(r.devices))}${n ? ` · <b style="color:#b91c1c">${n} in alarm</b>` : ''}</div>
+          <div class="item-sub">${esc(r.min)} … ${esc(r.max)} °C · ${esc(describeDevices(r.devices))}${n ? ` · <b style="color:#b91c1c">${n} out of range</b>` : ''}</div>
         </div>
         <button type="button" class="btn btn-small btn-danger" data-action="delete-range" title="Delete range">Delete</button>
       </li>`;
@@ -1819,18 +1859,14 @@
   function scheduleStats() {
     if (!statsTimer) statsTimer = setTimeout(renderStats, 250);
   }
+  /**
+   * The header: devices known to the page, open and acknowledged alarms counted from the alarm
+   * list (renderAlarms), and devices outside a zone / out of range / offline from GET /api/stats
+   * (refreshFleet), the one source of the fleet panel too.
+   */
   function renderStats() {
     statsTimer = null;
-    let out = 0;
-    let temp = 0;
-    for (const dev of devices.values()) {
-      const s = statusOf(dev);
-      if (s === 'out_of_zone') out += 1;
-      else if (s === 'temperature_alarm') temp += 1;
-    }
     $('#stat-devices').textContent = String(devices.size);
-    $('#stat-out').textContent = String(out);
-    $('#stat-temp').textContent = String(temp);
     scheduleLists();
   }
 
@@ -1849,8 +1885,9 @@
       for (const pos of keep) feedPositions.add(pos);
     }
     const d = ev.data || {};
-    const raised = ev.type === 'LeftZone' || ev.type === 'TemperatureOutOfRange';
-    const temp = ev.type === 'TemperatureOutOfRange' || ev.type === 'TemperatureBackInRange';
+    const raised = ev.type === 'LeftZone' || ev.type === 'TemperatureOutOfRange' || ev.type === 'DeviceWentOffline' || ev.type === 'AlarmOpened';
+    const temp = ev.type === 'TemperatureOutOfRange' || ev.type === 'TemperatureBackInRange'
+      || (ALARM_CHANGE_TYPES.has(ev.type) && d.kind === 'temperature_out_of_range');
     const li = document.createElement('li');
     li.className = `alarm-entry fresh ${raised ? 'raised' : 'cleared'} ${temp ? 'kind-temp' : 'kind-zone'}`;
     li.setAttribute('data-device', d.device_id);
@@ -1872,8 +1909,6 @@
     const feed = $('#alarm-feed');
     feed.insertBefore(li, feed.firstChild);
     while (feed.children.length > MAX_FEED) feed.lastChild.remove();
-    $('#alarm-count').textContent = String(feed.children.length);
-    $('#alarm-empty').hidden = true;
   }
 
   $('#alarm-feed').addEventListener('click', (e) => {
@@ -1886,6 +1921,207 @@
     highlightDevice(id);
     openDevice(id, { fit: false });
   });
+
+  // ------------------------------------------------------------------------------------------
+  // Active alarms: GET /api/alarms?state=active at load, then the stream's alarm changes
+
+  /**
+   * alarm id -> { id, device_id, kind, rule_id, severity, state ('open' | 'acknowledged'),
+   * opened_at, sequence, acknowledged: { at, by, comment } | null }. Only alarms not cleared.
+   * A change is applied only when its `sequence` is newer than the one held (AlarmOpened is 1).
+   */
+  const alarms = new Map();
+  /** alarm id -> the sequence it cleared at, so an older answer or event cannot bring it back. */
+  const clearedAlarms = new Map();
+  /** What the alarm panel shows (also for tests: window.fleetwatch.alarmList). */
+  const alarmList = { loads: 0, loaded: false, capped: false, error: '', open: 0, acknowledged: 0, acking: new Set(), errors: new Map() };
+
+  function alarmRuleName(kind, ruleId) {
+    if (!ruleId) return '';
+    if (kind === 'outside_zone') {
+      const z = zones.get(ruleId);
+      return z && z.fwZone.name ? z.fwZone.name : ruleId;
+    }
+    const r = ranges.get(ruleId);
+    return r && r.name ? r.name : ruleId;
+  }
+
+  function alarmWhat(kind, ruleId) {
+    const rule = alarmRuleName(kind, ruleId);
+    return `${KIND_LABELS[kind] || kind}${rule ? ` · ${rule}` : ''}`;
+  }
+
+  /** Merges one alarm as the API or a stream event describes it; false when it is not newer. */
+  function mergeAlarm(a) {
+    const seq = typeof a.sequence === 'number' ? a.sequence : 1;
+    const cleared = clearedAlarms.get(a.id);
+    if (cleared !== undefined && cleared >= seq) return false;
+    const held = alarms.get(a.id);
+    if (held && held.sequence >= seq) return false;
+    if (a.state === 'cleared') {
+      alarms.delete(a.id);
+      clearedAlarms.set(a.id, seq);
+      if (clearedAlarms.size > 20000) clearedAlarms.delete(clearedAlarms.keys().next().value);
+      return true;
+    }
+    alarms.set(a.id, {
+      id: a.id,
+      device_id: a.device_id,
+      kind: a.kind,
+      rule_id: a.rule_id ?? a.zone_id ?? a.range_id ?? null,
+      severity: a.severity || 'warning',
+      state: a.state === 'acknowledged' ? 'acknowledged' : 'open',
+      opened_at: a.opened_at || (held && held.opened_at) || null,
+      sequence: seq,
+      acknowledged: a.acknowledged || (held && held.acknowledged) || null,
+    });
+    return true;
+  }
+
+  /** An AlarmOpened / AlarmAcknowledged / AlarmCleared event from the stream. */
+  function applyAlarmChange(ev) {
+    const d = ev.data || {};
+    if (!d.alarm_id) return;
+    const change = {
+      id: d.alarm_id, device_id: d.device_id || ev.stream, kind: d.kind, rule_id: d.rule_id,
+      severity: d.severity, sequence: ev.type === 'AlarmOpened' ? 1 : d.sequence,
+    };
+    if (ev.type === 'AlarmOpened') {
+      change.state = 'open';
+      change.opened_at = d.at;
+    } else if (ev.type === 'AlarmAcknowledged') {
+      change.state = 'acknowledged';
+      change.acknowledged = { at: d.at, by: d.by, comment: d.comment };
+    } else {
+      change.state = 'cleared';
+    }
+    if (mergeAlarm(change)) {
+      alarmList.errors.delete(d.alarm_id);
+      scheduleAlarms();
+    }
+  }
+
+  /** Reads the alarms not cleared, newest first, following next_after up to a cap. */
+  async function loadAlarms() {
+    let after = null;
+    let pages = 0;
+    try {
+      for (;;) {
+        const q = new URLSearchParams({ state: 'active', limit: String(ALARM_PAGE) });
+        if (after !== null) q.set('after', after);
+        const page = await api('GET', `/api/alarms?${q}`);
+        for (const a of page.alarms || []) mergeAlarm(a);
+        pages += 1;
+        if (page.next_after === null || page.next_after === undefined || !(page.alarms || []).length) {
+          alarmList.capped = false;
+          break;
+        }
+        if (pages >= ALARM_PAGES_MAX) { alarmList.capped = true; break; }
+        after = page.next_after;
+      }
+      alarmList.loaded = true;
+      alarmList.error = '';
+    } catch (e) {
+      alarmList.error = `Alarms: ${errorText(e)}`;
+    }
+    alarmList.loads += 1;
+    renderAlarms();
+  }
+
+  let alarmsTimer = null;
+  function scheduleAlarms() {
+    if (!alarmsTimer) alarmsTimer = setTimeout(renderAlarms, 100);
+  }
+
+  function renderAlarms() {
+    clearTimeout(alarmsTimer);
+    alarmsTimer = null;
+    let open = 0;
+    let acked = 0;
+    for (const a of alarms.values()) {
+      if (a.state === 'acknowledged') acked += 1;
+      else open += 1;
+    }
+    alarmList.open = open;
+    alarmList.acknowledged = acked;
+    // Newest first: by when they opened, then by id.
+    const t = (a) => Date.parse(a.opened_at || '') || 0;
+    const sorted = [...alarms.values()].sort((a, b) => t(b) - t(a) || b.id.localeCompare(a.id, 'en', { numeric: true }));
+    const shown = sorted.slice(0, ALARM_LIST_MAX);
+    setHtml($('#alarm-list'), shown.map((a) => {
+      const acking = alarmList.acking.has(a.id);
+      const err = alarmList.errors.get(a.id);
+      const ack = a.acknowledged;
+      const ackText = ack ? `acknowledged${ack.by ? ` by ${ack.by}` : ''}${ack.at ? ` at ${fmtTime(ack.at, true)}` : ''}${ack.comment ? `: ${ack.comment}` : ''}` : '';
+      return `<li class="alarm-item sev-${esc(a.severity)} state-${esc(a.state)}" data-alarm="${esc(a.id)}" data-device="${esc(a.device_id)}" data-severity="${esc(a.severity)}" data-state="${esc(a.state)}" data-kind="${esc(a.kind)}">
+        <span class="alarm-sev" title="${esc(a.severity)}">${esc(a.severity)}</span>
+        <div class="alarm-main">
+          <div class="alarm-head"><span class="alarm-device">${esc(a.device_id)}</span> <span class="alarm-kind">${esc(alarmWhat(a.kind, a.rule_id))}</span></div>
+          <div class="alarm-sub"><span class="alarm-since" title="${esc(a.opened_at)}">since ${esc(fmtTime(a.opened_at, true))}</span> · <span class="alarm-state">${esc(a.state)}</span>${ackText ? ` <span class="alarm-ack-info" title="${esc(ackText)}">(${esc(ackText.replace(/^acknowledged ?/, '') || '✓')})</span>` : ''}</div>
+          ${err ? `<div class="alarm-error form-error" role="alert">${esc(err)}</div>` : ''}
+        </div>
+        ${a.state === 'open' ? `<button type="button" class="btn btn-small alarm-ack" data-action="ack"${acking ? ' disabled' : ''}>${acking ? 'Acknowledging…' : 'Acknowledge'}</button>` : ''}
+      </li>`;
+    }).join(''));
+    if (devicePanel.deviceId) updatePanelStatus();
+    $('#alarm-count').textContent = String(open);
+    $('#alarm-acked-count').textContent = String(acked);
+    $('#stat-open').textContent = String(open);
+    $('#stat-acked').textContent = String(acked);
+    const more = sorted.length - shown.length;
+    const notes = [];
+    if (more > 0) notes.push(`${more} older alarms not listed (the counts include them).`);
+    if (alarmList.capped) notes.push(`Only the newest ${ALARM_PAGE * ALARM_PAGES_MAX} alarms were read at load.`);
+    $('#alarm-empty').hidden = alarms.size > 0 && notes.length === 0;
+    $('#alarm-empty').textContent = alarms.size === 0 ? (alarmList.loaded ? 'No active alarms.' : 'Loading alarms…') : notes.join(' ');
+    $('#alarm-error').textContent = alarmList.error;
+  }
+
+  /** POST /api/alarms/{id}/ack; the answer's error is shown at the alarm. */
+  async function acknowledgeAlarm(id, comment) {
+    if (alarmList.acking.has(id)) return;
+    alarmList.acking.add(id);
+    alarmList.errors.delete(id);
+    renderAlarms();
+    try {
+      const body = comment ? { comment } : {};
+      const res = await api('POST', `/api/alarms/${enc(id)}/ack`, body);
+      // Shown at once; the stream's AlarmAcknowledged (a newer sequence) fills in the rest.
+      const a = alarms.get(id);
+      if (a && a.state === 'open') {
+        a.state = 'acknowledged';
+        a.acknowledged = { at: new Date().toISOString(), by: res && res.by, comment: res && res.comment };
+      }
+    } catch (e) {
+      alarmList.errors.set(id, `Not acknowledged: ${errorText(e)}`);
+    } finally {
+      alarmList.acking.delete(id);
+      renderAlarms();
+    }
+  }
+
+  $('#alarm-list').addEventListener('click', (e) => {
+    const li = e.target.closest('li[data-alarm]');
+    if (!li) return;
+    if (e.target.closest('[data-action="ack"]')) {
+      acknowledgeAlarm(li.getAttribute('data-alarm'));
+      return;
+    }
+    const id = li.getAttribute('data-device');
+    const marker = markers.get(id);
+    if (marker) {
+      map.setView(marker.getLatLng(), Math.max(map.getZoom(), 12));
+      highlightDevice(id);
+    }
+    openDevice(id, { fit: false });
+  });
+
+  /** Refreshes the statistics soon after a change (the read models are about a second behind). */
+  let fleetSoonTimer = null;
+  function refreshFleetSoon() {
+    if (fleetSoonTimer || !state.loaded) return;
+    fleetSoonTimer = setTimeout(() => { fleetSoonTimer = null; refreshFleet(); }, 1500);
+  }
 
   // ------------------------------------------------------------------------------------------
   // Applying stream events
@@ -1904,15 +2140,25 @@
         case 'TemperatureRangeRemoved': removeRange(d.range_id); break;
         default: break;
       }
+      scheduleAlarms(); // the list names zones and ranges
       return;
     }
 
     const id = d.device_id || ev.stream;
+    if (ALARM_CHANGE_TYPES.has(ev.type)) {
+      // An alarm's change: the list (by its sequence), the feed, the device's popup. It changes
+      // nothing the markers show, so it neither moves the device's version nor refetches it.
+      addAlarmEntry(ev);
+      applyAlarmChange(ev);
+      if (state.popupDevice === id) refreshDevicePopupSoon(id);
+      refreshFleetSoon();
+      return;
+    }
     const alarm = ALARM_TYPES.has(ev.type);
     const raised = ev.type === 'LeftZone' || ev.type === 'TemperatureOutOfRange';
     // Every alarm that reaches us happened after the page subscribed: it belongs in the feed even
     // when the state loaded from the REST API already includes it.
-    if (alarm) addAlarmEntry(ev);
+    if (alarm) { addAlarmEntry(ev); refreshFleetSoon(); }
     if (fetchingDevices.has(id)) { refetchDevice(id, ev); return; }
     let dev = devices.get(id);
     if (!dev) {
@@ -2378,7 +2624,7 @@
     try {
       // Zones and ranges first so device events can name them.
       await Promise.all([loadZones(), loadRanges()]);
-      await loadDevices();
+      await Promise.all([loadDevices(), loadAlarms()]);
     } catch (e) {
       toast(`Could not load the current state: ${e.message}`, 'error');
     }
@@ -2388,6 +2634,7 @@
     for (const ev of buffered) applyEvent(ev, true);
     flushDevices();
     renderLists();
+    renderAlarms();
   }
 
   // The first fit to the fleet must not undo a user who already panned or zoomed.
@@ -2419,6 +2666,9 @@
     // The fleet panel, once the token (if one is needed) is known.
     refreshFleet();
     refreshTop();
+    // The alarm list is read from the read models, up to a second behind the stream: read it
+    // again once they have caught up with the moment the page subscribed (merged by sequence).
+    setTimeout(loadAlarms, 2000);
   }
 
   window.addEventListener('beforeunload', () => { if (source) source.close(); });
@@ -2429,9 +2679,12 @@
     markerState, deviceAt, deviceLayer, deviceRenderer,
     // The device panel (chart and track) and the fleet panel.
     openDevice, openDevicePanel, closeDevicePanel, loadDevicePanel, devicePanel, fleet, refreshFleet, refreshTop,
+    // The alarm list (alarms not cleared) and acknowledging one.
+    alarms, alarmList, loadAlarms, acknowledgeAlarm,
     perf,
   };
 
   renderLists();
+  renderAlarms();
   start();
 })();
