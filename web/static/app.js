@@ -923,8 +923,17 @@
     }
     if (seq !== popupSeq || state.popupDevice !== id) return;
     const marker = markers.get(id);
-    if (marker) devicePopup.setLatLng(marker.getLatLng());
-    devicePopup.setContent(html);
+    // The popup pans the map into view when it opens, not when its content arrives or follows
+    // the device: the map would jump with every reading, and away from the track that the
+    // device panel has just fitted into view.
+    const autoPan = devicePopup.options.autoPan;
+    devicePopup.options.autoPan = false;
+    try {
+      if (marker) devicePopup.setLatLng(marker.getLatLng());
+      devicePopup.setContent(html);
+    } finally {
+      devicePopup.options.autoPan = autoPan;
+    }
   }
 
   // ------------------------------------------------------------------------------------------
