@@ -230,19 +230,34 @@ impl Engine {
                 }
             }
             metrics::gauge!("fleetwatch_deadlines").set(inner.deadlines.len() as f64);
+            let mut backlog = false;
             loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(DEADLINE_CHECK_EVERY) => {}
-                    _ = stop.cancelled() => return,
+                // Due devices left over from the last round go on at once, as fast as ticks
+                // finish (bounded by MAX_TICKS_IN_FLIGHT); otherwise look again after the check
+                // interval. (A fixed round of 256 every 0.5 s capped offline detection at about
+                // 500 devices a second: scale bench, offline phase.)
+                if !backlog {
+                    tokio::select! {
+                        _ = tokio::time::sleep(DEADLINE_CHECK_EVERY) => {}
+                        _ = stop.cancelled() => return,
+                    }
                 }
                 let now = DateTime::from_timestamp_micros(Utc::now().timestamp_micros())
                     .unwrap_or_default();
-                for device in inner.deadlines.take_due(now, ticks.available_permits()) {
-                    let (Ok(tick), Ok(permit)) = (
-                        ticks.clone().try_acquire_owned(),
-                        inner.in_flight.clone().try_acquire_owned(),
-                    ) else {
+                let due = inner.deadlines.take_due(now, MAX_TICKS_IN_FLIGHT);
+                backlog = due.len() == MAX_TICKS_IN_FLIGHT;
+                for device in due {
+                    let tick = tokio::select! {
+                        tick = ticks.clone().acquire_owned() => tick,
+                        _ = stop.cancelled() => return,
+                    };
+                    let (Ok(tick), Ok(permit)) =
+                        (tick, inner.in_flight.clone().try_acquire_owned())
+                    else {
+                        // The engine is at its in-flight bound: this device, and the rest, a
+                        // round later.
                         inner.deadlines.file_no_later(&device, now);
+                        backlog = false;
                         continue;
                     };
                     let reply = inner.router.command(&device, Command::Tick(now), permit);

@@ -6,10 +6,11 @@
 //! bucket selectors, the API's errors shown in it, closing it, and the fleet panel. The scenario is
 //! `tests/browser/map.mjs`; it saves a screenshot to `target/browser/map.png`.
 //!
-//! With 10,000 devices whose readings keep arriving (`fleetwatch-sim` over HTTP, 10,000 readings/s
-//! offered; this debug engine, sharing two cores with the simulator and Chromium, takes a few
-//! thousand of them a second), the page knows every device, draws them all on one canvas, keeps up
-//! with them and stays responsive: frames per second, long tasks, a zoom click, a click on a
+//! With 10,000 devices whose readings keep arriving (`fleetwatch-sim` over HTTP, 3,000 readings/s
+//! offered: about what this debug engine, sharing two cores with the simulator and Chromium, can
+//! take, so that what the page is measured against is the engine's live state rather than a
+//! growing backlog; the release figures at 10,000/s are in docs/benchmarks.md), the page knows
+//! every device, draws them all on one canvas, keeps up with the engine and stays responsive: frames per second, long tasks, a zoom click, a click on a
 //! device opening its panel, whose chart and track for a past range are what its readings give
 //! (`tests/browser/scale.mjs`, `target/browser/scale.png`; it prints the figures, and
 //! docs/benchmarks.md quotes them with a release engine).
@@ -42,10 +43,10 @@ use common::*;
 /// holds it from before its engine starts.
 static BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The fleet of the scale scenario, and the readings per second offered to the engine for it:
-/// each device once a second.
+/// The fleet of the scale scenario, and the readings per second offered to the engine for it
+/// (see the module docs: what a debug engine on two shared cores keeps up with).
 const SCALE_DEVICES: u32 = 10_000;
-const SCALE_RATE: u32 = 10_000;
+const SCALE_RATE: u32 = 3_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_live_map_works_in_a_real_browser() {
