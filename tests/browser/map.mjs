@@ -176,9 +176,10 @@ const trackInfo = (page) => page.evaluate(() => {
 
 /** Waits for the panel to finish a load of `device` after `loadsBefore` loads. */
 async function waitPanelLoad(page, device, loadsBefore) {
+  // A load of the device shown before may finish meanwhile: it must be one of `device`.
   return poll(`the device panel of ${device} to load`, () => page.evaluate(([id, n]) => {
     const p = window.fleetwatch.devicePanel;
-    return p.deviceId === id && p.loads > n && !document.querySelector('#device-panel').hidden ? p.loads : null;
+    return p.deviceId === id && p.loadedDevice === id && p.loads > n && !document.querySelector('#device-panel').hidden ? p.loads : null;
   }, [device, loadsBefore]));
 }
 

@@ -438,7 +438,11 @@ async function main() {
       await page.fill('#device-to', inputs[1]);
       const loadsBefore = await page.evaluate(() => window.fleetwatch.devicePanel.loads);
       await page.click('#device-apply');
-      await poll('the panel to load the custom range', () => page.evaluate((n) => window.fleetwatch.devicePanel.loads > n, loadsBefore), 30_000);
+      // (A reload of the last hour, due every 30 s, may finish meanwhile: wait for this range's.)
+      await poll('the panel to load the custom range', () => page.evaluate(([n, f, t]) => {
+        const p = window.fleetwatch.devicePanel;
+        return p.loads > n && p.range && p.range.from.getTime() === f && p.range.to.getTime() === t;
+      }, [loadsBefore, start, end]), 30_000);
       const panel = await page.evaluate(() => {
         const p = window.fleetwatch.devicePanel;
         const [xs, mins, maxs, means, counts] = p.chart.data;

@@ -952,6 +952,7 @@
     trackCapped: false,
     error: '',          // the error shown in #device-error ('' when none)
     loads: 0,           // loads finished (successful or not)
+    loadedDevice: null, // the device the last finished load was for
     seq: 0,
   };
   let trackLine = null;
@@ -1051,6 +1052,7 @@
       range = panelRange();
     } catch (e) {
       setPanelError(e.message);
+      devicePanel.loadedDevice = id;
       devicePanel.loads += 1;
       return;
     }
@@ -1081,6 +1083,7 @@
       $('#device-track-info').textContent = '';
     }
     setPanelError(errors.join('\n'));
+    devicePanel.loadedDevice = id;
     devicePanel.loads += 1;
     if (range.relative) {
       panelRefreshTimer = setTimeout(() => {
