@@ -20,7 +20,7 @@ use super::{
 
 const FILE: &str = "readmodels.sqlite3";
 /// Bump when the tables change: the read models are then rebuilt from the events.
-const FORMAT: i64 = 2;
+const FORMAT: i64 = 3;
 
 const TABLES: &str = "
 CREATE TABLE checkpoint (
@@ -53,7 +53,9 @@ CREATE TABLE buckets (
     alarms   INTEGER NOT NULL,
     PRIMARY KEY (device, bucket, start)
 ) WITHOUT ROWID;
-CREATE INDEX buckets_by_time ON buckets (bucket, start);
+-- Top lists read every device's hour buckets of a window: these cover them, in time order.
+CREATE INDEX buckets_hourly ON buckets (start, device, count, distance) WHERE bucket = 1;
+CREATE INDEX buckets_hourly_alarms ON buckets (start, device, alarms) WHERE bucket = 1 AND alarms > 0;
 CREATE TABLE crossings (
     zone     TEXT    NOT NULL,
     device   INTEGER NOT NULL,
@@ -116,6 +118,59 @@ const BUCKETS_OF: &str = "
      WHERE d.name IN (SELECT value FROM json_each(?1)) AND b.bucket = ?5
        AND b.start >= ?2 AND b.start < ?3
      GROUP BY bstart ORDER BY bstart";
+
+/// One row per device and hour of the window from ?1: the device and its value (covered by the
+/// partial indexes `buckets_hourly` and `buckets_hourly_alarms`).
+const TOP_READINGS: &str = "SELECT device, count FROM buckets WHERE bucket = 1 AND start >= ?1";
+const TOP_DISTANCE: &str = "SELECT device, distance FROM buckets WHERE bucket = 1 AND start >= ?1";
+const TOP_ALARMS: &str =
+    "SELECT device, alarms FROM buckets WHERE bucket = 1 AND alarms > 0 AND start >= ?1";
+
+/// Per-device sums. Device ids are the read models' dense row ids, so a vector indexed by id
+/// holds them; an id far beyond the devices seen (never written by the read models) goes to a map.
+#[derive(Default)]
+struct Totals {
+    dense: Vec<f64>,
+    sparse: HashMap<i64, f64>,
+}
+
+impl Totals {
+    const DENSE_MAX: i64 = 1 << 26;
+
+    fn add(&mut self, device: i64, value: f64) {
+        match usize::try_from(device) {
+            Ok(i) if device < Self::DENSE_MAX => {
+                if i >= self.dense.len() {
+                    self.dense.resize(i + 1, 0.0);
+                }
+                self.dense[i] += value;
+            }
+            _ => *self.sparse.entry(device).or_default() += value,
+        }
+    }
+
+    /// The `limit` largest positive totals, largest first, equal ones by device id.
+    fn top(self, limit: usize) -> Vec<(i64, f64)> {
+        let mut all: Vec<(i64, f64)> = self
+            .dense
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (i as i64, v))
+            .chain(self.sparse)
+            .filter(|(_, v)| *v > 0.0)
+            .collect();
+        let order = |a: &(i64, f64), b: &(i64, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if limit == 0 {
+            return Vec::new();
+        }
+        if all.len() > limit {
+            all.select_nth_unstable_by(limit - 1, order);
+            all.truncate(limit);
+        }
+        all.sort_unstable_by(order);
+        all
+    }
+}
 
 /// The aggregate of device ?1's buckets of stored width ?4 with `?2 <= start < ?3`.
 const TOTAL: &str = "
@@ -484,7 +539,11 @@ impl Readers {
         Ok(stmt.query_row(params![device, from, to, width as i64], bucket_row)?)
     }
 
-    /// The devices with the most of `by` in the hours from `since` (Unix seconds), most first.
+    /// The devices with the most of `by` in the hours from `since` (Unix seconds), most first;
+    /// equal totals in the order the read models first saw the devices.
+    ///
+    /// Sums in memory over a covering index of the window's hour buckets: at 100,000 devices the
+    /// SQL `GROUP BY ... ORDER BY` sorted every device twice and joined every name (~300 ms).
     pub fn top(
         &self,
         by: TopBy,
@@ -492,23 +551,43 @@ impl Readers {
         limit: usize,
     ) -> Result<Vec<TopEntry>, ReadModelError> {
         let conn = self.conn()?;
-        let column = match by {
-            TopBy::Alarms => "alarms",
-            TopBy::Readings => "count",
-            TopBy::Distance => "distance",
+        let sql = match by {
+            TopBy::Readings => TOP_READINGS,
+            TopBy::Distance => TOP_DISTANCE,
+            TopBy::Alarms => TOP_ALARMS,
         };
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT d.name, SUM(b.{column}) AS total FROM buckets b JOIN devices d ON d.id = b.device
-             WHERE b.bucket = 1 AND b.start >= ?1 AND d.name <> '{FLEET}'
-             GROUP BY b.device HAVING total > 0 ORDER BY total DESC, d.name"
-        ))?;
-        let rows = stmt.query_map([since], |row| {
-            Ok(TopEntry {
-                device_id: row.get(0)?,
-                value: row.get(1)?,
+        let fleet: Option<i64> = conn
+            .query_row("SELECT id FROM devices WHERE name = ?1", [FLEET], |row| {
+                row.get(0)
             })
-        })?;
-        Ok(rows.take(limit).collect::<rusqlite::Result<_>>()?)
+            .optional()?;
+        let mut totals = Totals::default();
+        let mut stmt = conn.prepare_cached(sql)?;
+        let mut rows = stmt.query([since])?;
+        while let Some(row) = rows.next()? {
+            let device: i64 = row.get(0)?;
+            if Some(device) != fleet {
+                totals.add(device, row.get(1)?);
+            }
+        }
+        let top = totals.top(limit);
+        let mut names = conn.prepare_cached(
+            "SELECT id, name FROM devices WHERE id IN (SELECT value FROM json_each(?1))",
+        )?;
+        let ids = serde_json::to_string(&top.iter().map(|(id, _)| *id).collect::<Vec<_>>())
+            .unwrap_or_else(|_| "[]".into());
+        let names: HashMap<i64, String> = names
+            .query_map([ids], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(top
+            .into_iter()
+            .filter_map(|(id, value)| {
+                names.get(&id).map(|name| TopEntry {
+                    device_id: name.clone(),
+                    value,
+                })
+            })
+            .collect())
     }
 
     /// Known devices (any event folded), and devices outside a zone, out of a range and
@@ -662,7 +741,41 @@ mod tests {
                 ),
                 "{sql}\n{plan}"
             );
-            assert!(!plan.contains("buckets_by_time"), "{sql}\n{plan}");
+            assert!(!plan.contains("buckets_hourly"), "{sql}\n{plan}");
         }
+    }
+
+    /// Top lists read only the covering index of the window's hour buckets.
+    #[test]
+    fn top_lists_read_the_covering_hourly_indexes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (writer, _) = open(dir.path()).expect("open");
+        for (sql, index) in [
+            (TOP_READINGS, "buckets_hourly"),
+            (TOP_DISTANCE, "buckets_hourly"),
+            (TOP_ALARMS, "buckets_hourly_alarms"),
+        ] {
+            let plan = plan(&writer.conn, sql, [0]);
+            assert!(
+                plan.contains(&format!("SEARCH buckets USING COVERING INDEX {index} (start>?)")),
+                "{sql}\n{plan}"
+            );
+        }
+    }
+
+    #[test]
+    fn totals_keep_the_largest_and_order_equal_ones_by_device() {
+        let mut totals = Totals::default();
+        for (device, value) in [(3, 5.0), (1, 2.0), (2, 5.0), (1, 4.0), (9, 0.0), (1 << 40, 7.0)] {
+            totals.add(device, value);
+        }
+        assert_eq!(totals.top(3), [(1 << 40, 7.0), (1, 6.0), (2, 5.0)]);
+        let mut totals = Totals::default();
+        totals.add(4, 1.0);
+        assert_eq!(totals.top(0), []);
+        let mut totals = Totals::default();
+        totals.add(4, 1.0);
+        totals.add(5, -1.0);
+        assert_eq!(totals.top(10), [(4, 1.0)]);
     }
 }
