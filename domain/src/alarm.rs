@@ -27,6 +27,16 @@ impl AlarmKind {
         AlarmKind::Offline,
     ];
 
+    /// An alarm's rule, when it is a zone (alarms of this kind name a zone as their rule).
+    pub fn zone<R>(self, rule: Option<R>) -> Option<R> {
+        rule.filter(|_| self == AlarmKind::OutsideZone)
+    }
+
+    /// An alarm's rule, when it is a temperature range.
+    pub fn range<R>(self, rule: Option<R>) -> Option<R> {
+        rule.filter(|_| self == AlarmKind::TemperatureOutOfRange)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             AlarmKind::OutsideZone => "outside_zone",

@@ -162,6 +162,46 @@ pub enum DeviceEvent {
     },
 }
 
+/// A change of an alarm's lifecycle, borrowed from its event ([`DeviceEvent::alarm_change`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AlarmChange<'a> {
+    pub device_id: &'a DeviceId,
+    pub at: DateTime<Utc>,
+    pub alarm_id: &'a AlarmId,
+    pub kind: AlarmKind,
+    pub rule_id: Option<&'a RuleId>,
+    pub severity: Severity,
+    /// The change's number within its alarm: 1 for the opening.
+    pub sequence: u32,
+    pub detail: AlarmChangeDetail<'a>,
+}
+
+impl AlarmChange<'_> {
+    /// The zone, for an alarm about a zone.
+    pub fn zone_id(&self) -> Option<&RuleId> {
+        self.kind.zone(self.rule_id)
+    }
+
+    /// The range, for an alarm about a temperature range.
+    pub fn range_id(&self) -> Option<&RuleId> {
+        self.kind.range(self.rule_id)
+    }
+}
+
+/// What one kind of alarm change carries beyond the common fields.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AlarmChangeDetail<'a> {
+    Opened {
+        /// The device's version that opened it.
+        cause_version: u64,
+    },
+    Acknowledged {
+        by: &'a str,
+        comment: Option<&'a str>,
+    },
+    Cleared,
+}
+
 impl DeviceEvent {
     pub fn event_type(&self) -> &'static str {
         match self {
@@ -209,6 +249,85 @@ impl DeviceEvent {
                 | DeviceEvent::AlarmAcknowledged { .. }
                 | DeviceEvent::AlarmCleared { .. }
         )
+    }
+
+    /// This event as a change of an alarm's lifecycle, if it is one: the fields every change
+    /// repeats, and what is particular to its kind of change.
+    pub fn alarm_change(&self) -> Option<AlarmChange<'_>> {
+        let (device_id, at, alarm_id, kind, rule_id, severity, sequence, detail) = match self {
+            DeviceEvent::AlarmOpened {
+                device_id,
+                at,
+                alarm_id,
+                kind,
+                rule_id,
+                severity,
+                cause_version,
+            } => (
+                device_id,
+                at,
+                alarm_id,
+                kind,
+                rule_id,
+                severity,
+                1,
+                AlarmChangeDetail::Opened {
+                    cause_version: *cause_version,
+                },
+            ),
+            DeviceEvent::AlarmAcknowledged {
+                device_id,
+                at,
+                alarm_id,
+                kind,
+                rule_id,
+                severity,
+                sequence,
+                by,
+                comment,
+            } => (
+                device_id,
+                at,
+                alarm_id,
+                kind,
+                rule_id,
+                severity,
+                *sequence,
+                AlarmChangeDetail::Acknowledged {
+                    by,
+                    comment: comment.as_deref(),
+                },
+            ),
+            DeviceEvent::AlarmCleared {
+                device_id,
+                at,
+                alarm_id,
+                kind,
+                rule_id,
+                severity,
+                sequence,
+            } => (
+                device_id,
+                at,
+                alarm_id,
+                kind,
+                rule_id,
+                severity,
+                *sequence,
+                AlarmChangeDetail::Cleared,
+            ),
+            _ => return None,
+        };
+        Some(AlarmChange {
+            device_id,
+            at: *at,
+            alarm_id,
+            kind: *kind,
+            rule_id: rule_id.as_ref(),
+            severity: *severity,
+            sequence,
+            detail,
+        })
     }
 
     /// The alarm this event changes, if it is an alarm change.
@@ -329,6 +448,51 @@ mod tests {
             r#"{"type":"LeftZone","device_id":"truck-7","at":"2026-11-23T18:00:00Z","zone_id":"depot","zone_revision":3,"location":{"lat":52.5,"lon":4.9},"found_outside":false}"#
         );
         assert_eq!(serde_json::from_str::<DeviceEvent>(&json).unwrap(), event);
+    }
+
+    #[test]
+    fn alarm_changes_read_alike_and_name_their_zone_or_range() {
+        let device_id = DeviceId::parse("truck-7").unwrap();
+        let alarm_id = AlarmId::new(device_id.clone(), 2);
+        let at: DateTime<Utc> = "2026-11-30T18:00:00Z".parse().unwrap();
+        let acknowledged = DeviceEvent::AlarmAcknowledged {
+            device_id: device_id.clone(),
+            at,
+            alarm_id: alarm_id.clone(),
+            kind: AlarmKind::OutsideZone,
+            rule_id: Some(RuleId::parse("depot").unwrap()),
+            severity: Severity::Critical,
+            sequence: 2,
+            by: "night-shift".into(),
+            comment: None,
+        };
+        let change = acknowledged.alarm_change().unwrap();
+        assert_eq!(
+            (change.alarm_id, change.sequence, change.at),
+            (&alarm_id, 2, at)
+        );
+        assert_eq!(change.zone_id().map(RuleId::as_str), Some("depot"));
+        assert_eq!(change.range_id(), None);
+        assert_eq!(
+            change.detail,
+            AlarmChangeDetail::Acknowledged {
+                by: "night-shift",
+                comment: None
+            }
+        );
+        let cleared = DeviceEvent::AlarmCleared {
+            device_id,
+            at,
+            alarm_id,
+            kind: AlarmKind::TemperatureOutOfRange,
+            rule_id: Some(RuleId::parse("cold").unwrap()),
+            severity: Severity::Warning,
+            sequence: 3,
+        };
+        let change = cleared.alarm_change().unwrap();
+        assert_eq!(change.range_id().map(RuleId::as_str), Some("cold"));
+        assert_eq!(change.zone_id(), None);
+        assert_eq!(change.detail, AlarmChangeDetail::Cleared);
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub use alarm::{
     AckRefused, ActiveAlarm, AlarmId, AlarmKey, AlarmKind, AlarmState, Condition, Severity,
 };
 pub use device::{Decision, Device, DeviceStatus, RangeAlarm};
-pub use event::{DeviceEvent, RulesEvent, TemperatureDirection};
+pub use event::{AlarmChange, AlarmChangeDetail, DeviceEvent, RulesEvent, TemperatureDirection};
 pub use range::{Bound, TemperatureRange};
 pub use rules::{Rules, Thresholds};
 pub use values::{DeviceId, Location, Reading, RuleId, Temperature, ValidationError};

@@ -82,11 +82,9 @@ fn time(micros: i64) -> DateTime<Utc> {
 
 impl From<AlarmRow> for AlarmView {
     fn from(row: AlarmRow) -> Self {
-        let (zone_id, range_id) = match row.kind.as_str() {
-            "outside_zone" => (row.rule, None),
-            "temperature_out_of_range" => (None, row.rule),
-            _ => (None, None),
-        };
+        let kind = row.kind.parse::<AlarmKind>().ok();
+        let zone_id = kind.and_then(|k| k.zone(row.rule.clone()));
+        let range_id = kind.and_then(|k| k.range(row.rule));
         Self {
             id: row.id,
             device_id: row.device_id,

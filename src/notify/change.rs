@@ -1,7 +1,7 @@
 //! An alarm change as notifications carry it, and the filters a webhook picks changes with.
 
 use chrono::{DateTime, Utc};
-use fleetwatch_domain::{AlarmKind, DeviceEvent, Severity};
+use fleetwatch_domain::{AlarmChangeDetail, AlarmKind, DeviceEvent, Severity};
 use serde::{Deserialize, Serialize};
 
 use crate::codec;
@@ -62,87 +62,29 @@ impl AlarmChange {
                 return None;
             }
         };
-        let (device_id, at, alarm_id, kind, rule_id, severity, sequence, change) = match &event {
-            DeviceEvent::AlarmOpened {
-                device_id,
-                at,
-                alarm_id,
-                kind,
-                rule_id,
-                severity,
-                ..
-            } => (
-                device_id,
-                at,
-                alarm_id,
-                kind,
-                rule_id,
-                severity,
-                1,
-                ChangeKind::Opened,
-            ),
-            DeviceEvent::AlarmAcknowledged {
-                device_id,
-                at,
-                alarm_id,
-                kind,
-                rule_id,
-                severity,
-                sequence,
-                ..
-            } => (
-                device_id,
-                at,
-                alarm_id,
-                kind,
-                rule_id,
-                severity,
-                *sequence,
-                ChangeKind::Acknowledged,
-            ),
-            DeviceEvent::AlarmCleared {
-                device_id,
-                at,
-                alarm_id,
-                kind,
-                rule_id,
-                severity,
-                sequence,
-            } => (
-                device_id,
-                at,
-                alarm_id,
-                kind,
-                rule_id,
-                severity,
-                *sequence,
-                ChangeKind::Cleared,
-            ),
-            _ => return None,
-        };
-        let rule = rule_id.as_ref().map(|r| r.to_string());
-        let (zone_id, range_id) = match kind {
-            AlarmKind::OutsideZone => (rule, None),
-            AlarmKind::TemperatureOutOfRange => (None, rule),
-            AlarmKind::Offline => (None, None),
-        };
-        let (cause_version, by, comment) = match &event {
-            DeviceEvent::AlarmOpened { cause_version, .. } => (Some(*cause_version), None, None),
-            DeviceEvent::AlarmAcknowledged { by, comment, .. } => {
-                (None, Some(by.clone()), comment.clone())
+        let change = event.alarm_change()?;
+        let (kind, cause_version, by, comment) = match change.detail {
+            AlarmChangeDetail::Opened { cause_version } => {
+                (ChangeKind::Opened, Some(cause_version), None, None)
             }
-            _ => (None, None, None),
+            AlarmChangeDetail::Acknowledged { by, comment } => (
+                ChangeKind::Acknowledged,
+                None,
+                Some(by.to_owned()),
+                comment.map(str::to_owned),
+            ),
+            AlarmChangeDetail::Cleared => (ChangeKind::Cleared, None, None, None),
         };
         Some(AlarmChange {
-            alarm_id: alarm_id.to_string(),
-            sequence,
-            change,
-            device_id: device_id.to_string(),
-            kind: *kind,
-            zone_id,
-            range_id,
-            severity: *severity,
-            at: *at,
+            alarm_id: change.alarm_id.to_string(),
+            sequence: change.sequence,
+            change: kind,
+            device_id: change.device_id.to_string(),
+            kind: change.kind,
+            zone_id: change.zone_id().map(ToString::to_string),
+            range_id: change.range_id().map(ToString::to_string),
+            severity: change.severity,
+            at: change.at,
             position: recorded.position,
             cause_version,
             by,

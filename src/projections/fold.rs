@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use fleetwatch_domain::{AlarmId, DeviceEvent, Location, RuleId, RulesEvent, Severity};
+use fleetwatch_domain::{
+    AlarmChangeDetail, AlarmId, DeviceEvent, Location, RuleId, RulesEvent, Severity,
+};
 use serde::{Deserialize, Serialize};
 
 /// The width of a temperature bucket.
@@ -295,53 +297,42 @@ impl Changes {
                         ConditionChange::Began(holding)
                     });
             }
-            DeviceEvent::AlarmOpened {
-                at,
-                alarm_id,
-                kind,
-                rule_id,
-                severity,
-                cause_version,
-                ..
-            } => {
-                for name in [device, FLEET] {
-                    self.bucket(name, StoredBucket::Hour, *at).alarms += 1;
-                    self.bucket(name, StoredBucket::Minute, *at).alarms += 1;
-                }
-                self.alarms.push(AlarmChange::Opened {
-                    position,
-                    id: alarm_id.clone(),
-                    kind: *kind,
-                    rule: rule_id.clone(),
-                    severity: *severity,
-                    at: at.timestamp_micros(),
-                    cause_version: *cause_version,
-                });
+            DeviceEvent::AlarmOpened { .. }
+            | DeviceEvent::AlarmAcknowledged { .. }
+            | DeviceEvent::AlarmCleared { .. } => {
+                let Some(change) = event.alarm_change() else {
+                    return;
+                };
+                let at = change.at.timestamp_micros();
+                let id = change.alarm_id.clone();
+                let sequence = change.sequence;
+                let folded = match change.detail {
+                    AlarmChangeDetail::Opened { cause_version } => {
+                        for name in [device, FLEET] {
+                            self.bucket(name, StoredBucket::Hour, change.at).alarms += 1;
+                            self.bucket(name, StoredBucket::Minute, change.at).alarms += 1;
+                        }
+                        AlarmChange::Opened {
+                            position,
+                            id,
+                            kind: change.kind,
+                            rule: change.rule_id.cloned(),
+                            severity: change.severity,
+                            at,
+                            cause_version,
+                        }
+                    }
+                    AlarmChangeDetail::Acknowledged { by, comment } => AlarmChange::Acknowledged {
+                        id,
+                        sequence,
+                        at,
+                        by: by.to_owned(),
+                        comment: comment.map(str::to_owned),
+                    },
+                    AlarmChangeDetail::Cleared => AlarmChange::Cleared { id, sequence, at },
+                };
+                self.alarms.push(folded);
             }
-            DeviceEvent::AlarmAcknowledged {
-                at,
-                alarm_id,
-                sequence,
-                by,
-                comment,
-                ..
-            } => self.alarms.push(AlarmChange::Acknowledged {
-                id: alarm_id.clone(),
-                sequence: *sequence,
-                at: at.timestamp_micros(),
-                by: by.clone(),
-                comment: comment.clone(),
-            }),
-            DeviceEvent::AlarmCleared {
-                at,
-                alarm_id,
-                sequence,
-                ..
-            } => self.alarms.push(AlarmChange::Cleared {
-                id: alarm_id.clone(),
-                sequence: *sequence,
-                at: at.timestamp_micros(),
-            }),
             DeviceEvent::OfflineAfterSet { .. } => {}
             // Stores of event schema 1 only; the reading beside them was counted.
             DeviceEvent::LocationChanged { .. } | DeviceEvent::TemperatureChanged { .. } => {}
