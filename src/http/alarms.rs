@@ -153,6 +153,7 @@ pub(super) async fn list_alarms(
         kind: parsed::<AlarmKind>(&query.kind)?,
         severity: parsed::<Severity>(&query.severity)?,
         zone: query.zone.filter(|z| !z.is_empty()),
+        range: None,
     };
     let limit = page_limit(query.limit, 100, MAX_ALARMS_PAGE)?;
     let before = match query.after.as_deref().filter(|a| !a.is_empty()) {

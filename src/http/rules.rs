@@ -211,19 +211,17 @@ fn range(id: RuleId, body: RangeBody, limits: RuleLimits) -> Result<TemperatureR
 async fn settle_alarms_of(state: &AppState, kind: AlarmKind, rule: &RuleId) {
     let queries = state.read_models.queries().clone();
     let filter = crate::projections::AlarmFilter {
-        kind: Some(kind),
+        active: true,
+        zone: kind.zone(Some(rule.to_string())),
+        range: kind.range(Some(rule.to_string())),
         ..Default::default()
     };
-    let rule = rule.to_string();
     let alarms = web::block(move || queries.alarms(&filter, u64::MAX, usize::MAX)).await;
     let Ok(Ok(alarms)) = alarms else {
         return;
     };
     let now = chrono::Utc::now();
-    for alarm in alarms
-        .iter()
-        .filter(|a| a.state != "cleared" && a.rule.as_deref() == Some(rule.as_str()))
-    {
+    for alarm in &alarms {
         if let Ok(device) = fleetwatch_domain::DeviceId::parse(alarm.device_id.as_str()) {
             state.engine.deadlines().file_no_later(&device, now);
         }

@@ -60,6 +60,8 @@ pub struct AlarmFilter {
     pub severity: Option<fleetwatch_domain::Severity>,
     /// Alarms of this zone (outside-zone alarms only).
     pub zone: Option<String>,
+    /// Alarms of this temperature range (out-of-range alarms only).
+    pub range: Option<String>,
 }
 
 /// An alarm as the alarms list keeps it. Times are microseconds.

@@ -93,8 +93,8 @@ CREATE INDEX alarms_by_state ON alarms (state, position);
 CREATE INDEX alarms_by_device ON alarms (device, position);
 ";
 
-/// Alarms matching the filter ?1 state, ?2 device, ?3 kind, ?4 severity, ?5 zone (each NULL:
-/// any), ?7 not cleared (when 1), before position ?6, newest first.
+/// Alarms matching the filter ?1 state, ?2 device, ?3 kind, ?4 severity, ?5 zone, ?8 range
+/// (each NULL: any), ?7 not cleared (when 1), before position ?6, newest first.
 const ALARMS: &str = "
     SELECT a.position, a.id, d.name, a.kind, a.rule, a.severity, a.state, a.opened_at,
            a.cause_version, a.sequence, a.acknowledged_at, a.acknowledged_by, a.comment,
@@ -103,6 +103,7 @@ const ALARMS: &str = "
      WHERE (?1 IS NULL OR a.state = ?1) AND (?2 IS NULL OR d.name = ?2)
        AND (?3 IS NULL OR a.kind = ?3) AND (?4 IS NULL OR a.severity = ?4)
        AND (?5 IS NULL OR (a.kind = 'outside_zone' AND a.rule = ?5))
+       AND (?8 IS NULL OR (a.kind = 'temperature_out_of_range' AND a.rule = ?8))
        AND a.position < ?6 AND (?7 = 0 OR a.state <> 'cleared')
      ORDER BY a.position DESC";
 
@@ -632,6 +633,7 @@ impl Readers {
                 filter.zone,
                 before.min(i64::MAX as u64) as i64,
                 filter.active,
+                filter.range,
             ],
             alarm_row,
         )?;
