@@ -9,6 +9,7 @@
 
 pub mod actors;
 pub mod app;
+pub mod background;
 pub mod codec;
 pub mod config;
 pub mod engine;

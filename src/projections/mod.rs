@@ -180,6 +180,7 @@ pub fn start(
     let thread = std::thread::Builder::new()
         .name("read-models".into())
         .spawn(move || {
+            crate::background::lower_this_threads_priority();
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
