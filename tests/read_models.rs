@@ -401,3 +401,30 @@ async fn stats_and_top_lists_count_what_was_sent() {
             || now.date_naive() != Utc::now().date_naive()
     );
 }
+
+/// The nice value of the engine's thread named `name`, and of its main thread.
+fn thread_nice(pid: u32, name: &str) -> (i64, i64) {
+    let nice = |task: &std::path::Path| -> i64 {
+        let stat = std::fs::read_to_string(task.join("stat")).expect("stat");
+        // Fields after the parenthesised name: state is field 3, nice field 19.
+        let rest = &stat[stat.rfind(')').expect("stat name") + 2..];
+        rest.split(' ').nth(16).expect("nice").parse().expect("nice value")
+    };
+    let tasks = std::path::PathBuf::from(format!("/proc/{pid}/task"));
+    let thread = std::fs::read_dir(&tasks)
+        .expect("tasks")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|t| std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() == name))
+        .unwrap_or_else(|| panic!("no thread named {name}"));
+    (nice(&thread), nice(&tasks.join(pid.to_string())))
+}
+
+/// The read models fold on a thread that gives way to ingest when the cores are saturated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_models_thread_runs_below_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::start(&dir.path().join("data")).await;
+    let (read_models, main) = thread_nice(engine.child.id(), "read-models");
+    assert_eq!(read_models, (main + 10).min(19), "read-models thread nice");
+}
