@@ -408,7 +408,11 @@ fn thread_nice(pid: u32, name: &str) -> (i64, i64) {
         let stat = std::fs::read_to_string(task.join("stat")).expect("stat");
         // Fields after the parenthesised name: state is field 3, nice field 19.
         let rest = &stat[stat.rfind(')').expect("stat name") + 2..];
-        rest.split(' ').nth(16).expect("nice").parse().expect("nice value")
+        rest.split(' ')
+            .nth(16)
+            .expect("nice")
+            .parse()
+            .expect("nice value")
     };
     let tasks = std::path::PathBuf::from(format!("/proc/{pid}/task"));
     let thread = std::fs::read_dir(&tasks)
