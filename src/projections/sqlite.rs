@@ -757,9 +757,7 @@ mod tests {
         ] {
             let plan = plan(&writer.conn, sql, [0]);
             assert!(
-                plan.contains(&format!(
-                    "SEARCH buckets USING COVERING INDEX {index} (start>?)"
-                )),
+                plan.contains(&format!("SEARCH buckets USING COVERING INDEX {index} (start>?)")),
                 "{sql}\n{plan}"
             );
         }
@@ -768,14 +766,7 @@ mod tests {
     #[test]
     fn totals_keep_the_largest_and_order_equal_ones_by_device() {
         let mut totals = Totals::default();
-        for (device, value) in [
-            (3, 5.0),
-            (1, 2.0),
-            (2, 5.0),
-            (1, 4.0),
-            (9, 0.0),
-            (1 << 40, 7.0),
-        ] {
+        for (device, value) in [(3, 5.0), (1, 2.0), (2, 5.0), (1, 4.0), (9, 0.0), (1 << 40, 7.0)] {
             totals.add(device, value);
         }
         assert_eq!(totals.top(3), [(1 << 40, 7.0), (1, 6.0), (2, 5.0)]);
