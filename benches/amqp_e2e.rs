@@ -441,7 +441,7 @@ async fn publish_lane(
         }
         next = next.max(due.min(range.end));
     }
-    publisher.flush().await
+    Ok(publisher.flush().await?)
 }
 
 /// One reading's way through: ms from publish to the store's commit stamp (`recorded_at`, taken

@@ -7,7 +7,7 @@ pub mod sse;
 
 mod engine;
 
-pub use engine::{client, free_port, Engine, EngineOptions};
+pub use engine::*;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
