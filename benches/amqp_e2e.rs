@@ -34,28 +34,27 @@
 //! the CPU each process used per reading while it ran: the broker, the engine, and the bench itself
 //! (publisher and SSE reader), which share the machine's cores.
 
-use std::collections::VecDeque;
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::ops::Range;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use common::amqp::{queue_depth, Names, URL};
+use common::Engine;
+use fleetwatch::publish::{Publisher, PublisherOptions};
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm,
-};
+use lapin::{Channel, Connection, ConnectionProperties};
 use serde_json::{json, Value};
 
-const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const DEFAULT_N: usize = 100_000;
 const DEVICES: usize = 10_000;
 /// The engine's default `--amqp-prefetch`.
@@ -123,11 +122,10 @@ async fn run(plan: Plan) -> Result<()> {
         "RabbitMQ must run on 127.0.0.1:5672 (guest/guest) for this bench; scripts/test-deps.sh starts it",
     )?;
     let backlog = backlog(plan.n, Utc::now() - TimeDelta::hours(1));
+    // Every name used, deleted from the broker when dropped here at the end.
     let mut used = Vec::new();
     let outcome = measure(&broker, &backlog, &plan, &mut used).await;
-    for topology in &used {
-        broker.delete(topology).await;
-    }
+    drop(used);
     print_report(plan.n, &backlog, &outcome?);
     Ok(())
 }
@@ -138,25 +136,25 @@ async fn measure(
     broker: &Broker,
     backlog: &[Message],
     plan: &Plan,
-    used: &mut Vec<Topology>,
+    used: &mut Vec<Names>,
 ) -> Result<Report> {
     let mut rounds = Vec::new();
     for round in (1..=ROUNDS).filter(|_| plan.drain) {
         eprintln!("round {round}: bare consumer");
-        let bare = Topology::new();
-        used.push(bare.clone());
+        let bare = Names::with_prefix("bench");
         broker.declare(&bare).await?;
         let bare_publish = broker.publish_backlog(&bare, backlog).await?;
         let (bare_drain, bare_broker_cpu, bare_consumer_cpu) =
             with_cpu(bare_consume(&bare, backlog.len() as u64)).await?;
+        used.push(bare);
 
         eprintln!("round {round}: fleetwatch");
-        let topology = Topology::new();
-        used.push(topology.clone());
+        let topology = Names::with_prefix("bench");
         let (engine, engine_publish, engine_drain, engine_cpu, engine_broker_cpu) =
             engine_run(broker, &topology, backlog, &this_build()).await?;
-        engine.stop()?;
+        stop(engine)?;
         let left = broker.depth(&topology).await?;
+        used.push(topology);
         ensure!(
             left == 0,
             "{left} readings were left unacked after the engine stopped"
@@ -165,11 +163,11 @@ async fn measure(
             None => None,
             Some(bin) => {
                 eprintln!("round {round}: baseline {}", bin.to_string_lossy());
-                let topology = Topology::new();
-                used.push(topology.clone());
+                let topology = Names::with_prefix("bench");
                 let (engine, _, drain, cpu, broker_cpu) =
                     engine_run(broker, &topology, backlog, &PathBuf::from(bin)).await?;
-                engine.stop()?;
+                stop(engine)?;
+                used.push(topology);
                 Some(Baseline {
                     drain: rate(backlog.len(), drain),
                     engine_us: per_reading_us(cpu, backlog.len()),
@@ -195,13 +193,13 @@ async fn measure(
             latency: None,
         });
     }
-    let topology = Topology::new();
-    used.push(topology.clone());
+    let topology = Names::with_prefix("bench");
     broker.declare(&topology).await?;
-    let engine = Engine::start(&topology)?;
-    engine.wait_consuming().await?;
+    let engine = start_engine(&topology, &this_build()).await;
+    engine.wait_broker_connected().await;
     let latency = measure_latency(broker, &topology, &engine, plan).await?;
-    engine.stop()?;
+    stop(engine)?;
+    used.push(topology);
     Ok(Report {
         rounds,
         latency: Some(latency),
@@ -221,7 +219,7 @@ async fn with_cpu<T>(drain: impl std::future::Future<Output = Result<T>>) -> Res
 }
 
 /// Drains `n` deliveries with a consumer that only acks (every `ACK_EVERY`, `multiple`).
-async fn bare_consume(topology: &Topology, n: u64) -> Result<Duration> {
+async fn bare_consume(topology: &Names, n: u64) -> Result<Duration> {
     let connection = Connection::connect(URL, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     channel
@@ -254,9 +252,6 @@ async fn bare_consume(topology: &Topology, n: u64) -> Result<Duration> {
     Ok(elapsed)
 }
 
-/// Queues the backlog while no engine runs, then starts one and times it until all is durable
-/// and acked. Returns the running engine, the publish time, the drain time, and the CPU seconds
-/// the engine and the broker used while draining.
 /// The engine under test: this build's, or `FW_ENGINE_BIN`.
 fn this_build() -> PathBuf {
     std::env::var_os("FW_ENGINE_BIN")
@@ -264,29 +259,56 @@ fn this_build() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_fleetwatch")))
 }
 
+/// `binary` on a temporary data directory and the run's names, with `FW_ENGINE_ARGS`.
+async fn start_engine(names: &Names, binary: &Path) -> Engine {
+    let extra = std::env::var("FW_ENGINE_ARGS").unwrap_or_default();
+    Engine::options()
+        .binary(binary)
+        .args(["--amqp-url", URL])
+        .args(names.engine_args())
+        .args(extra.split_whitespace())
+        .log_level("warn")
+        .start_temp()
+        .await
+}
+
+/// SIGTERM: the engine finishes and acks what it holds, then exits.
+fn stop(mut engine: Engine) -> Result<()> {
+    let status = engine.terminate();
+    ensure!(
+        status.success(),
+        "the engine exited with {status}; {}",
+        engine.log_tail()
+    );
+    Ok(())
+}
+
+/// Queues the backlog while no engine runs, then starts one and times it until all is durable
+/// and acked. Returns the running engine, the publish time, the drain time, and the CPU seconds
+/// the engine and the broker used while draining.
 async fn engine_run(
     broker: &Broker,
-    topology: &Topology,
+    topology: &Names,
     backlog: &[Message],
-    binary: &std::path::Path,
+    binary: &Path,
 ) -> Result<(Engine, Duration, Duration, f64, f64)> {
     broker.declare(topology).await?;
     let publish = broker.publish_backlog(topology, backlog).await?;
     let broker_pid = broker_pid()?;
     let broker_before = cpu_seconds(&broker_pid);
     let started = Instant::now();
-    let mut engine = Engine::start_binary(topology, binary)?;
-    let http = reqwest::Client::new();
+    let mut engine = start_engine(topology, binary).await;
     loop {
-        if engine.processed(&http).await >= backlog.len() as u64
+        // `fleetwatch_amqp_processed_total`: readings durable and settled.
+        if engine.metric("fleetwatch_amqp_processed_total").await >= backlog.len() as f64
             && broker.depth(topology).await? == 0
         {
             let elapsed = started.elapsed();
-            let engine_cpu = cpu_seconds(&engine.pid());
+            let engine_cpu = cpu_seconds(&engine.pid().to_string());
             let broker_cpu = cpu_seconds(&broker_pid) - broker_before;
             return Ok((engine, publish, elapsed, engine_cpu, broker_cpu));
         }
-        engine.check_alive()?;
+        engine.check_running();
         if started.elapsed() > DRAIN_TIMEOUT {
             bail!(
                 "the engine did not drain the queue in {DRAIN_TIMEOUT:?}; {}",
@@ -306,7 +328,7 @@ async fn engine_run(
 /// state, and the warm-up's are what a fleet of new devices costs.
 async fn measure_latency(
     broker: &Broker,
-    topology: &Topology,
+    topology: &Names,
     engine: &Engine,
     plan: &Plan,
 ) -> Result<Latency> {
@@ -339,14 +361,15 @@ async fn measure_latency(
 
     eprintln!("steady: {rate_per_s} readings/s for {seconds} s");
     let broker_pid = broker_pid()?;
-    let before = [&broker_pid, &engine.pid(), "self"].map(cpu_seconds);
+    let engine_pid = engine.pid().to_string();
+    let before = [&broker_pid, &engine_pid, "self"].map(cpu_seconds);
     let publish_time =
         publish_paced(broker, topology, rate_per_s, DEVICES..DEVICES + planned).await?;
     let _ = published.send(());
     let mut timings = reader.await??;
     // The reader returns once the last reading arrived, or `LATENCY_GRACE` after publishing
     // ended if some never did (the table then shows how many were missing).
-    let after = [&broker_pid, &engine.pid(), "self"].map(cpu_seconds);
+    let after = [&broker_pid, &engine_pid, "self"].map(cpu_seconds);
     let steady = timings.split_off(DEVICES.min(timings.len()));
     if let Ok(path) = std::env::var("FW_BENCH_DUMP") {
         let lines: Vec<String> = timings
@@ -379,7 +402,7 @@ async fn measure_latency(
 /// a device always publishes on the same lane, so its readings stay in order.
 async fn publish_paced(
     broker: &Broker,
-    topology: &Topology,
+    topology: &Names,
     rate_per_s: usize,
     range: Range<usize>,
 ) -> Result<Duration> {
@@ -412,15 +435,13 @@ async fn publish_lane(
         for i in (next..due.min(range.end)).filter(|i| i % PUBLISH_LANES == lane) {
             // Stamped once the confirm window has room: waiting for it is the publisher's
             // backpressure, not the path being measured.
-            publisher.make_room().await?;
+            publisher.wait_for_room().await?;
             let step = (i / DEVICES) as u64;
-            publisher
-                .send(&reading(i % DEVICES, step, Utc::now()))
-                .await?;
+            send(&mut publisher, &reading(i % DEVICES, step, Utc::now())).await?;
         }
         next = next.max(due.min(range.end));
     }
-    publisher.flush().await
+    Ok(publisher.flush().await?)
 }
 
 /// One reading's way through: ms from publish to the store's commit stamp (`recorded_at`, taken
@@ -534,28 +555,6 @@ fn reading(device: usize, step: u64, at: DateTime<Utc>) -> Message {
     }
 }
 
-/// Exchange and queue names of one run, declared exactly as `src/ingest/amqp.rs` does.
-#[derive(Clone)]
-struct Topology {
-    exchange: String,
-    queue: String,
-}
-
-impl Topology {
-    fn new() -> Self {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let name = format!("bench.{}", &id[..8]);
-        Self {
-            exchange: name.clone(),
-            queue: name,
-        }
-    }
-
-    fn dead(&self) -> String {
-        format!("{}.dead", self.queue)
-    }
-}
-
 /// The bench's broker connection: one channel for topology and queue depth; publishers get their
 /// own (with confirms).
 struct Broker {
@@ -574,240 +573,39 @@ impl Broker {
     }
 
     /// The engine's own topology declaration, so the two cannot drift apart.
-    async fn declare(&self, t: &Topology) -> Result<()> {
+    async fn declare(&self, t: &Names) -> Result<()> {
         fleetwatch::ingest::amqp::declare_topology(&self.channel, &t.exchange, &t.queue).await?;
         Ok(())
     }
 
-    async fn depth(&self, t: &Topology) -> Result<u32> {
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        let queue = self
-            .channel
-            .queue_declare(t.queue.as_str().into(), passive, FieldTable::default())
-            .await?;
-        Ok(queue.message_count())
+    async fn depth(&self, t: &Names) -> Result<u32> {
+        Ok(queue_depth(&self.channel, &t.queue).await?)
     }
 
-    /// A publisher on a channel of its own.
-    async fn publisher(&self, t: &Topology) -> Result<Publisher> {
-        let channel = self.connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(Publisher {
-            channel,
-            exchange: t.exchange.clone(),
-            unconfirmed: VecDeque::new(),
-        })
+    /// A publisher on a channel of its own, with at most `CONFIRM_WINDOW` confirms outstanding.
+    async fn publisher(&self, t: &Names) -> Result<Publisher> {
+        let options = PublisherOptions {
+            window: CONFIRM_WINDOW,
+            ..PublisherOptions::default()
+        };
+        Ok(Publisher::open(&self.connection, &t.exchange, options).await?)
     }
 
     /// Publishes every message and waits for all confirms; returns how long that took.
-    async fn publish_backlog(&self, t: &Topology, backlog: &[Message]) -> Result<Duration> {
+    async fn publish_backlog(&self, t: &Names, backlog: &[Message]) -> Result<Duration> {
         let started = Instant::now();
         let mut publisher = self.publisher(t).await?;
         for message in backlog {
-            publisher.send(message).await?;
+            send(&mut publisher, message).await?;
         }
         publisher.flush().await?;
         Ok(started.elapsed())
     }
-
-    /// Best effort: a failure here must not hide the bench's own outcome.
-    async fn delete(&self, t: &Topology) {
-        for queue in [t.queue.clone(), t.dead()] {
-            if let Err(e) = self
-                .channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await
-            {
-                eprintln!("cannot delete queue {queue}: {e}");
-            }
-        }
-        for exchange in [t.exchange.clone(), t.dead()] {
-            if let Err(e) = self
-                .channel
-                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                .await
-            {
-                eprintln!("cannot delete exchange {exchange}: {e}");
-            }
-        }
-    }
 }
 
-/// Publishes persistent messages with at most `CONFIRM_WINDOW` confirms outstanding.
-struct Publisher {
-    channel: Channel,
-    exchange: String,
-    unconfirmed: VecDeque<PublisherConfirm>,
-}
-
-impl Publisher {
-    /// Waits until fewer than `CONFIRM_WINDOW` publishes await their confirm.
-    async fn make_room(&mut self) -> Result<()> {
-        while self.unconfirmed.len() >= CONFIRM_WINDOW {
-            self.await_oldest().await?;
-        }
-        Ok(())
-    }
-
-    async fn send(&mut self, message: &Message) -> Result<()> {
-        self.make_room().await?;
-        let confirm = self
-            .channel
-            .basic_publish(
-                self.exchange.as_str().into(),
-                message.device.as_str().into(),
-                BasicPublishOptions::default(),
-                &message.body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await?;
-        self.unconfirmed.push_back(confirm);
-        Ok(())
-    }
-
-    async fn flush(&mut self) -> Result<()> {
-        while !self.unconfirmed.is_empty() {
-            self.await_oldest().await?;
-        }
-        Ok(())
-    }
-
-    async fn await_oldest(&mut self) -> Result<()> {
-        if let Some(confirm) = self.unconfirmed.pop_front() {
-            let confirmation = confirm.await?;
-            ensure!(
-                matches!(confirmation, Confirmation::Ack(_)),
-                "the broker refused a reading: {confirmation:?}"
-            );
-        }
-        Ok(())
-    }
-}
-
-/// The release engine on a free port, a temporary data directory and the run's topology.
-struct Engine {
-    child: Child,
-    base: String,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Engine {
-    fn start(t: &Topology) -> Result<Self> {
-        Self::start_binary(t, &this_build())
-    }
-
-    fn start_binary(t: &Topology, binary: &std::path::Path) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let log = dir.path().join("engine.log");
-        let child = Command::new(binary)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(["--http-addr", &format!("127.0.0.1:{port}")])
-            .args(["--amqp-url", URL, "--amqp-exchange", &t.exchange])
-            .args(["--amqp-queue", &t.queue])
-            .args(
-                std::env::var("FW_ENGINE_ARGS")
-                    .unwrap_or_default()
-                    .split_whitespace(),
-            )
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .context("cannot start the fleetwatch binary")?;
-        Ok(Self {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            log,
-            _dir: dir,
-        })
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// Waits until the engine reports its broker connection up (it then consumes).
-    async fn wait_consuming(&self) -> Result<()> {
-        let http = reqwest::Client::new();
-        let started = Instant::now();
-        while started.elapsed() < DRAIN_TIMEOUT {
-            if let Ok(response) = http.get(self.url("/api/health")).send().await {
-                if let Ok(health) = response.json::<Value>().await {
-                    if health["broker"] == "connected" {
-                        return Ok(());
-                    }
-                }
-            }
-            tokio::time::sleep(POLL).await;
-        }
-        bail!(
-            "the engine did not connect to RabbitMQ; {}",
-            self.log_tail()
-        )
-    }
-
-    /// `fleetwatch_amqp_processed_total`: readings durable and settled; 0 until HTTP is up.
-    async fn processed(&self, http: &reqwest::Client) -> u64 {
-        let Ok(response) = http.get(self.url("/metrics")).send().await else {
-            return 0;
-        };
-        let text = response.text().await.unwrap_or_default();
-        text.lines()
-            .find(|l| l.starts_with("fleetwatch_amqp_processed_total"))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|v| v.parse::<f64>().ok())
-            .map_or(0, |v| v as u64)
-    }
-
-    fn check_alive(&mut self) -> Result<()> {
-        match self.child.try_wait()? {
-            Some(status) => bail!("the engine exited with {status}; {}", self.log_tail()),
-            None => Ok(()),
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(20).collect();
-        format!(
-            "engine log tail:\n{}",
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        )
-    }
-
-    /// SIGTERM: the engine finishes and acks what it holds, then exits.
-    fn stop(mut self) -> Result<()> {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
-        let status = self.child.wait()?;
-        ensure!(
-            status.success(),
-            "the engine exited with {status}; {}",
-            self.log_tail()
-        );
-        Ok(())
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Publishes one reading, routed by its device id.
+async fn send(publisher: &mut Publisher, message: &Message) -> Result<()> {
+    Ok(publisher.publish(&message.device, &message.body).await?)
 }
 
 /// Readings per second of one round.

@@ -19,13 +19,15 @@
 //! cargo bench --bench read_models
 //! ```
 
-use std::net::TcpListener;
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use chrono::{DateTime, Utc};
+use common::Engine;
 use fleetwatch::projections::fold::{Aggregate, Changes};
 use fleetwatch::projections::{open_storage, StoredBucket};
 use fleetwatch::store::{EventStore, SqliteStore, SqliteStoreOptions};
@@ -125,50 +127,14 @@ fn seed_read_models(
     Ok(())
 }
 
-struct Engine {
-    child: Child,
-    base: String,
-}
-
-impl Engine {
-    async fn start(data: &Path) -> Result<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let child = Command::new(env!("CARGO_BIN_EXE_fleetwatch"))
-            .arg("--data-dir")
-            .arg(data)
-            .args([
-                "--http-addr",
-                &format!("127.0.0.1:{port}"),
-                "--amqp-disabled",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting fleetwatch")?;
-        let engine = Self {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        };
-        let started = Instant::now();
-        while reqwest::get(format!("{}/api/health", engine.base))
-            .await
-            .is_err()
-        {
-            if started.elapsed() > Duration::from_secs(60) {
-                bail!("the engine did not start");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Ok(engine)
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The engine on `data` with HTTP ingest only, once healthy.
+async fn start_engine(data: &Path) -> Engine {
+    Engine::options()
+        .args(["--amqp-disabled"])
+        .log_level("warn")
+        .health_timeout(Duration::from_secs(60))
+        .start(data)
+        .await
 }
 
 /// Times `n` GETs of the paths `path(i)` yields; prints p50, p99 and max.
@@ -232,7 +198,7 @@ async fn main() -> Result<()> {
         seeding.elapsed()
     );
     {
-        let engine = Engine::start(&data).await?;
+        let engine = start_engine(&data).await;
         let now = Utc::now();
         let day = format!(
             "from={}&to={}",
@@ -279,7 +245,7 @@ async fn main() -> Result<()> {
         "seeded 100,000 devices x 24 hours in {:?}",
         seeding.elapsed()
     );
-    let engine = Engine::start(&data).await?;
+    let engine = start_engine(&data).await;
     time(
         "GET /api/stats, 100,000 known devices",
         n,

@@ -16,12 +16,15 @@
 //! Sizes can be reduced for a quick run: `FW_SCALE=0.1 cargo bench --bench scale`; phases can be
 //! picked with `FW_PHASES=recovery` (default `active,passivation,recovery`).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
+use common::Engine;
 use fleetwatch::store::{EventStore, NewEvent, SqliteStore, SqliteStoreOptions, Wake};
 use fleetwatch_domain::{Decision, Device, DeviceId, Reading, Rules, Thresholds};
 use serde_json::{json, Value};
@@ -37,78 +40,22 @@ fn scaled(n: usize) -> usize {
     ((n as f64) * scale()).max(1.0) as usize
 }
 
-struct EngineProcess {
-    child: Child,
-    base: String,
+/// The engine on `data` with HTTP ingest only; waits until it is healthy (at most 300 s: a large
+/// store takes a while) and says how long that took in `Engine::healthy_after`.
+async fn start_engine(data: &Path, extra: &[&str]) -> Engine {
+    Engine::options()
+        .args(["--amqp-disabled"])
+        .args(extra.iter().copied())
+        .log_level("warn")
+        .health_timeout(Duration::from_secs(300))
+        .start(data)
+        .await
 }
 
-impl EngineProcess {
-    fn start(data: &Path, extra: &[&str]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_fleetwatch"))
-            .arg("--data-dir")
-            .arg(data)
-            .args([
-                "--http-addr",
-                &format!("127.0.0.1:{port}"),
-                "--amqp-disabled",
-            ])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start fleetwatch");
-        Self {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        }
-    }
-
-    /// Seconds until `/api/health` answers 200.
-    async fn wait_healthy(&self, http: &reqwest::Client) -> f64 {
-        let started = Instant::now();
-        loop {
-            if let Ok(r) = http.get(format!("{}/api/health", self.base)).send().await {
-                if r.status().is_success() {
-                    return started.elapsed().as_secs_f64();
-                }
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(300),
-                "engine never became healthy"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    fn rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
-    }
-
-    async fn health(&self, http: &reqwest::Client) -> Value {
-        http.get(format!("{}/api/health", self.base))
-            .send()
-            .await
-            .expect("health")
-            .json()
-            .await
-            .expect("health JSON")
-    }
-
-    fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+async fn active_now(engine: &Engine) -> u64 {
+    engine.get("/api/health").await["devices_active"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 fn reading_json(device: &str, secs: i64, i: usize) -> Value {
@@ -156,13 +103,10 @@ async fn post_devices(
 async fn active_devices(http: &reqwest::Client) {
     let n = scaled(100_000);
     let dir = tempfile::tempdir().expect("temp dir");
-    let engine = EngineProcess::start(&dir.path().join("data"), &["--idle-timeout", "1h"]);
-    engine.wait_healthy(http).await;
+    let engine = start_engine(&dir.path().join("data"), &["--idle-timeout", "1h"]).await;
     let base_rss = engine.rss_mib();
     let rate = post_devices(http, &engine.base, "active", n, 0).await;
-    let active = engine.health(http).await["devices_active"]
-        .as_u64()
-        .unwrap_or(0);
+    let active = active_now(&engine).await;
     let rss = engine.rss_mib();
     println!("| active device actors | {active} |");
     println!("| resident memory, idle engine | {base_rss:.1} MiB |");
@@ -172,32 +116,24 @@ async fn active_devices(http: &reqwest::Client) {
         (rss - base_rss) * 1024.0 / n as f64
     );
     println!("| first readings of {n} new devices, HTTP batches of 1,000 | {rate:.0} readings/s |");
-    engine.stop();
 }
 
 async fn passivation(http: &reqwest::Client) {
     let n = scaled(1_000_000);
     let dir = tempfile::tempdir().expect("temp dir");
-    let engine = EngineProcess::start(&dir.path().join("data"), &["--idle-timeout", "5s"]);
-    engine.wait_healthy(http).await;
+    let engine = start_engine(&dir.path().join("data"), &["--idle-timeout", "5s"]).await;
     let mut peak_active = 0;
     let mut peak_rss: f64 = 0.0;
     let started = Instant::now();
     for chunk in (0..n).step_by(100_000) {
         let count = 100_000.min(n - chunk);
         post_devices(http, &engine.base, &format!("known-{chunk}"), count, 0).await;
-        peak_active = peak_active.max(
-            engine.health(http).await["devices_active"]
-                .as_u64()
-                .unwrap_or(0),
-        );
+        peak_active = peak_active.max(active_now(&engine).await);
         peak_rss = peak_rss.max(engine.rss_mib());
     }
     let load_secs = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(12)).await;
-    let after = engine.health(http).await["devices_active"]
-        .as_u64()
-        .unwrap_or(0);
+    let after = active_now(&engine).await;
     println!(
         "| known devices written | {n} in {load_secs:.0} s ({:.0} readings/s) |",
         n as f64 / load_secs
@@ -209,7 +145,6 @@ async fn passivation(http: &reqwest::Client) {
         "| resident memory 12 s after the load | {:.1} MiB |",
         engine.rss_mib()
     );
-    engine.stop();
 }
 
 /// Writes one device's history of at least `events_wanted` events through the store, the way its
@@ -342,11 +277,10 @@ async fn recovery(http: &reqwest::Client) {
         size as f64 / 1048576.0
     );
 
-    let engine = EngineProcess::start(&data, &[]);
-    let serve = engine.wait_healthy(http).await;
+    let mut engine = start_engine(&data, &[]).await;
     println!(
         "| restart until `/api/health` answers | {:.0} ms |",
-        serve * 1000.0
+        engine.healthy_after.as_secs_f64() * 1000.0
     );
     let first = time_first_event(http, &engine.base, "brand-new-device").await;
     println!("| then first reading of a new device durable (HTTP 202) | {first:.1} ms |");
@@ -363,19 +297,17 @@ async fn recovery(http: &reqwest::Client) {
         "| read models built from {head} events in the background | {caught_up:.1} s ({:.0} events/s) |",
         head as f64 / caught_up
     );
-    engine.stop();
 
-    let engine = EngineProcess::start(&data, &[]);
-    let serve = engine.wait_healthy(http).await;
+    // SIGKILL and start again, on the read models it kept.
+    let serve = engine.restart().await;
     println!(
         "| restart with current read models until `/api/health` answers | {:.0} ms |",
-        serve * 1000.0
+        serve.as_secs_f64() * 1000.0
     );
     let cold = time_first_event(http, &engine.base, "dev-43").await;
     println!(
         "| then cold device with {per_device} events (snapshot + tail) → 202 | {cold:.1} ms |"
     );
-    engine.stop();
 }
 
 /// The offline phase (see the module docs).
@@ -459,14 +391,14 @@ async fn offline(http: &reqwest::Client) {
         conn.execute("UPDATE streams SET wake_at = NULL", [])
             .expect("clear deadlines");
     }
-    let without = EngineProcess::start(&copy, &[]);
-    let start_without = without.wait_healthy(http).await;
+    let without = start_engine(&copy, &[]).await;
+    let start_without = without.healthy_after.as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_without = without.rss_mib();
-    without.stop();
+    drop(without);
 
-    let engine = EngineProcess::start(&data, &[]);
-    let start_with = engine.wait_healthy(http).await;
+    let engine = start_engine(&data, &[]).await;
+    let start_with = engine.healthy_after.as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_with = engine.rss_mib();
     println!(
@@ -500,8 +432,8 @@ async fn offline(http: &reqwest::Client) {
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    let active = engine.health(http).await["devices_active"].clone();
-    engine.stop();
+    let active = engine.get("/api/health").await["devices_active"].clone();
+    drop(engine);
     println!("| peak resident memory while they went offline | {peak_rss:.0} MiB (device actors active at the end: {active}) |");
 
     // Every DeviceWentOffline: its deadline (`at`) against when the store committed it.

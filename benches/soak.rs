@@ -18,13 +18,16 @@
 //!
 //! It needs RabbitMQ on 127.0.0.1:5672 and uses queue and exchange names of its own.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use common::Engine;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -54,46 +57,18 @@ fn dir_bytes(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn status_field(pid: u32, field: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("{field} in /proc/{pid}/status"))
+fn status_field(engine: &Engine, field: &str) -> Result<u64> {
+    engine
+        .proc_status(field)
+        .with_context(|| format!("{field} in /proc/{}/status", engine.pid()))
+}
+
+async fn processed_now(engine: &Engine) -> u64 {
+    engine.metric("fleetwatch_amqp_processed_total").await as u64
 }
 
 fn open_fds(pid: u32) -> Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
-}
-
-async fn metric(http: &reqwest::Client, base: &str, name: &str) -> Result<u64> {
-    let text = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
-    Ok(text
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .and_then(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .map_or(0, |v| v as u64))
-}
-
-fn spawn_engine(data: &Path, port: u16, names: &str) -> Result<Child> {
-    let extra = std::env::var("FW_SOAK_ENGINE_ARGS").unwrap_or_default();
-    Command::new(env!("CARGO_BIN_EXE_fleetwatch"))
-        .args(["--data-dir"])
-        .arg(data)
-        .args(["--http-addr", &format!("127.0.0.1:{port}")])
-        .args(["--amqp-exchange", names, "--amqp-queue", names])
-        .args(extra.split_whitespace())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(data.with_extension("log"))?)
-        .spawn()
-        .context("starting fleetwatch")
 }
 
 #[tokio::main]
@@ -104,27 +79,15 @@ async fn main() -> Result<()> {
     let every = Duration::from_secs(env_or("FW_SOAK_SAMPLE_SECONDS", 30));
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let names = format!("soak.{}", std::process::id());
-    let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-
-    let mut engine = spawn_engine(&data, port, &names)?;
-    let started = Instant::now();
-    loop {
-        if http
-            .get(format!("{base}/api/health"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            bail!("fleetwatch did not become healthy");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let extra = std::env::var("FW_SOAK_ENGINE_ARGS").unwrap_or_default();
+    let mut engine = Engine::options()
+        .args(["--amqp-exchange", &names, "--amqp-queue", &names])
+        .args(extra.split_whitespace())
+        .log_level("warn")
+        .start(&data)
+        .await;
+    let base = engine.base.clone();
     let mut simulator = Command::new(env!("CARGO_BIN_EXE_fleetwatch-sim"))
         .args(["--devices", &devices.to_string()])
         .args(["--rate", &rate.to_string()])
@@ -135,7 +98,7 @@ async fn main() -> Result<()> {
         .spawn()
         .context("starting fleetwatch-sim")?;
 
-    let pid = engine.id();
+    let pid = engine.pid();
     let mut samples = Vec::new();
     let run = Duration::from_secs(minutes * 60);
     println!("soak: {rate} readings/s from {devices} devices for {minutes} min over RabbitMQ");
@@ -148,11 +111,11 @@ async fn main() -> Result<()> {
         tokio::time::sleep(every).await;
         let sample = Sample {
             at_s: begun.elapsed().as_secs(),
-            rss_kib: status_field(pid, "VmRSS:")?,
+            rss_kib: status_field(&engine, "VmRSS:")?,
             fds: open_fds(pid)?,
-            threads: status_field(pid, "Threads:")?,
+            threads: status_field(&engine, "Threads:")?,
             data_bytes: dir_bytes(&data),
-            processed: metric(&http, &base, "fleetwatch_amqp_processed_total").await?,
+            processed: processed_now(&engine).await,
         };
         println!(
             "{:>7} {:>10.1} {:>5} {:>8} {:>10.1} {:>12}",
@@ -174,16 +137,15 @@ async fn main() -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut processed = 0;
     while Instant::now() < deadline {
-        processed = metric(&http, &base, "fleetwatch_amqp_processed_total").await?;
+        processed = processed_now(&engine).await;
         if processed >= published {
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let dead = metric(&http, &base, "fleetwatch_amqp_dead_lettered_total").await?;
+    let dead = engine.metric("fleetwatch_amqp_dead_lettered_total").await as u64;
     let data_bytes = dir_bytes(&data);
-    let _ = engine.kill();
-    let _ = engine.wait();
+    engine.kill();
     for queue in [names.clone(), format!("{names}.dead")] {
         let _ = Command::new("rabbitmqctl")
             .args(["delete_queue", &queue])

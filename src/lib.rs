@@ -5,7 +5,8 @@
 //! (`fleetwatch-domain`) decides which events it causes → the [`store`] appends them durably →
 //! [`live`] pushes them to browsers. [`rules`] keeps the zones and ranges; [`config`] the settings;
 //! [`app`] wires it all together. [`decode`] reads stored events back for all of them and for
-//! [`verify`], the offline check of a store.
+//! [`verify`], the offline check of a store. [`publish`] is the other side of RabbitMQ ingest: the
+//! confirmed publisher of `fleetwatch-sim`, the tests and the benchmarks.
 
 pub mod actors;
 pub mod app;
@@ -17,6 +18,7 @@ pub mod http;
 pub mod ingest;
 pub mod notify;
 pub mod projections;
+pub mod publish;
 pub mod retention;
 pub mod rules;
 pub mod store;

@@ -5,8 +5,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use reqwest::{Method, StatusCode};
@@ -340,17 +339,15 @@ async fn a_scope_without_tokens_is_open() {
     let dir = tempfile::tempdir().unwrap();
     // Only admin tokens, passed as the documented environment variables (two, comma-separated;
     // an empty variable sets none).
-    let port = free_port();
-    let mut child = EngineProcess::spawn(
-        &dir.path().join("data"),
-        &format!("127.0.0.1:{port}"),
-        &[
+    let engine = Engine::options()
+        .args(["--amqp-disabled"])
+        .envs(&[
             ("FLEETWATCH_ADMIN_TOKENS", "first-admin, second-admin"),
             ("FLEETWATCH_READ_TOKENS", ""),
-        ],
-    );
-    child.wait_healthy(port).await;
-    let base = format!("http://127.0.0.1:{port}");
+        ])
+        .start(&dir.path().join("data"))
+        .await;
+    let base = &engine.base;
     let config: Value = client()
         .get(format!("{base}/api/config"))
         .send()
@@ -729,89 +726,22 @@ async fn foreign_origins_are_refused_and_only_listed_ones_get_cors_headers() {
     );
 }
 
-/// A `fleetwatch` process started by hand (for other addresses and environment), killed on drop.
-struct EngineProcess {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl EngineProcess {
-    fn spawn(data_dir: &std::path::Path, addr: &str, env: &[(&str, &str)]) -> Self {
-        let log = data_dir.with_extension("log");
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_fleetwatch"))
-            .args(["--amqp-disabled", "--http-addr", addr, "--data-dir"])
-            .arg(data_dir)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn fleetwatch");
-        Self { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn wait_healthy(&mut self, port: u16) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("fleetwatch exited with {status}: {}", self.log());
-            }
-            if let Ok(r) = client()
-                .get(format!("http://127.0.0.1:{port}/api/health"))
-                .send()
-                .await
-            {
-                if r.status().is_success() {
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "not healthy: {}", self.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for EngineProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listening_beyond_loopback_needs_admin_tokens() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let addr = format!("0.0.0.0:{port}");
+    let beyond_loopback = Engine::options().args(["--amqp-disabled"]).host("0.0.0.0");
 
     // Read and ingest tokens do not count: configuration would still be open.
-    let mut refused = EngineProcess::spawn(
-        &dir.path().join("refused"),
-        &addr,
-        &[
+    let mut refused = beyond_loopback
+        .clone()
+        .envs(&[
             ("FLEETWATCH_READ_TOKENS", "r"),
             ("FLEETWATCH_INGEST_TOKENS", "i"),
-        ],
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = refused.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "it did not exit: {}",
-            refused.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        ])
+        .spawn(&dir.path().join("refused"));
+    let status = refused.wait_exit(Duration::from_secs(30)).await;
     assert!(!status.success());
-    let log = refused.log();
+    let log = refused.log_text();
     assert!(log.contains("refusing to listen on 0.0.0.0"), "{log}");
     assert!(log.contains("FLEETWATCH_ADMIN_TOKENS"), "{log}");
     assert!(log.contains("127.0.0.1"), "{log}");
@@ -821,18 +751,16 @@ async fn listening_beyond_loopback_needs_admin_tokens() {
     );
 
     // With an admin token it starts, and asks for it. Every access setting from its variable.
-    let mut started = EngineProcess::spawn(
-        &dir.path().join("started"),
-        &addr,
-        &[
+    let started = beyond_loopback
+        .envs(&[
             ("FLEETWATCH_ADMIN_TOKENS", ADMIN),
             ("FLEETWATCH_INGEST_TOKENS", INGEST),
             ("FLEETWATCH_READ_TOKENS", READ),
             ("FLEETWATCH_ALLOWED_ORIGINS", "https://ops.example"),
-        ],
-    );
-    started.wait_healthy(port).await;
-    let base = format!("http://127.0.0.1:{port}");
+        ])
+        .start(&dir.path().join("started"))
+        .await;
+    let base = &started.base;
     let zones = format!("{base}/api/zones");
     let r = client()
         .post(&zones)

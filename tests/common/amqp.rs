@@ -1,13 +1,14 @@
-//! A real RabbitMQ publisher for tests, on names of the test's own.
+//! A real RabbitMQ publisher for tests and benchmarks, on names of their own.
 
 use std::time::Duration;
 
+use fleetwatch::publish::{PublishError, PublisherOptions};
 use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio::sync::Mutex;
 
 pub const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -20,10 +21,16 @@ pub struct Names {
 
 impl Names {
     pub fn new(test: &str) -> Self {
+        Self::with_prefix(&format!("test.{test}"))
+    }
+
+    /// `<prefix>.<uuid8>` for both the exchange and the queue.
+    pub fn with_prefix(prefix: &str) -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string();
+        let name = format!("{prefix}.{}", &id[..8]);
         Self {
-            exchange: format!("test.{test}.{}", &id[..8]),
-            queue: format!("test.{test}.{}", &id[..8]),
+            exchange: name.clone(),
+            queue: name,
         }
     }
 
@@ -42,28 +49,18 @@ impl Names {
     }
 }
 
-pub struct Publisher {
-    connection: Connection,
-    channel: Channel,
-    exchange: String,
-}
+/// The library's confirmed publisher, on a connection of its own, for the tests' `&self` calls.
+pub struct Publisher(Mutex<fleetwatch::publish::Publisher>);
 
 impl Publisher {
-    /// Connects with publisher confirms. Fails loudly when no broker answers: these tests need one.
-    pub async fn connect(exchange: &str) -> lapin::Result<Self> {
-        let connection = Connection::connect(URL, ConnectionProperties::default()).await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        fleetwatch::ingest::amqp::declare_exchange(&channel, exchange).await?;
-        Ok(Self {
-            connection,
-            channel,
-            exchange: exchange.to_owned(),
-        })
+    /// Connects with publisher confirms.
+    pub async fn connect(exchange: &str) -> Result<Self, PublishError> {
+        let options = PublisherOptions::default();
+        let publisher = fleetwatch::publish::Publisher::connect(URL, exchange, options).await?;
+        Ok(Self(Mutex::new(publisher)))
     }
 
+    /// Fails loudly when no broker answers: these tests need one.
     pub async fn must_connect(exchange: &str) -> Self {
         match Self::connect(exchange).await {
             Ok(p) => p,
@@ -72,69 +69,35 @@ impl Publisher {
     }
 
     /// Publishes and waits for the broker's confirm.
-    pub async fn publish(&self, routing_key: &str, body: &[u8]) -> lapin::Result<()> {
-        let confirm = self
-            .channel
-            .basic_publish(
-                self.exchange.as_str().into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await?
-            .await?;
-        assert!(
-            matches!(confirm, Confirmation::Ack(_)),
-            "broker refused a message: {confirm:?}"
-        );
-        Ok(())
+    pub async fn publish(&self, routing_key: &str, body: &[u8]) -> Result<(), PublishError> {
+        let mut publisher = self.0.lock().await;
+        publisher.publish(routing_key, body).await?;
+        publisher.flush().await
     }
 
     /// Publishes many without waiting for each confirm in turn (but waits for all).
-    pub async fn publish_all(&self, messages: &[(String, Vec<u8>)]) -> lapin::Result<()> {
-        let mut confirms = Vec::with_capacity(messages.len());
+    pub async fn publish_all(&self, messages: &[(String, Vec<u8>)]) -> Result<(), PublishError> {
+        let mut publisher = self.0.lock().await;
         for (key, body) in messages {
-            confirms.push(
-                self.channel
-                    .basic_publish(
-                        self.exchange.as_str().into(),
-                        key.as_str().into(),
-                        BasicPublishOptions::default(),
-                        body,
-                        BasicProperties::default().with_delivery_mode(2),
-                    )
-                    .await?,
-            );
+            publisher.publish(key, body).await?;
         }
-        for confirm in confirms {
-            let confirm = confirm.await?;
-            assert!(
-                matches!(confirm, Confirmation::Ack(_)),
-                "broker refused a message: {confirm:?}"
-            );
-        }
-        Ok(())
+        publisher.flush().await
     }
 
     /// Messages ready on a queue (not counting those delivered and not yet acknowledged).
     pub async fn depth(&self, queue: &str) -> u32 {
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        self.channel
-            .queue_declare(queue.into(), passive, FieldTable::default())
+        let publisher = self.0.lock().await;
+        queue_depth(publisher.channel(), queue)
             .await
             .expect("passive queue.declare")
-            .message_count()
     }
 
     /// Takes every message off a queue, returning (body, reason header).
     pub async fn drain(&self, queue: &str) -> Vec<(Vec<u8>, Option<String>)> {
+        let publisher = self.0.lock().await;
         let mut out = Vec::new();
-        while let Some(message) = self
-            .channel
+        while let Some(message) = publisher
+            .channel()
             .basic_get(queue.into(), BasicGetOptions { no_ack: true })
             .await
             .expect("basic.get")
@@ -191,6 +154,18 @@ impl Drop for Names {
         });
         let _ = cleanup.join();
     }
+}
+
+/// Messages ready on a queue (not counting those delivered and not yet acknowledged).
+pub async fn queue_depth(channel: &Channel, queue: &str) -> lapin::Result<u32> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let queue = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await?;
+    Ok(queue.message_count())
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.

@@ -1,122 +1,22 @@
-//! Test harness: runs the real `fleetwatch` binary on a free port with its own data directory.
+//! Test harness: runs the real `fleetwatch` binary on a free port with its own data directory
+//! ([`engine`]), with helpers for its HTTP API. Benchmarks include it too.
 #![allow(dead_code)]
 
 pub mod amqp;
 pub mod sse;
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod engine;
+
+pub use engine::*;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{json, Value};
 
-pub struct Engine {
-    pub child: Child,
-    pub base: String,
-    pub data_dir: PathBuf,
-    pub log: PathBuf,
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-    port: u16,
-    /// Sent as `Authorization: Bearer` by the helpers below, when set (see [`Engine::with_token`]).
-    pub token: Option<String>,
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
-}
-
-pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("http client")
-}
-
 impl Engine {
-    /// Starts the engine with HTTP ingest only.
-    pub async fn start(data_dir: &Path) -> Engine {
-        Self::start_with(data_dir, &["--amqp-disabled"]).await
-    }
-
-    pub async fn start_with(data_dir: &Path, args: &[&str]) -> Engine {
-        Self::start_with_env(data_dir, args, &[]).await
-    }
-
-    /// Starts the engine with extra environment variables (e.g. `FAILPOINTS`).
-    pub async fn start_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Engine {
-        let port = free_port();
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let mut engine = Engine {
-            child: spawn(data_dir, port, args, &env),
-            base: format!("http://127.0.0.1:{port}"),
-            data_dir: data_dir.to_owned(),
-            log: data_dir.with_extension("log"),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            env,
-            port,
-            token: None,
-        };
-        engine.wait_healthy().await;
-        engine
-    }
-
-    pub async fn wait_healthy(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let http = client();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!(
-                    "fleetwatch exited early with {status}; log: {}",
-                    self.log_tail()
-                );
-            }
-            if let Ok(r) = http.get(format!("{}/api/health", self.base)).send().await {
-                if r.status().is_success() {
-                    return;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "fleetwatch did not become healthy: {}",
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGKILL: no chance to flush anything.
-    pub fn kill(&mut self) {
-        self.child.kill().expect("kill");
-        self.child.wait().expect("wait");
-    }
-
-    /// SIGTERM, then waits for a clean exit.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        self.child.wait().expect("wait")
-    }
-
-    /// Starts a fresh process on the same data directory and port.
-    pub async fn restart(&mut self) {
-        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        self.child = spawn(&self.data_dir, self.port, &args, &self.env);
-        self.wait_healthy().await;
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
-    }
-
     /// The helpers send this bearer token from now on (for engines started with tokens).
     pub fn with_token(mut self, token: &str) -> Self {
         self.token = Some(token.to_owned());
@@ -125,17 +25,11 @@ impl Engine {
 
     /// A request to `path`, with the engine's token if it has one.
     pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let request = client().request(method, self.url(path));
+        let request = self.http.request(method, self.url(path));
         match &self.token {
             Some(token) => request.bearer_auth(token),
             None => request,
         }
-    }
-
-    pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let start = text.len().saturating_sub(4000);
-        text[start..].to_owned()
     }
 
     pub async fn get(&self, path: &str) -> Value {
@@ -193,33 +87,6 @@ impl Engine {
             }
         }
     }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(data_dir: &Path, port: u16, args: &[&str], env: &[(String, String)]) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(data_dir.with_extension("log"))
-        .expect("log file");
-    Command::new(env!("CARGO_BIN_EXE_fleetwatch"))
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--http-addr")
-        .arg(format!("127.0.0.1:{port}"))
-        .args(args)
-        .env("RUST_LOG", "info")
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdout(Stdio::null())
-        .stderr(log.try_clone().expect("log"))
-        .spawn()
-        .expect("spawn fleetwatch")
 }
 
 pub fn t0() -> DateTime<Utc> {
@@ -342,8 +209,7 @@ impl Engine {
 
     /// Lines the engine logged at WARN or ERROR level so far.
     pub fn warnings_logged(&self) -> usize {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
+        self.log_text()
             .lines()
             .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
             .count()
@@ -355,7 +221,8 @@ impl Engine {
             Duration::from_secs(30),
             "the engine to connect to RabbitMQ",
             || async {
-                let health = client()
+                let health = self
+                    .http
                     .get(self.url("/api/health"))
                     .send()
                     .await
@@ -424,7 +291,8 @@ impl Engine {
 impl Engine {
     /// The value of a metric without labels from `/metrics`; 0 when it has not been recorded yet.
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = client()
+        let text = self
+            .http
             .get(self.url("/metrics"))
             .send()
             .await
