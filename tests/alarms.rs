@@ -474,6 +474,47 @@ async fn a_passivated_device_goes_offline_on_time_and_its_next_reading_brings_it
     wait_for_alarms(&engine, "kind=offline&state=cleared", 1).await;
 }
 
+/// A device whose deadline wakes it from the store passivates once it has written what the
+/// deadline meant, not after the idle timeout (here 10 minutes, checked every 30 s).
+#[tokio::test]
+async fn a_device_woken_only_by_its_deadline_passivates_once_it_has_decided() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = Engine::start_with(
+        &dir.path().join("data"),
+        &[
+            "--amqp-disabled",
+            "--offline-after",
+            "3s",
+            "--idle-timeout",
+            "10m",
+        ],
+    )
+    .await;
+    let device = "sensor-9";
+    post_ok(
+        &engine,
+        &now_reading(device, Utc::now(), DEPOT.0, DEPOT.1, 5.0),
+    )
+    .await;
+    // After the restart no actor runs: the stored deadline wakes the device.
+    engine.kill();
+    engine.restart().await;
+    wait_for_event(
+        &engine,
+        device,
+        "DeviceWentOffline",
+        Duration::from_secs(15),
+    )
+    .await;
+    wait_for_alarms(&engine, "kind=offline&state=open", 1).await;
+    eventually(
+        Duration::from_secs(5),
+        "the woken device to passivate",
+        || async { (engine.metric("fleetwatch_active_devices").await == 0.0).then_some(()) },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_device_silent_across_a_restart_goes_offline_after_it_with_its_own_period() {
     let dir = tempfile::tempdir().unwrap();

@@ -364,7 +364,8 @@ impl DeviceActor {
                     // Filed early (a reading moved the deadline on since): file it where it is.
                     let next = self.device.next_deadline(&rules);
                     self.deadlines.file(self.device.id(), next);
-                    return self.answer(ingest, IngestOutcome::Nothing);
+                    self.answer(ingest, IngestOutcome::Nothing);
+                    return self.passivate_if_only_ticked(ctx);
                 }
                 events
             }
@@ -540,6 +541,16 @@ impl DeviceActor {
             }
         }
         self.recover_once_settled(ctx);
+        self.passivate_if_only_ticked(ctx);
+    }
+
+    /// An actor started only for ticks passivates as soon as it has decided and written, not at
+    /// the next idle check: when a million devices go offline at thousands a second, waiting
+    /// for the check kept ~100,000 woken actors alive at once (1.2 GiB in the scale bench).
+    fn passivate_if_only_ticked(&mut self, ctx: &mut Context<Self>) {
+        if self.last_active.is_none() {
+            self.passivate_if_idle(ctx);
+        }
     }
 
     /// Settles the oldest in-flight append.
