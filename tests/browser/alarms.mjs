@@ -17,6 +17,7 @@
 
 import path from 'node:path';
 import { chromium } from 'playwright-core';
+import { assert, fail, poller, reportFailure, run, step } from './lib.mjs';
 
 const [baseArg, shotArg] = process.argv.slice(2);
 if (!baseArg || !shotArg) {
@@ -42,15 +43,6 @@ const OUTSIDE = { lat: 52.09, lon: 5.12 };
 // The severity colours of app.css (--sev-*), as getComputedStyle gives them.
 const COLOURS = { critical: 'rgb(220, 38, 38)', warning: 'rgb(217, 119, 6)', info: 'rgb(37, 99, 235)' };
 
-let currentStep = 'start';
-function step(name) {
-  currentStep = name;
-  console.log(`[alarms.mjs] ${name}`);
-}
-
-class TestFailure extends Error {}
-function fail(msg) { throw new TestFailure(msg); }
-function assert(cond, msg) { if (!cond) fail(msg); }
 
 async function api(method, p, body) {
   const init = { method, headers: { Accept: 'application/json' } };
@@ -81,20 +73,7 @@ async function postReading(device, where, temperature) {
   assert(r && r.accepted === 1, `reading of ${device} was not accepted: ${JSON.stringify(r)}`);
 }
 
-async function poll(what, fn, timeoutMs = WAIT_MS) {
-  const deadline = Date.now() + timeoutMs;
-  let last;
-  for (;;) {
-    try {
-      last = await fn();
-      if (last) return last;
-    } catch (e) {
-      last = e;
-    }
-    if (Date.now() > deadline) fail(`timed out after ${timeoutMs} ms waiting for ${what}${last instanceof Error ? ` (last error: ${last.message})` : ''}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
+const poll = poller(WAIT_MS);
 
 /** Every alarm of GET /api/alarms?state=<state>, newest first. */
 async function alarmsOf(state) {
@@ -322,12 +301,7 @@ async function main() {
       const serious = problems.filter((p) => !/favicon\.ico/.test(p));
       assert(serious.length === 0, `the page reported problems:\n  ${serious.join('\n  ')}`);
     } catch (e) {
-      if (page) {
-        const failShot = SHOT.replace(/(\.png)?$/, '.failure.png');
-        await page.screenshot({ path: failShot, fullPage: true }).catch(() => {});
-        console.error(`[alarms.mjs] screenshot of the failure: ${failShot}`);
-      }
-      if (problems.length) console.error(`[alarms.mjs] page problems seen:\n  ${problems.join('\n  ')}`);
+      await reportFailure(page, SHOT, problems);
       throw e;
     }
   } finally {
@@ -335,17 +309,4 @@ async function main() {
   }
 }
 
-const timer = setTimeout(() => {
-  console.error(`[alarms.mjs] FAIL: gave up after ${OVERALL_TIMEOUT_MS / 1000} s (step: ${currentStep})`);
-  process.exit(3);
-}, OVERALL_TIMEOUT_MS);
-
-main().then(() => {
-  clearTimeout(timer);
-  console.log('[alarms.mjs] PASS');
-  process.exit(0);
-}, (e) => {
-  clearTimeout(timer);
-  console.error(`[alarms.mjs] FAIL in step "${currentStep}": ${e instanceof TestFailure ? e.message : (e && e.stack) || e}`);
-  process.exit(1);
-});
+run(main, OVERALL_TIMEOUT_MS);

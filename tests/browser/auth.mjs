@@ -13,6 +13,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
+import { assert, fail, poller, reportFailure, run, step } from './lib.mjs';
 
 const [baseArg, shotArg, READ_TOKEN, ADMIN_TOKEN] = process.argv.slice(2);
 if (!baseArg || !shotArg || !READ_TOKEN || !ADMIN_TOKEN) {
@@ -30,14 +31,6 @@ const RANGE_NAME = 'Auth cold chain';
 const T0 = Date.now();
 let readingNo = 0;
 
-let currentStep = 'start';
-function step(name) {
-  currentStep = name;
-  console.log(`[auth.mjs] ${name}`);
-}
-class TestFailure extends Error {}
-function fail(msg) { throw new TestFailure(msg); }
-function assert(cond, msg) { if (!cond) fail(msg); }
 
 async function api(method, p, body, token) {
   const headers = { Accept: 'application/json' };
@@ -66,20 +59,7 @@ async function postReading(lat, lon, temperature) {
   await expectStatus('POST', '/api/readings', { device_id: DEVICE, timestamp, lat, lon, temperature }, undefined, 202);
 }
 
-async function poll(what, fn, timeoutMs = WAIT_MS) {
-  const deadline = Date.now() + timeoutMs;
-  let last;
-  for (;;) {
-    try {
-      last = await fn();
-      if (last) return last;
-    } catch (e) {
-      last = e;
-    }
-    if (Date.now() > deadline) fail(`timed out after ${timeoutMs} ms waiting for ${what}${last instanceof Error ? ` (last error: ${last.message})` : ''}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
+const poll = poller(WAIT_MS);
 
 const markerAt = (page, lat, lon) => page.evaluate(([id, la, lo]) => {
   const m = window.fleetwatch && window.fleetwatch.markers.get(id);
@@ -241,12 +221,7 @@ async function main() {
       await page.screenshot({ path: SHOT, fullPage: true });
       assert(problems.length === 0, `the page reported problems:\n  ${problems.join('\n  ')}`);
     } catch (e) {
-      if (page) {
-        const failShot = SHOT.replace(/(\.png)?$/, '.failure.png');
-        await page.screenshot({ path: failShot, fullPage: true }).catch(() => {});
-        console.error(`[auth.mjs] screenshot of the failure: ${failShot}`);
-      }
-      if (problems.length) console.error(`[auth.mjs] page problems seen:\n  ${problems.join('\n  ')}`);
+      await reportFailure(page, SHOT, problems);
       console.error(`[auth.mjs] refusals seen: ${refusals.join(', ')}`);
       throw e;
     }
@@ -255,17 +230,4 @@ async function main() {
   }
 }
 
-const timer = setTimeout(() => {
-  console.error(`[auth.mjs] FAIL: gave up after ${OVERALL_TIMEOUT_MS / 1000} s (step: ${currentStep})`);
-  process.exit(3);
-}, OVERALL_TIMEOUT_MS);
-
-main().then(() => {
-  clearTimeout(timer);
-  console.log('[auth.mjs] PASS');
-  process.exit(0);
-}, (e) => {
-  clearTimeout(timer);
-  console.error(`[auth.mjs] FAIL in step "${currentStep}": ${e instanceof TestFailure ? e.message : (e && e.stack) || e}`);
-  process.exit(1);
-});
+run(main, OVERALL_TIMEOUT_MS);

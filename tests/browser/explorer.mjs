@@ -12,6 +12,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
+import { assert, fail, reportFailure, run, step } from './lib.mjs';
 
 const [baseArg, shotArg, READ_TOKEN] = process.argv.slice(2);
 if (!baseArg || !shotArg || !READ_TOKEN) {
@@ -24,14 +25,6 @@ const CHROMIUM = process.env.FLEETWATCH_CHROMIUM || '/usr/bin/chromium';
 const WAIT_MS = 15_000;
 const OVERALL_TIMEOUT_MS = 120_000;
 
-let currentStep = 'start';
-function step(name) {
-  currentStep = name;
-  console.log(`[explorer.mjs] ${name}`);
-}
-class TestFailure extends Error {}
-function fail(msg) { throw new TestFailure(msg); }
-function assert(cond, msg) { if (!cond) fail(msg); }
 
 async function main() {
   fs.mkdirSync(path.dirname(SHOT), { recursive: true });
@@ -94,12 +87,7 @@ async function main() {
       await page.screenshot({ path: SHOT, fullPage: false });
       assert(problems.length === 0, `the page reported problems:\n  ${problems.join('\n  ')}`);
     } catch (e) {
-      if (page) {
-        const failShot = SHOT.replace(/(\.png)?$/, '.failure.png');
-        await page.screenshot({ path: failShot, fullPage: true }).catch(() => {});
-        console.error(`[explorer.mjs] screenshot of the failure: ${failShot}`);
-      }
-      if (problems.length) console.error(`[explorer.mjs] page problems seen:\n  ${problems.join('\n  ')}`);
+      await reportFailure(page, SHOT, problems);
       throw e;
     }
   } finally {
@@ -107,17 +95,4 @@ async function main() {
   }
 }
 
-const timer = setTimeout(() => {
-  console.error(`[explorer.mjs] FAIL: gave up after ${OVERALL_TIMEOUT_MS / 1000} s (step: ${currentStep})`);
-  process.exit(3);
-}, OVERALL_TIMEOUT_MS);
-
-main().then(() => {
-  clearTimeout(timer);
-  console.log('[explorer.mjs] PASS');
-  process.exit(0);
-}, (e) => {
-  clearTimeout(timer);
-  console.error(`[explorer.mjs] FAIL in step "${currentStep}": ${e instanceof TestFailure ? e.message : (e && e.stack) || e}`);
-  process.exit(1);
-});
+run(main, OVERALL_TIMEOUT_MS);

@@ -17,6 +17,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
+import { assert, fail, poller, reportFailure, run, step } from './lib.mjs';
 
 const [baseArg, shotArg] = process.argv.slice(2);
 if (!baseArg || !shotArg) {
@@ -40,15 +41,6 @@ const RANGE_NAME = 'E2E cold chain';
 const T0 = Date.now();
 let readingNo = 0;
 
-let currentStep = 'start';
-function step(name) {
-  currentStep = name;
-  console.log(`[map.mjs] ${name}`);
-}
-
-class TestFailure extends Error {}
-function fail(msg) { throw new TestFailure(msg); }
-function assert(cond, msg) { if (!cond) fail(msg); }
 
 // ---- HTTP helpers (Node 18+ fetch) ----
 
@@ -80,20 +72,7 @@ async function postReading(lat, lon, temperature) {
   return r;
 }
 
-async function poll(what, fn, timeoutMs = WAIT_MS) {
-  const deadline = Date.now() + timeoutMs;
-  let last;
-  for (;;) {
-    try {
-      last = await fn();
-      if (last) return last;
-    } catch (e) {
-      last = e;
-    }
-    if (Date.now() > deadline) fail(`timed out after ${timeoutMs} ms waiting for ${what}${last instanceof Error ? ` (last error: ${last.message})` : ''}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
+const poll = poller(WAIT_MS);
 
 // ---- browser-side probes ----
 
@@ -603,12 +582,7 @@ async function main() {
       const serious = problems.filter((p) => !/favicon\.ico/.test(p));
       assert(serious.length === 0, `the page reported problems:\n  ${serious.join('\n  ')}`);
     } catch (e) {
-      if (page) {
-        const failShot = SHOT.replace(/(\.png)?$/, '.failure.png');
-        await page.screenshot({ path: failShot, fullPage: true }).catch(() => {});
-        console.error(`[map.mjs] screenshot of the failure: ${failShot}`);
-      }
-      if (problems.length) console.error(`[map.mjs] page problems seen:\n  ${problems.join('\n  ')}`);
+      await reportFailure(page, SHOT, problems);
       throw e;
     }
   } finally {
@@ -616,17 +590,4 @@ async function main() {
   }
 }
 
-const timer = setTimeout(() => {
-  console.error(`[map.mjs] FAIL: gave up after ${OVERALL_TIMEOUT_MS / 1000} s (step: ${currentStep})`);
-  process.exit(3);
-}, OVERALL_TIMEOUT_MS);
-
-main().then(() => {
-  clearTimeout(timer);
-  console.log('[map.mjs] PASS');
-  process.exit(0);
-}, (e) => {
-  clearTimeout(timer);
-  console.error(`[map.mjs] FAIL in step "${currentStep}": ${e instanceof TestFailure ? e.message : (e && e.stack) || e}`);
-  process.exit(1);
-});
+run(main, OVERALL_TIMEOUT_MS);

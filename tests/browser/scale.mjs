@@ -19,6 +19,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { chromium } from 'playwright-core';
+import { assert, fail, poller, reportFailure, run, step } from './lib.mjs';
 
 const [baseArg, shotArg, devicesArg, rateArg] = process.argv.slice(2);
 if (!baseArg || !shotArg || !devicesArg || !rateArg) {
@@ -58,14 +59,6 @@ const MIN_STREAM_EVENTS_PER_S = 1000;
 const MIN_PAINTED_SHARE = 0.8;
 const STATUS_FILLS = ['#2563eb', '#f59e0b', '#dc2626'];
 
-let currentStep = 'start';
-function step(name) {
-  currentStep = name;
-  console.log(`[scale.mjs] ${name}`);
-}
-class TestFailure extends Error {}
-function fail(msg) { throw new TestFailure(msg); }
-function assert(cond, msg) { if (!cond) fail(msg); }
 
 async function api(p) {
   const res = await fetch(BASE + p, { headers: { Accept: 'application/json' } });
@@ -75,20 +68,7 @@ async function api(p) {
   return { status: res.status, json, text };
 }
 
-async function poll(what, fn, timeoutMs) {
-  const deadline = Date.now() + timeoutMs;
-  let last;
-  for (;;) {
-    try {
-      last = await fn();
-      if (last) return last;
-    } catch (e) {
-      last = e;
-    }
-    if (Date.now() > deadline) fail(`timed out after ${timeoutMs} ms waiting for ${what}${last instanceof Error ? ` (last error: ${last.message})` : ''}`);
-    await new Promise((r) => setTimeout(r, 250));
-  }
-}
+const poll = poller(60_000, 250);
 
 /** Starts counting frames and long tasks in the page (PerformanceObserver 'longtask'). */
 const startMeasuring = (page) => page.evaluate(() => {
@@ -508,12 +488,7 @@ async function main() {
       const serious = problems.filter((p) => !/favicon\.ico/.test(p));
       assert(serious.length === 0, `the page reported problems:\n  ${serious.join('\n  ')}`);
     } catch (e) {
-      if (page) {
-        const failShot = SHOT.replace(/(\.png)?$/, '.failure.png');
-        await page.screenshot({ path: failShot }).catch(() => {});
-        console.error(`[scale.mjs] screenshot of the failure: ${failShot}`);
-      }
-      if (problems.length) console.error(`[scale.mjs] page problems seen:\n  ${problems.join('\n  ')}`);
+      await reportFailure(page, SHOT, problems, { fullPage: false });
       console.error(`[scale.mjs] figures so far: ${JSON.stringify(result)}`);
       throw e;
     }
@@ -522,17 +497,4 @@ async function main() {
   }
 }
 
-const timer = setTimeout(() => {
-  console.error(`[scale.mjs] FAIL: gave up after ${OVERALL_TIMEOUT_MS / 1000} s (step: ${currentStep})`);
-  process.exit(3);
-}, OVERALL_TIMEOUT_MS);
-
-main().then(() => {
-  clearTimeout(timer);
-  console.log('[scale.mjs] PASS');
-  process.exit(0);
-}, (e) => {
-  clearTimeout(timer);
-  console.error(`[scale.mjs] FAIL in step "${currentStep}": ${e instanceof TestFailure ? e.message : (e && e.stack) || e}`);
-  process.exit(1);
-});
+run(main, OVERALL_TIMEOUT_MS);

@@ -1,0 +1,64 @@
+// What every browser test script shares: steps, assertions, polling, the failure screenshot
+// and the run with its overall timeout and exit codes (0 pass, 1 fail, 3 gave up).
+// Output lines are prefixed with the script's file name, e.g. "[map.mjs]".
+
+import path from 'node:path';
+
+const NAME = path.basename(process.argv[1] || 'browser-test');
+let currentStep = 'start';
+
+export function step(name) {
+  currentStep = name;
+  console.log(`[${NAME}] ${name}`);
+}
+
+export class TestFailure extends Error {}
+export function fail(msg) { throw new TestFailure(msg); }
+export function assert(cond, msg) { if (!cond) fail(msg); }
+
+/** A `poll(what, fn, timeoutMs = defaultTimeoutMs)`: calls `fn` every `everyMs` until it returns
+ * something truthy (which it returns), failing with `what` once the time is up. */
+export function poller(defaultTimeoutMs, everyMs = 200) {
+  return async function poll(what, fn, timeoutMs = defaultTimeoutMs) {
+    const deadline = Date.now() + timeoutMs;
+    let last;
+    for (;;) {
+      try {
+        last = await fn();
+        if (last) return last;
+      } catch (e) {
+        last = e;
+      }
+      if (Date.now() > deadline) fail(`timed out after ${timeoutMs} ms waiting for ${what}${last instanceof Error ? ` (last error: ${last.message})` : ''}`);
+      await new Promise((r) => setTimeout(r, everyMs));
+    }
+  };
+}
+
+/** On a failure: a screenshot of the page next to `shot` (".failure.png") and the page's
+ * problems seen so far. */
+export async function reportFailure(page, shot, problems, { fullPage = true } = {}) {
+  if (page) {
+    const failShot = shot.replace(/(\.png)?$/, '.failure.png');
+    await page.screenshot({ path: failShot, fullPage }).catch(() => {});
+    console.error(`[${NAME}] screenshot of the failure: ${failShot}`);
+  }
+  if (problems.length) console.error(`[${NAME}] page problems seen:\n  ${problems.join('\n  ')}`);
+}
+
+/** Runs `main`, exits 0 when it passes, 1 when it fails, 3 when it takes over `overallTimeoutMs`. */
+export function run(main, overallTimeoutMs) {
+  const timer = setTimeout(() => {
+    console.error(`[${NAME}] FAIL: gave up after ${overallTimeoutMs / 1000} s (step: ${currentStep})`);
+    process.exit(3);
+  }, overallTimeoutMs);
+  main().then(() => {
+    clearTimeout(timer);
+    console.log(`[${NAME}] PASS`);
+    process.exit(0);
+  }, (e) => {
+    clearTimeout(timer);
+    console.error(`[${NAME}] FAIL in step "${currentStep}": ${e instanceof TestFailure ? e.message : (e && e.stack) || e}`);
+    process.exit(1);
+  });
+}
