@@ -10,7 +10,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::actors::ActorSettings;
-use crate::config::Config;
+use crate::config::{Config, StoreKind};
 use crate::engine::{Engine, EngineSettings};
 use crate::http::access::{Access, AccessError};
 use crate::http::StreamLimits;
@@ -18,7 +18,9 @@ use crate::http::{self, AppState};
 use crate::ingest::amqp::{BrokerState, BrokerStatus};
 use crate::ingest::failed::FailedMessages;
 use crate::rules::RulesError;
-use crate::store::{EventStore, SqliteStore, SqliteStoreOptions, StoreError};
+use crate::store::{
+    EventStore, PostgresStore, PostgresStoreOptions, SqliteStore, SqliteStoreOptions, StoreError,
+};
 
 /// How long shutdown waits for each ingest path (HTTP requests, the RabbitMQ consumer) to finish
 /// the readings it holds; the engine's own drain has the same bound.
@@ -89,6 +91,45 @@ fn check_exposure(config: &Config, access: &Access) -> Result<(), StartupError> 
     Ok(())
 }
 
+/// The event store `--store` names.
+async fn open_store(config: &Config) -> Result<Arc<dyn EventStore>, StartupError> {
+    let url = || {
+        config.store_url.clone().ok_or_else(|| {
+            StartupError::Config(format!(
+                "--store {} needs --store-url (FLEETWATCH_STORE_URL)",
+                config.store.name()
+            ))
+        })
+    };
+    Ok(match config.store {
+        StoreKind::Sqlite => Arc::new(SqliteStore::open(
+            &config.data_dir,
+            SqliteStoreOptions {
+                max_batch: config.store_max_batch,
+                linger: config.store_linger,
+                queue_capacity: config.max_in_flight as usize * 2 + 1024,
+                ..SqliteStoreOptions::default()
+            },
+        )?),
+        StoreKind::Postgres => Arc::new(
+            PostgresStore::open(
+                &url()?,
+                PostgresStoreOptions {
+                    max_batch: config.store_max_batch,
+                    linger: config.store_linger,
+                    ..PostgresStoreOptions::default()
+                },
+            )
+            .await?,
+        ),
+        StoreKind::Kurrentdb => {
+            return Err(StartupError::Config(
+                "--store kurrentdb: this build has no KurrentDB backend yet (see README, \"Event stores\")".into(),
+            ))
+        }
+    })
+}
+
 /// Runs fleetwatch until it is told to stop.
 pub async fn run(config: Config) -> Result<(), StartupError> {
     let access = Arc::new(Access::from_config(&config)?);
@@ -101,18 +142,9 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         .map_err(|e| StartupError::Config(e.to_string()))?
         .with_offline_after(config.offline_after.as_secs())
         .map_err(|e| StartupError::Config(format!("--offline-after: {e}")))?;
-    let sqlite = Arc::new(SqliteStore::open(
-        &config.data_dir,
-        SqliteStoreOptions {
-            max_batch: config.store_max_batch,
-            linger: config.store_linger,
-            queue_capacity: config.max_in_flight as usize * 2 + 1024,
-            ..SqliteStoreOptions::default()
-        },
-    )?);
-    let store: Arc<dyn EventStore> = sqlite.clone();
+    let store = open_store(&config).await?;
     let engine = Engine::start(
-        store,
+        store.clone(),
         EngineSettings {
             actor_threads: config.actor_threads(),
             max_in_flight: config.max_in_flight,
@@ -274,7 +306,7 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
             "the notifications did not stop cleanly; they resume from their checkpoints"
         );
     }
-    sqlite.close();
+    store.shutdown().await;
     match http_failure {
         None => {
             tracing::info!("stopped cleanly");

@@ -12,6 +12,28 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the events live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// The embedded store in `--data-dir` (one node).
+    Sqlite,
+    /// PostgreSQL at `--store-url` (one or several nodes).
+    Postgres,
+    /// KurrentDB at `--store-url` (builds with the `kurrentdb` feature).
+    Kurrentdb,
+}
+
+impl StoreKind {
+    /// As it is written on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreKind::Sqlite => "sqlite",
+            StoreKind::Postgres => "postgres",
+            StoreKind::Kurrentdb => "kurrentdb",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "fleetwatch",
@@ -23,9 +45,19 @@ pub struct Config {
     #[arg(long, env = "FLEETWATCH_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
 
-    /// Directory of the embedded event store.
+    /// Directory of the embedded event store, and of this node's read models and notification
+    /// state whichever store holds the events.
     #[arg(long, env = "FLEETWATCH_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+
+    /// The event store: `sqlite` (embedded, in --data-dir), `postgres` or `kurrentdb` (at
+    /// --store-url, shared by every node).
+    #[arg(long, env = "FLEETWATCH_STORE", value_enum, default_value_t = StoreKind::Sqlite)]
+    pub store: StoreKind,
+
+    /// Where the `postgres` or `kurrentdb` store is, e.g. `postgres://fleetwatch@db/fleetwatch`.
+    #[arg(long, env = "FLEETWATCH_STORE_URL", hide_env_values = true)]
+    pub store_url: Option<String>,
 
     /// A device snapshot is saved every this many events.
     #[arg(long, env = "FLEETWATCH_SNAPSHOT_EVERY", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]

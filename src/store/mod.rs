@@ -15,6 +15,8 @@
 //! * payloads are opaque bytes: what they mean, in which schema version, is the codec's
 //!   (`crate::codec`). The store indexes an event's time (`at`) for lookups by time.
 
+mod health;
+mod postgres;
 mod read_only;
 mod sqlite;
 
@@ -26,6 +28,7 @@ use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
+pub use postgres::{PostgresStore, PostgresStoreOptions};
 pub use read_only::{ReadOnlyStore, UnreadableRow};
 pub use sqlite::{SqliteStore, SqliteStoreOptions};
 
@@ -277,4 +280,12 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Whether the store can write now; changes are announced on the receiver.
     fn health(&self) -> watch::Receiver<StoreHealth>;
+
+    /// Stops taking writes and waits until everything queued before is written.
+    fn shutdown(&self) -> BoxFuture<'static, ()> {
+        let flushed = self.flush();
+        Box::pin(async move {
+            let _ = flushed.await;
+        })
+    }
 }

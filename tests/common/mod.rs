@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod amqp;
+pub mod postgres;
 pub mod sse;
 
 mod engine;

@@ -17,12 +17,13 @@ use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{broadcast, oneshot, watch};
 
+use super::health::HealthSignal;
 use super::{
     Appended, CommittedBatch, EventStore, NewEvent, Pruned, RecordedEvent, Retention, Snapshot,
     SnapshotAndTail, StoreError, StoreHealth, StoreResult, StreamAt, StreamInfo, Wake, WakeTime,
 };
 pub use schema::{format as store_format, FORMAT as STORE_FORMAT};
-use writer::{HealthSignal, WriteCommand, Writer, WriterConfig};
+use writer::{WriteCommand, Writer, WriterConfig};
 
 #[derive(Debug, Clone)]
 pub struct SqliteStoreOptions {
@@ -477,159 +478,17 @@ impl EventStore for SqliteStore {
     fn health(&self) -> watch::Receiver<StoreHealth> {
         self.health.clone()
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn event(n: u32) -> NewEvent {
-        NewEvent {
-            event_type: "Test",
-            schema_version: 1,
-            payload: bytes::Bytes::from(format!(r#"{{"n":{n}}}"#)),
-            at: None,
-        }
-    }
-
-    fn store(dir: &tempfile::TempDir) -> SqliteStore {
-        SqliteStore::open(dir.path(), SqliteStoreOptions::default()).unwrap()
-    }
-
-    #[tokio::test]
-    async fn appends_read_back_in_order_with_positions() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = store(&dir);
-        let a = s
-            .append("a", 0, vec![event(1), event(2)], None)
-            .await
-            .unwrap();
-        assert_eq!(
-            a,
-            Appended {
-                version: 2,
-                last_position: 2
+    fn shutdown(&self) -> BoxFuture<'static, ()> {
+        // Closing joins the writer thread: off the async threads.
+        let sender = self.writer.lock().ok().and_then(|mut s| s.take());
+        let thread = self.writer_thread.lock().ok().and_then(|mut h| h.take());
+        async move {
+            drop(sender);
+            if let Some(thread) = thread {
+                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
             }
-        );
-        let b = s.append("b", 0, vec![event(3)], None).await.unwrap();
-        assert_eq!(b.last_position, 3);
-        let stream = s.read_stream("a", 1, 100).await.unwrap();
-        assert_eq!(stream.iter().map(|e| e.version).collect::<Vec<_>>(), [1, 2]);
-        assert_eq!(&stream[1].payload[..], br#"{"n":2}"#);
-        let all = s.read_all(1, 100).await.unwrap();
-        assert_eq!(all.iter().map(|e| e.position).collect::<Vec<_>>(), [2, 3]);
-        assert_eq!(s.head_position().await.unwrap(), 3);
-        assert_eq!(s.stream_version("a").await.unwrap(), Some(2));
-        assert_eq!(s.stream_version("zzz").await.unwrap(), None);
-    }
-
-    #[tokio::test]
-    async fn wrong_expected_version_is_a_conflict_and_writes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = store(&dir);
-        s.append("a", 0, vec![event(1)], None).await.unwrap();
-        let err = s.append("a", 0, vec![event(2)], None).await.unwrap_err();
-        assert!(
-            matches!(
-                err,
-                StoreError::Conflict {
-                    expected: 0,
-                    actual: 1,
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        assert_eq!(s.read_stream("a", 1, 10).await.unwrap().len(), 1);
-    }
-
-    #[tokio::test]
-    async fn a_conflict_does_not_fail_the_rest_of_its_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = store(&dir);
-        // Issued without awaiting: they land in the same batch, in call order.
-        let ok1 = s.append("a", 0, vec![event(1)], None);
-        let bad = s.append("a", 0, vec![event(2)], None);
-        let ok2 = s.append("a", 1, vec![event(3)], None);
-        assert!(ok1.await.is_ok());
-        assert!(bad.await.is_err());
-        assert_eq!(ok2.await.unwrap().version, 2);
-    }
-
-    #[tokio::test]
-    async fn snapshots_keep_the_newest_and_system_streams_are_not_listed() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = store(&dir);
-        s.append("$rules", 0, vec![event(0)], None).await.unwrap();
-        s.append("dev-1", 0, vec![event(1)], None).await.unwrap();
-        let snap = |v| Snapshot {
-            stream: "dev-1".into(),
-            version: v,
-            schema_version: 1,
-            payload: bytes::Bytes::from(format!("{v}")),
-        };
-        s.save_snapshot(snap(5)).await.unwrap();
-        s.save_snapshot(snap(3)).await.unwrap();
-        let latest = s.read_latest("dev-1", 10).await.unwrap();
-        assert_eq!(latest.snapshot.unwrap().version, 5);
-        let streams = s.list_streams(None, 10).await.unwrap();
-        assert_eq!(
-            streams,
-            vec![StreamInfo {
-                stream: "dev-1".into(),
-                version: 1
-            }]
-        );
-    }
-
-    #[tokio::test]
-    async fn the_latest_snapshot_comes_with_the_events_after_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = store(&dir);
-        let versions = |latest: &SnapshotAndTail| -> Vec<u64> {
-            latest.tail.iter().map(|e| e.version).collect()
-        };
-        assert_eq!(
-            s.read_latest("dev-1", 10).await.unwrap(),
-            SnapshotAndTail {
-                snapshot: None,
-                tail: vec![]
-            }
-        );
-        s.append("dev-1", 0, (1..=4).map(event).collect(), None)
-            .await
-            .unwrap();
-        let latest = s.read_latest("dev-1", 10).await.unwrap();
-        assert_eq!(
-            (latest.snapshot.is_none(), versions(&latest)),
-            (true, vec![1, 2, 3, 4])
-        );
-        s.save_snapshot(Snapshot {
-            stream: "dev-1".into(),
-            version: 2,
-            schema_version: 1,
-            payload: bytes::Bytes::from_static(b"{}"),
-        })
-        .await
-        .unwrap();
-        let latest = s.read_latest("dev-1", 10).await.unwrap();
-        assert_eq!(latest.snapshot.as_ref().map(|s| s.version), Some(2));
-        assert_eq!(versions(&latest), [3, 4]);
-        let limited = s.read_latest("dev-1", 1).await.unwrap();
-        assert_eq!(versions(&limited), [3]);
-    }
-
-    #[tokio::test]
-    async fn committed_events_are_published_and_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let s = store(&dir);
-            let mut live = s.subscribe();
-            s.append("a", 0, vec![event(1)], None).await.unwrap();
-            let batch = live.recv().await.unwrap();
-            assert_eq!(batch[0].position, 1);
         }
-        let s = store(&dir);
-        assert_eq!(s.read_all(0, 10).await.unwrap().len(), 1);
+        .boxed()
     }
 }

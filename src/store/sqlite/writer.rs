@@ -23,13 +23,14 @@ use chrono::{DateTime, Utc};
 use rusqlite::{
     params, Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior,
 };
-use tokio::sync::{broadcast, oneshot, watch};
+use tokio::sync::{broadcast, oneshot};
 
 use super::configure;
 use super::schema::{self, SchemaError};
+use crate::store::health::HealthSignal;
 use crate::store::{
-    Appended, CommittedBatch, NewEvent, Pruned, RecordedEvent, Snapshot, StoreError, StoreHealth,
-    StoreResult, StreamAt, Wake,
+    Appended, CommittedBatch, NewEvent, Pruned, RecordedEvent, Snapshot, StoreError, StoreResult,
+    StreamAt, Wake,
 };
 
 /// How often a failing store tries a write to find out whether it works again.
@@ -82,57 +83,6 @@ impl WriteCommand {
                 let _ = reply.send(Err(error));
             }
         }
-    }
-}
-
-/// The store's health as the writer sees it. Each change is logged and counted once.
-#[derive(Clone)]
-pub(super) struct HealthSignal(Arc<watch::Sender<StoreHealth>>);
-
-impl HealthSignal {
-    pub(super) fn new() -> Self {
-        metrics::gauge!("fleetwatch_store_available").set(1.0);
-        Self(Arc::new(watch::channel(StoreHealth::Available).0))
-    }
-
-    pub(super) fn subscribe(&self) -> watch::Receiver<StoreHealth> {
-        self.0.subscribe()
-    }
-
-    fn is_available(&self) -> bool {
-        self.0.borrow().is_available()
-    }
-
-    fn failing(&self, cause: String) {
-        self.0.send_if_modified(|health| {
-            if !health.is_available() {
-                return false;
-            }
-            tracing::error!(%cause, "the event store cannot write: ingest is paused until it can; nothing is acknowledged meanwhile");
-            metrics::gauge!("fleetwatch_store_available").set(0.0);
-            metrics::counter!("fleetwatch_store_failures_total").increment(1);
-            *health = StoreHealth::Failing {
-                cause,
-                since: Utc::now(),
-            };
-            true
-        });
-    }
-
-    fn available(&self) {
-        self.0.send_if_modified(|health| {
-            let StoreHealth::Failing { since, .. } = health else {
-                return false;
-            };
-            let seconds = (Utc::now() - *since).num_milliseconds() as f64 / 1000.0;
-            tracing::info!(
-                failing_for_s = seconds,
-                "the event store writes again: ingest resumes"
-            );
-            metrics::gauge!("fleetwatch_store_available").set(1.0);
-            *health = StoreHealth::Available;
-            true
-        });
     }
 }
 
