@@ -3,7 +3,8 @@
 # a C compiler (build-essential: the bundled SQLite and aws-lc are C), Node.js + npm (the map
 # page's libraries and the browser test), Chromium (headless browser test), RabbitMQ (ingest
 # tests; started if it is not answering), docker-compose (validates the compose file),
-# schemathesis (from PyPI: fuzzes the HTTP API against its OpenAPI document).
+# schemathesis (from PyPI: fuzzes the HTTP API against its OpenAPI document), PostgreSQL (the
+# store conformance suite and the engine on PostgreSQL; started if it is not answering).
 # Safe to run again: it only installs what is missing (scripts/test.sh runs it before every run).
 # Rust itself is not installed here (see the README's Requirements).
 set -euo pipefail
@@ -19,6 +20,12 @@ command -v npm >/dev/null || missing+=(npm)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
+command -v psql >/dev/null || missing+=(postgresql-client)
+fresh_postgres=false
+if ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; then
+  missing+=(postgresql)
+  fresh_postgres=true
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   $SUDO apt-get update -qq
@@ -34,6 +41,32 @@ if ! amqp_up; then
   # Wait until the broker itself is ready, not just the port.
   $SUDO rabbitmqctl await_startup >/dev/null 2>&1 || true
 fi
+
+# PostgreSQL on 127.0.0.1:5432, reachable as postgres without a password (the tests' default
+# FLEETWATCH_TEST_POSTGRES_URL). A server this script installed is given that on loopback only.
+pg_url="${FLEETWATCH_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+pg_up() { (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; }
+if ! pg_up; then
+  echo "starting PostgreSQL"
+  if command -v pg_ctlcluster >/dev/null && [ -n "$(pg_lsclusters -h 2>/dev/null)" ]; then
+    pg_lsclusters -h | while read -r version cluster _; do $SUDO pg_ctlcluster "$version" "$cluster" start || true; done
+  else
+    $SUDO service postgresql start
+  fi
+  for _ in $(seq 1 30); do pg_up && break; sleep 1; done
+  pg_up || { echo "PostgreSQL is not answering on 127.0.0.1:5432" >&2; exit 1; }
+fi
+if ! psql "$pg_url" -qAtc 'SELECT 1' >/dev/null 2>&1 && $fresh_postgres; then
+  hba=$($SUDO -u postgres psql -qAtc 'SHOW hba_file')
+  echo "host all postgres 127.0.0.1/32 trust" | $SUDO tee /tmp/fleetwatch-hba >/dev/null
+  $SUDO sh -c "cat '$hba' >> /tmp/fleetwatch-hba && cp /tmp/fleetwatch-hba '$hba'"
+  $SUDO -u postgres psql -qAtc 'SELECT pg_reload_conf()' >/dev/null
+fi
+psql "$pg_url" -qAtc 'SELECT 1' >/dev/null \
+  || { echo "PostgreSQL does not accept $pg_url (set FLEETWATCH_TEST_POSTGRES_URL)" >&2; exit 1; }
+# Databases earlier test runs created (tests/common/postgres.rs names them).
+psql "$pg_url" -qAtc "SELECT datname FROM pg_database WHERE datname LIKE 'fleetwatch\_test\_%'" \
+  | while read -r db; do psql "$pg_url" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)"; done
 
 # The OpenAPI test's fuzzer (tests/openapi.rs runs its CLI against the engine).
 if ! command -v schemathesis >/dev/null; then

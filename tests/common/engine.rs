@@ -284,6 +284,36 @@ impl Drop for Engine {
     }
 }
 
+/// With `FLEETWATCH_TEST_STORE=postgres`, every engine the kit starts keeps its events in
+/// PostgreSQL instead of the embedded store: in a database of its own, created on the server at
+/// `FLEETWATCH_TEST_POSTGRES_URL` at the first start on `data_dir` and kept for its restarts (its
+/// URL is written beside the data directory). The suite runs against either store unchanged.
+fn store_args(data_dir: &Path) -> Vec<String> {
+    match std::env::var("FLEETWATCH_TEST_STORE").as_deref() {
+        Err(_) | Ok("") | Ok("sqlite") => return Vec::new(),
+        Ok("postgres") => {}
+        Ok(other) => panic!("FLEETWATCH_TEST_STORE={other}: sqlite or postgres"),
+    }
+    let url_file = data_dir.with_extension("store-url");
+    let url = match std::fs::read_to_string(&url_file) {
+        Ok(url) => url,
+        Err(_) => {
+            let server = super::postgres::server_url();
+            let name = format!("fleetwatch_test_{}", uuid::Uuid::new_v4().simple());
+            let created = Command::new("psql")
+                .args([server.as_str(), "-qc", &format!("CREATE DATABASE {name}")])
+                .status()
+                .expect("psql (FLEETWATCH_TEST_STORE=postgres needs it)");
+            assert!(created.success(), "CREATE DATABASE on {server}");
+            let (base, _) = server.rsplit_once('/').expect("a database URL");
+            let url = format!("{base}/{name}");
+            std::fs::write(&url_file, &url).expect("write the store URL");
+            url
+        }
+    };
+    vec!["--store".into(), "postgres".into(), "--store-url".into(), url]
+}
+
 fn spawn(options: &EngineOptions, data_dir: &Path, addr: &str) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -294,6 +324,7 @@ fn spawn(options: &EngineOptions, data_dir: &Path, addr: &str) -> Child {
         .arg("--data-dir")
         .arg(data_dir)
         .args(["--http-addr", addr])
+        .args(store_args(data_dir))
         .args(&options.args)
         .env("RUST_LOG", &options.log_level)
         .envs(options.env.iter().map(|(k, v)| (k, v)))
