@@ -574,7 +574,7 @@ impl Broker {
 
     /// The engine's own topology declaration, so the two cannot drift apart.
     async fn declare(&self, t: &Names) -> Result<()> {
-        fleetwatch::ingest::amqp::declare_topology(&self.channel, &t.exchange, &t.queue).await?;
+        fleetwatch::ingest::amqp::declare_topology(&self.channel, &t.exchange, &t.queue, 0).await?;
         Ok(())
     }
 

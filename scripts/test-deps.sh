@@ -42,6 +42,12 @@ if ! amqp_up; then
   $SUDO rabbitmqctl await_startup >/dev/null 2>&1 || true
 fi
 
+# Devices partitioned over engine nodes go through a consistent-hash exchange (--amqp-partitions).
+if ! $SUDO rabbitmq-plugins list -e -m 2>/dev/null | grep -qx rabbitmq_consistent_hash_exchange; then
+  echo "enabling rabbitmq_consistent_hash_exchange"
+  $SUDO rabbitmq-plugins enable rabbitmq_consistent_hash_exchange >/dev/null
+fi
+
 # PostgreSQL on 127.0.0.1:5432, reachable as postgres without a password (the tests' default
 # FLEETWATCH_TEST_POSTGRES_URL). A server this script installed is given that on loopback only.
 pg_url="${FLEETWATCH_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"

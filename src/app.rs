@@ -160,6 +160,10 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
 
     let shutdown = CancellationToken::new();
     let deadlines = engine.spawn_deadlines(shutdown.clone());
+    // Only a shared store has rule changes this node did not make itself.
+    if config.store != StoreKind::Sqlite {
+        engine.rules().spawn_follower(shutdown.clone());
+    }
     let broker = BrokerStatus::new(BrokerState::Disabled);
     let failed = FailedMessages::new(1000);
     let (read_models, read_models_thread) =

@@ -146,6 +146,12 @@ pub struct Config {
     )]
     pub amqp_queue: String,
 
+    /// 0: consume the one queue `--amqp-queue`. N: spread devices by a consistent hash of their
+    /// id over N partition queues `<queue>.p0` … (each with a single active consumer) and consume
+    /// them all: several nodes with the same N share the devices, one owner per device at a time.
+    #[arg(long, env = "FLEETWATCH_AMQP_PARTITIONS", default_value_t = 0)]
+    pub amqp_partitions: u16,
+
     /// Unacknowledged deliveries the broker may send ahead (the consumer channel's prefetch;
     /// at least 1: 0 would mean no limit at all).
     #[arg(long, env = "FLEETWATCH_AMQP_PREFETCH", default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..))]

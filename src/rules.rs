@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use fleetwatch_domain::{RuleId, Rules, RulesEvent, TemperatureRange, Thresholds, Zone};
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{broadcast, watch, Mutex};
+use tokio_util::sync::CancellationToken;
 
 use crate::codec::{self, DamagedEvents};
 use crate::store::{EventStore, StoreError};
@@ -115,7 +116,7 @@ impl RuleBook {
                     });
                 }
                 self.check_room(rules, exists)?;
-                Ok(rules.define_zone(zone))
+                Ok(rules.define_zone(zone.clone()))
             })
             .await?;
         Ok(rules.zones[&id].clone())
@@ -153,7 +154,7 @@ impl RuleBook {
                     });
                 }
                 self.check_room(rules, exists)?;
-                Ok(rules.define_range(range))
+                Ok(rules.define_range(range.clone()))
             })
             .await?;
         Ok(rules.ranges[&id].clone())
@@ -177,21 +178,101 @@ impl RuleBook {
 
     async fn change(
         &self,
-        decide: impl FnOnce(&Rules) -> Result<RulesEvent, RulesError>,
+        decide: impl Fn(&Rules) -> Result<RulesEvent, RulesError>,
     ) -> Result<Arc<Rules>, RulesError> {
         let _guard = self.write.lock().await;
-        let rules = self.current();
-        let event = decide(&rules)?;
-        let new_event = codec::encode_rules_event(&event);
-        self.store
-            .append(RULES_STREAM, rules.version, vec![new_event], None)
-            .await?;
-        let mut next = (*rules).clone();
-        next.apply(&event);
-        let next = Arc::new(next);
-        self.current.store(next.clone());
-        self.version.send_replace(next.version);
-        Ok(next)
+        let mut attempts = 0;
+        loop {
+            let rules = self.current();
+            let event = decide(&rules)?;
+            let new_event = codec::encode_rules_event(&event);
+            match self
+                .store
+                .append(RULES_STREAM, rules.version, vec![new_event], None)
+                .await
+            {
+                Ok(_) => {
+                    let mut next = (*rules).clone();
+                    next.apply(&event);
+                    let next = Arc::new(next);
+                    self.publish(next.clone());
+                    return Ok(next);
+                }
+                // Another node changed the rules first (a shared store): decide again on theirs.
+                Err(StoreError::Conflict { .. }) if attempts < 3 => {
+                    attempts += 1;
+                    self.catch_up_locked().await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn publish(&self, rules: Arc<Rules>) {
+        let version = rules.version;
+        self.current.store(rules);
+        self.version.send_replace(version);
+    }
+
+    /// Applies the `$rules` events stored after the version in force (written by other nodes).
+    async fn catch_up_locked(&self) -> Result<(), RulesError> {
+        let mut rules = (*self.current()).clone();
+        let before = rules.version;
+        loop {
+            let batch = self
+                .store
+                .read_stream(RULES_STREAM, rules.version + 1, 1000)
+                .await?;
+            if batch.is_empty() {
+                break;
+            }
+            for recorded in &batch {
+                let event = codec::decode_rules_event(recorded)
+                    .map_err(|e| RulesError::Damaged(DamagedEvents(vec![e])))?;
+                rules.apply(&event);
+            }
+        }
+        if rules.version > before {
+            tracing::info!(
+                version = rules.version,
+                "zones and ranges changed on another node"
+            );
+            self.publish(Arc::new(rules));
+        }
+        Ok(())
+    }
+
+    /// With a store other nodes write too: applies their zone and range changes as they commit,
+    /// so every node decides under the same rules (a decision under older rules is fenced by its
+    /// `$rules` condition and decided again once this has caught up).
+    pub fn spawn_follower(&self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let book = self.clone();
+        let mut live = self.store.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    batch = live.recv() => match batch {
+                        Ok(batch) => {
+                            let version = book.current().version;
+                            let newer = batch
+                                .iter()
+                                .any(|e| e.stream == RULES_STREAM && e.version > version);
+                            if !newer {
+                                continue;
+                            }
+                        }
+                        // Missed some commits: look for rules changes among them.
+                        Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+                let _guard = book.write.lock().await;
+                if let Err(e) = book.catch_up_locked().await {
+                    tracing::warn!(error = %e, "cannot read the zone and range changes of other nodes");
+                }
+            }
+        })
     }
 }
 

@@ -229,17 +229,27 @@ impl Router {
                 rx
             })
         };
+        let mut stored_version = None;
         if let Some(rx) = live {
             if let Ok(device) = rx.await {
-                return Ok(Some(device));
+                if !self.inner.store.is_shared() {
+                    return Ok(Some(device));
+                }
+                // Another node may own the device now and have moved it on since this actor
+                // last wrote: the store says.
+                stored_version = self.inner.store.stream_version(id.as_str()).await?;
+                if stored_version.is_none_or(|v| v <= device.version()) {
+                    return Ok(Some(device));
+                }
             }
         }
-        if self
-            .inner
-            .store
-            .stream_version(id.as_str())
-            .await?
-            .is_none()
+        if stored_version.is_none()
+            && self
+                .inner
+                .store
+                .stream_version(id.as_str())
+                .await?
+                .is_none()
         {
             return Ok(None);
         }

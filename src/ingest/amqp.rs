@@ -34,8 +34,8 @@ use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
-    QueueBindOptions, QueueDeclareOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeBindOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::Confirmation;
@@ -46,12 +46,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Engine, EngineError, Source};
 use crate::ingest::failed::FailedMessages;
+use crate::ingest::partitions::Partitions;
 use crate::ingest::wire::{check_clock, parse_reading};
 use crate::store::StoreError;
 
 /// Header carrying the reason a message was dead-lettered.
 pub const REASON_HEADER: &str = "x-fleetwatch-reason";
-const CONSUMER_TAG: &str = "fleetwatch";
+/// Names this node in the broker's consumer list (`rabbitmqctl list_consumers`): which node a
+/// partition's active consumer is.
+fn consumer_tag() -> String {
+    format!("fleetwatch-{}", std::process::id())
+}
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A dead letter the broker has not confirmed by then is given up on and its message requeued.
@@ -107,6 +112,8 @@ pub struct AmqpSettings {
     pub max_retries: u32,
     pub max_message_bytes: usize,
     pub max_clock_skew: Duration,
+    /// 0: one queue; N: N partition queues (see [`declare_topology`]).
+    pub partitions: u16,
 }
 
 impl AmqpSettings {
@@ -120,6 +127,15 @@ impl AmqpSettings {
             max_retries: config.amqp_max_retries,
             max_message_bytes: config.amqp_max_message_bytes as usize,
             max_clock_skew: config.max_clock_skew,
+            partitions: config.amqp_partitions,
+        }
+    }
+
+    /// The queues this node consumes: the one queue, or every partition queue.
+    pub fn queues(&self) -> Vec<String> {
+        match self.partitions {
+            0 => vec![self.queue.clone()],
+            n => (0..n).map(|i| partition_queue(&self.queue, i)).collect(),
         }
     }
 
@@ -127,6 +143,16 @@ impl AmqpSettings {
     pub fn dead_letter_name(&self) -> String {
         dead_letter_name(&self.queue)
     }
+}
+
+/// The `i`th partition queue of `queue`.
+pub fn partition_queue(queue: &str, i: u16) -> String {
+    format!("{queue}.p{i}")
+}
+
+/// The consistent-hash exchange that spreads `exchange`'s readings over the partition queues.
+pub fn partition_exchange(exchange: &str) -> String {
+    format!("{exchange}.partitions")
 }
 
 /// The dead-letter exchange and queue of `queue`.
@@ -152,12 +178,22 @@ pub async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), l
 }
 
 /// Declares the engine's topology, idempotently: the durable topic exchange devices publish to,
-/// the durable queue bound to it with `#`, and the dead-letter exchange and queue. Anyone else
-/// declaring these names must use exactly these arguments, or the broker refuses the declare.
+/// the dead-letter exchange and queue, and what the readings are consumed from:
+///
+/// * `partitions == 0`: the durable queue `queue`, bound to the exchange with `#`;
+/// * `partitions == N`: a consistent-hash exchange (`<exchange>.partitions`, plugin
+///   `rabbitmq_consistent_hash_exchange`) bound to the exchange with `#`, which sends each device
+///   (by routing key) always to the same one of N durable queues `<queue>.p0` … `<queue>.p{N-1}`,
+///   each with a single active consumer. Every node consumes every partition, so the broker gives
+///   each partition to one node at a time, and a dead node's partitions to the others.
+///
+/// Anyone else declaring these names must use exactly these arguments, or the broker refuses the
+/// declare.
 pub async fn declare_topology(
     channel: &Channel,
     exchange: &str,
     queue: &str,
+    partitions: u16,
 ) -> Result<(), lapin::Error> {
     let durable = ExchangeDeclareOptions {
         durable: true,
@@ -195,18 +231,56 @@ pub async fn declare_topology(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(dead.as_str().into()),
     );
+    if partitions == 0 {
+        channel
+            .queue_declare(queue.into(), durable_queue, args)
+            .await?;
+        channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        return Ok(());
+    }
+    let hash = partition_exchange(exchange);
     channel
-        .queue_declare(queue.into(), durable_queue, args)
-        .await?;
-    channel
-        .queue_bind(
-            queue.into(),
-            exchange.into(),
-            "#".into(),
-            QueueBindOptions::default(),
+        .exchange_declare(
+            hash.as_str().into(),
+            ExchangeKind::Custom("x-consistent-hash".into()),
+            durable,
             FieldTable::default(),
         )
         .await?;
+    channel
+        .exchange_bind(
+            hash.as_str().into(),
+            exchange.into(),
+            "#".into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    for i in 0..partitions {
+        let partition = partition_queue(queue, i);
+        channel
+            .queue_declare(partition.as_str().into(), durable_queue, args.clone())
+            .await?;
+        // The binding key of a consistent-hash exchange is the queue's weight.
+        channel
+            .queue_bind(
+                partition.as_str().into(),
+                hash.as_str().into(),
+                "1".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
     Ok(())
 }
 
@@ -241,6 +315,7 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> std::io::Result<ConsumerHandle> {
     status.set(BrokerState::Connecting);
+    let settings_partitions = settings.partitions as usize;
     let (finished, finished_rx) = tokio::sync::oneshot::channel::<()>();
     std::thread::Builder::new()
         .name("amqp-ingest".into())
@@ -265,8 +340,24 @@ pub fn spawn(
                 failed,
                 failures: Mutex::default(),
                 shutdown: shutdown.clone(),
+                partitions: Partitions::new(settings_partitions),
             });
-            runtime.block_on(consumer.run(shutdown));
+            let queues = consumer.settings.queues();
+            let partitioned = consumer.settings.partitions > 0;
+            let sessions =
+                futures_util::future::join_all(queues.iter().enumerate().map(|(i, queue)| {
+                    let index = partitioned.then_some(i);
+                    consumer.clone().run(index, queue.clone(), shutdown.clone())
+                }));
+            let balance = async {
+                if let (true, Some(probe)) = (partitioned, queues.first()) {
+                    consumer
+                        .partitions
+                        .balance(&consumer.settings.url, probe, shutdown.clone())
+                        .await;
+                }
+            };
+            runtime.block_on(async { tokio::join!(sessions, balance) });
         })?;
     Ok(ConsumerHandle {
         finished: finished_rx,
@@ -283,6 +374,15 @@ struct Consumer {
     /// is kept) before it is dead-lettered.
     failures: Mutex<HashMap<u64, u32>>,
     shutdown: CancellationToken,
+    /// Which partitions this node owns (with `--amqp-partitions`).
+    partitions: Partitions,
+}
+
+/// How a session ended without an error.
+enum SessionEnd {
+    Shutdown,
+    /// It gave its partition back (see `partitions`): subscribe again at once.
+    Released,
 }
 
 /// How a delivery was settled.
@@ -294,13 +394,28 @@ enum Settle {
 }
 
 impl Consumer {
-    async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+    /// Consumes `queue` (partition `partition`, if partitioned) until shutdown, reconnecting as
+    /// long as it takes.
+    async fn run(
+        self: Arc<Self>,
+        partition: Option<usize>,
+        queue: String,
+        shutdown: CancellationToken,
+    ) {
         let mut backoff = MIN_BACKOFF;
         loop {
             self.status.set(BrokerState::Connecting);
             let mut connected = false;
-            match self.clone().session(&shutdown, &mut connected).await {
-                Ok(()) => break,
+            let ended = self
+                .clone()
+                .session(partition, &queue, &shutdown, &mut connected)
+                .await;
+            if let Some(i) = partition {
+                self.partitions.lost(i);
+            }
+            match ended {
+                Ok(SessionEnd::Shutdown) => break,
+                Ok(SessionEnd::Released) => continue,
                 Err(e) => {
                     if connected {
                         backoff = MIN_BACKOFF;
@@ -317,15 +432,18 @@ impl Consumer {
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
         self.status.set(BrokerState::Disabled);
-        tracing::info!("RabbitMQ consumer stopped");
+        tracing::info!(%queue, "RabbitMQ consumer stopped");
     }
 
-    /// One connection's life: declare, consume, dispatch; returns `Ok` only on shutdown.
+    /// One connection's life: declare, consume, dispatch; returns `Ok` only on shutdown or when
+    /// it gave its partition back.
     async fn session(
         self: Arc<Self>,
+        partition: Option<usize>,
+        queue: &str,
         shutdown: &CancellationToken,
         connected: &mut bool,
-    ) -> Result<(), SessionError> {
+    ) -> Result<SessionEnd, SessionError> {
         // Setting up waits on the network: a shutdown must not wait for it.
         let setup = async {
             let connection =
@@ -339,14 +457,33 @@ impl Consumer {
             publisher
                 .confirm_select(ConfirmSelectOptions::default())
                 .await?;
-            declare_topology(&channel, &self.settings.exchange, &self.settings.queue).await?;
+            declare_topology(
+                &channel,
+                &self.settings.exchange,
+                &self.settings.queue,
+                self.settings.partitions,
+            )
+            .await?;
             channel
                 .basic_qos(self.settings.prefetch, BasicQosOptions::default())
                 .await?;
+            if let Some(i) = partition {
+                // Nobody else consumes it: this node is its active consumer from now on.
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                let declared = channel
+                    .queue_declare(queue.into(), passive, FieldTable::default())
+                    .await?;
+                if declared.consumer_count() == 0 {
+                    self.partitions.owned(i);
+                }
+            }
             let deliveries = channel
                 .basic_consume(
-                    self.settings.queue.as_str().into(),
-                    CONSUMER_TAG.into(),
+                    queue.into(),
+                    consumer_tag().as_str().into(),
                     BasicConsumeOptions::default(),
                     FieldTable::default(),
                 )
@@ -355,11 +492,11 @@ impl Consumer {
         };
         let (connection, publishing, channel, publisher, mut deliveries) = tokio::select! {
             setup = setup => setup?,
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
         };
         *connected = true;
         self.status.set(BrokerState::Connected);
-        tracing::info!(queue = %self.settings.queue, exchange = %self.settings.exchange, "consuming from RabbitMQ");
+        tracing::info!(%queue, exchange = %self.settings.exchange, "consuming from RabbitMQ");
 
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
         let acker = tokio::spawn(acker(channel.clone(), settle_rx));
@@ -379,12 +516,21 @@ impl Consumer {
         let outcome = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
-                    // Stop new deliveries; what we hold is finished below and acked.
-                    let _ = channel.basic_cancel(CONSUMER_TAG.into(), BasicCancelOptions::default()).await;
-                    break Ok(());
+                    // Stop new deliveries; what we hold is finished below and acked. A partition
+                    // is not cancelled: the next node in line would take it over while this one
+                    // still finishes readings of the same devices. Closing the channel below,
+                    // once they are done, hands it over and requeues what was not started.
+                    if partition.is_none() {
+                        let _ = channel.basic_cancel(consumer_tag().as_str().into(), BasicCancelOptions::default()).await;
+                    }
+                    break Ok(SessionEnd::Shutdown);
                 }
+                _ = release_requested(&self.partitions, partition) => break Ok(SessionEnd::Released),
                 next = deliveries.next() => match next {
                     Some(Ok(delivery)) => {
+                        if let Some(i) = partition {
+                            self.partitions.owned(i);
+                        }
                         let worker = hasher.hash_one(delivery.routing_key.as_str()) as usize % workers.len();
                         if workers[worker].send(delivery).await.is_err() {
                             break Err(SessionError::Cancelled);
@@ -400,6 +546,7 @@ impl Consumer {
         while worker_tasks.join_next().await.is_some() {}
         let _ = acker.await;
         if outcome.is_ok() {
+            // Deliveries received but not started go back to the queue, in order.
             let _ = channel.close(200, "shutdown".into()).await;
             let _ = connection.close(200, "shutdown".into()).await;
             let _ = publishing.close(200, "shutdown".into()).await;
@@ -620,6 +767,14 @@ fn parse_reading_bytes(body: &[u8]) -> Result<fleetwatch_domain::Reading, String
 const ACK_EVERY: u64 = 256;
 /// ...or at the latest after this long.
 const ACK_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Resolves when the partition this session consumes should be given back; never without one.
+async fn release_requested(partitions: &Partitions, partition: Option<usize>) {
+    match partition {
+        Some(i) => partitions.release_requested(i).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Acks every delivery once it and all before it are settled, with one `multiple` ack per batch.
 /// Batching matters: every ack is work for the broker, which shares the machine.

@@ -4,4 +4,5 @@
 
 pub mod amqp;
 pub mod failed;
+mod partitions;
 pub mod wire;

@@ -281,6 +281,12 @@ pub trait EventStore: Send + Sync + 'static {
     /// Whether the store can write now; changes are announced on the receiver.
     fn health(&self) -> watch::Receiver<StoreHealth>;
 
+    /// Whether other processes (engine nodes) write to this store too, so that what this
+    /// process holds in memory may be behind it.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
     /// Stops taking writes and waits until everything queued before is written.
     fn shutdown(&self) -> BoxFuture<'static, ()> {
         let flushed = self.flush();

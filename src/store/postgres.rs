@@ -651,6 +651,10 @@ impl EventStore for PostgresStore {
         self.health.clone()
     }
 
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     fn shutdown(&self) -> BoxFuture<'static, ()> {
         if let Ok(mut sender) = self.writer.lock() {
             sender.take();

@@ -120,8 +120,18 @@ impl Publisher {
 
 impl Drop for Names {
     fn drop(&mut self) {
-        let queues = [self.queue.clone(), self.dead()];
-        let exchanges = [self.exchange.clone(), self.dead()];
+        // With the partition queues and their exchange, should the test have used them
+        // (`--amqp-partitions`, up to 16 here); deleting what does not exist is harmless.
+        let partitions = (0..16).map(|i| fleetwatch::ingest::amqp::partition_queue(&self.queue, i));
+        let queues: Vec<String> = [self.queue.clone(), self.dead()]
+            .into_iter()
+            .chain(partitions)
+            .collect();
+        let exchanges = [
+            self.exchange.clone(),
+            self.dead(),
+            fleetwatch::ingest::amqp::partition_exchange(&self.exchange),
+        ];
         // `drop` cannot await, and may run while a runtime unwinds: clean up on a thread and
         // runtime of its own. Best effort: the names are unique, so a leftover harms no other run.
         let cleanup = std::thread::spawn(move || {

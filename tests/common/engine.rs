@@ -311,7 +311,12 @@ fn store_args(data_dir: &Path) -> Vec<String> {
             url
         }
     };
-    vec!["--store".into(), "postgres".into(), "--store-url".into(), url]
+    vec![
+        "--store".into(),
+        "postgres".into(),
+        "--store-url".into(),
+        url,
+    ]
 }
 
 fn spawn(options: &EngineOptions, data_dir: &Path, addr: &str) -> Child {

@@ -1,0 +1,265 @@
+//! Three engine nodes on one machine sharing a real PostgreSQL store and a real RabbitMQ: devices
+//! are spread over the nodes by a consistent-hash exchange over partition queues with a single
+//! active consumer each (`--amqp-partitions`). One node is SIGKILLed while readings are being
+//! published, and started again later: every reading ends up stored exactly once, in its order,
+//! no alarm is raised twice, the dead node's partitions are taken over (the time is printed), and
+//! every node shows the whole fleet.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::amqp::{eventually, Names, Publisher};
+use common::*;
+use serde_json::Value;
+
+const NODES: usize = 3;
+const PARTITIONS: u16 = 6;
+const DEVICES: usize = 30;
+
+/// Reading `i` of device `d`: the temperature leaves the cold chain (2–8 °C) for 7 readings
+/// every 14.
+fn body(d: usize, i: usize) -> (String, Vec<u8>) {
+    let device = format!("truck-{d}");
+    let temperature = if (i / 7) % 2 == 1 { 10.0 } else { 5.0 };
+    let lat = DEPOT.0 + 0.0001 * i as f64;
+    let reading = reading(&device, i as i64, lat, DEPOT.1, temperature);
+    (device, serde_json::to_vec(&reading).expect("JSON"))
+}
+
+/// Partition queue → consumer tag of its active consumer (`rabbitmqctl list_consumers`).
+fn active_consumers(names: &Names) -> BTreeMap<String, String> {
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "list_consumers",
+            "-q",
+            "queue_name",
+            "consumer_tag",
+            "active",
+        ])
+        .output()
+        .expect("rabbitmqctl (RabbitMQ runs on this machine for these tests)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split('\t');
+            let (queue, tag, active) = (fields.next()?, fields.next()?, fields.next()?);
+            (queue.starts_with(&format!("{}.p", names.queue)) && active == "true")
+                .then(|| (queue.to_owned(), tag.to_owned()))
+        })
+        .collect()
+}
+
+/// Stored events per device, in version order: (type, reading time).
+async fn stored(
+    url: &str,
+) -> BTreeMap<String, Vec<(String, Option<chrono::DateTime<chrono::Utc>>)>> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("PostgreSQL");
+    tokio::spawn(connection);
+    let rows = client
+        .query(
+            "SELECT s.name, t.name, e.at FROM events e JOIN streams s ON s.id = e.stream
+             JOIN event_types t ON t.id = e.type WHERE s.name LIKE 'truck-%'
+             ORDER BY s.name, e.version",
+            &[],
+        )
+        .await
+        .expect("read the store");
+    let mut devices: BTreeMap<String, Vec<_>> = BTreeMap::new();
+    for row in rows {
+        devices
+            .entry(row.get(0))
+            .or_default()
+            .push((row.get(1), row.get(2)));
+    }
+    devices
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_killed_mid_stream_hands_its_devices_over_and_nothing_is_lost_or_doubled() {
+    let url = common::postgres::fresh_database().await;
+    let names = Names::new("cluster");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let options = Engine::options()
+        .args(names.engine_args())
+        .args(["--store", "postgres", "--store-url", url.as_str()])
+        .args(["--amqp-partitions", &PARTITIONS.to_string()]);
+    let mut nodes = Vec::new();
+    for n in 0..NODES {
+        let node = options
+            .clone()
+            .start(&dir.path().join(format!("node{n}")))
+            .await;
+        node.wait_broker_connected().await;
+        nodes.push(node);
+    }
+    // Defined on one node; the others follow the shared store's `$rules`.
+    nodes[0].create_depot_and_cold_chain().await;
+    for node in &nodes {
+        eventually(
+            Duration::from_secs(10),
+            "every node to have the cold chain",
+            || async {
+                let ranges = node.get("/api/temperature-ranges").await;
+                (ranges.to_string().contains("cold-chain")).then_some(())
+            },
+        )
+        .await;
+    }
+    let publisher = Publisher::must_connect(&names.exchange).await;
+    let mut round = 0usize;
+    let publish_round = |i: usize| {
+        let publisher = &publisher;
+        async move {
+            let batch: Vec<_> = (0..DEVICES).map(|d| body(d, i)).collect();
+            publisher.publish_all(&batch).await.expect("publish");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+
+    // The first node to subscribe owns every partition; under load the nodes spread them.
+    let spread_from = Instant::now();
+    let owners = loop {
+        publish_round(round).await;
+        round += 1;
+        let active = active_consumers(&names);
+        let mut per_node: BTreeMap<&String, usize> = BTreeMap::new();
+        for tag in active.values() {
+            *per_node.entry(tag).or_default() += 1;
+        }
+        let share = (PARTITIONS as usize).div_ceil(NODES);
+        if active.len() == PARTITIONS as usize
+            && per_node.len() == NODES
+            && per_node.values().all(|n| *n <= share)
+        {
+            break active;
+        }
+        assert!(
+            spread_from.elapsed() < Duration::from_secs(90),
+            "partitions not spread over the nodes: {per_node:?}"
+        );
+    };
+    println!(
+        "{PARTITIONS} partitions spread over {NODES} nodes after {:?}: {owners:?}",
+        spread_from.elapsed()
+    );
+
+    // The victim: a node that owns a partition.
+    let victim = (0..NODES)
+        .find(|&n| {
+            let tag = format!("fleetwatch-{}", nodes[n].pid());
+            owners.values().any(|t| *t == tag)
+        })
+        .expect("a node owning a partition");
+    let victim_tag = format!("fleetwatch-{}", nodes[victim].pid());
+    nodes[victim].kill();
+    let killed = Instant::now();
+    let takeover = loop {
+        publish_round(round).await;
+        round += 1;
+        let active = active_consumers(&names);
+        if active.len() == PARTITIONS as usize && active.values().all(|t| *t != victim_tag) {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "partitions not taken over: {active:?}"
+        );
+    };
+    println!("partitions of the killed node taken over after {takeover:?}");
+    assert!(
+        takeover < Duration::from_secs(15),
+        "takeover took {takeover:?}"
+    );
+    for _ in 0..10 {
+        publish_round(round).await;
+        round += 1;
+    }
+
+    nodes[victim].restart().await;
+    nodes[victim].wait_broker_connected().await;
+    for _ in 0..20 {
+        publish_round(round).await;
+        round += 1;
+    }
+    let readings_per_device = round;
+
+    // Everything stored: every device has all its readings.
+    let devices = eventually(Duration::from_secs(120), "every reading stored", || async {
+        let devices = stored(&url).await;
+        let complete = devices.len() == DEVICES
+            && devices.values().all(|events| {
+                events
+                    .iter()
+                    .filter(|(t, _)| t == "ReadingRecorded")
+                    .count()
+                    >= readings_per_device
+            });
+        complete.then_some(devices)
+    })
+    .await;
+    let hot = |i: usize| (i / 7) % 2 == 1;
+    let excursions = (1..readings_per_device)
+        .filter(|&i| hot(i) && !hot(i - 1))
+        .count();
+    let back_in_range = (1..readings_per_device)
+        .filter(|&i| !hot(i) && hot(i - 1))
+        .count();
+    for (device, events) in &devices {
+        // Exactly once, in reading order.
+        let readings: Vec<_> = events
+            .iter()
+            .filter(|(t, _)| t == "ReadingRecorded")
+            .map(|(_, at)| at.expect("a reading has a time"))
+            .collect();
+        let expected: Vec<_> = (0..readings_per_device as i64)
+            .map(|i| t0() + chrono::Duration::seconds(i))
+            .collect();
+        assert_eq!(
+            readings, expected,
+            "{device}: readings stored once each, in order"
+        );
+        // One alarm per excursion above the range.
+        let count = |kind: &str| events.iter().filter(|(t, _)| t == kind).count();
+        assert_eq!(count("TemperatureOutOfRange"), excursions, "{device}");
+        assert_eq!(count("TemperatureBackInRange"), back_in_range, "{device}");
+        assert_eq!(count("AlarmOpened"), excursions, "{device}");
+        let history = nodes[0].history(device).await;
+        assert_alarms_alternate(device, &history);
+    }
+
+    // One fleet view: every node lists every device, at the same version.
+    let versions: BTreeMap<String, u64> = devices
+        .iter()
+        .map(|(device, events)| (device.clone(), events.len() as u64))
+        .collect();
+    for (n, node) in nodes.iter().enumerate() {
+        for (device, version) in &versions {
+            let state: Value = node.get(&format!("/api/devices/{device}")).await;
+            assert_eq!(
+                state["version"].as_u64(),
+                Some(*version),
+                "node {n}, {device}: {state}"
+            );
+        }
+        eventually(
+            Duration::from_secs(30),
+            "every node's read models to list every alarm",
+            || async {
+                let alarms = node.get("/api/alarms?limit=1000").await;
+                let listed = alarms["alarms"].as_array().map_or(0, Vec::len);
+                (listed == DEVICES * excursions).then_some(())
+            },
+        )
+        .await;
+    }
+    assert_eq!(
+        publisher.depth(&names.dead()).await,
+        0,
+        "nothing dead-lettered"
+    );
+}
