@@ -11,12 +11,13 @@
 //! queue, in order, before the next consumer in line becomes active; then it subscribes again, at
 //! the back of the line. No reading of a device is ever handled by two nodes at once.
 //!
-//! A node knows it owns a partition when it was the queue's first consumer, or when deliveries
-//! from it arrived lately: a partition that is idle may go uncounted, which matters only while it
-//! is idle.
+//! A node knows it owns a partition when it was the queue's first consumer, or once a delivery
+//! from it arrives; it keeps it until its subscription ends (the broker never moves a queue away
+//! from a live active consumer). A partition taken over while idle goes uncounted until its
+//! first delivery, which matters only while it is idle.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -26,28 +27,23 @@ use tokio_util::sync::CancellationToken;
 
 /// How often a node compares what it owns with its share.
 const BALANCE_EVERY: Duration = Duration::from_secs(3);
-/// A partition that delivered within this is owned.
-const OWNED_WITHIN: Duration = Duration::from_secs(10);
 
 /// What this node knows about its ownership of each partition.
 pub(super) struct Partitions {
-    started: Instant,
     slots: Vec<Slot>,
 }
 
 struct Slot {
-    /// Milliseconds since `started` when ownership was last seen; 0: not owned.
-    owned_at: AtomicU64,
+    owned: AtomicBool,
     release: Notify,
 }
 
 impl Partitions {
     pub(super) fn new(count: usize) -> Self {
         Self {
-            started: Instant::now(),
             slots: (0..count)
                 .map(|_| Slot {
-                    owned_at: AtomicU64::new(0),
+                    owned: AtomicBool::new(false),
                     release: Notify::new(),
                 })
                 .collect(),
@@ -56,16 +52,16 @@ impl Partitions {
 
     /// Partition `i` delivered (or this node became its first consumer): it owns it now.
     pub(super) fn owned(&self, i: usize) {
-        let now = self.started.elapsed().as_millis() as u64 + 1;
-        if let Some(slot) = self.slots.get(i) {
-            slot.owned_at.store(now, Ordering::Relaxed);
+        // Called for every delivery: written only when it changes.
+        if let Some(slot) = self.slots.get(i).filter(|s| !s.owned.load(Ordering::Relaxed)) {
+            slot.owned.store(true, Ordering::Relaxed);
         }
     }
 
     /// This node no longer consumes partition `i` (it gave it back, or lost the connection).
     pub(super) fn lost(&self, i: usize) {
         if let Some(slot) = self.slots.get(i) {
-            slot.owned_at.store(0, Ordering::Relaxed);
+            slot.owned.store(false, Ordering::Relaxed);
         }
     }
 
@@ -78,15 +74,10 @@ impl Partitions {
     }
 
     fn owned_now(&self) -> Vec<usize> {
-        let now = self.started.elapsed().as_millis() as u64;
-        let window = OWNED_WITHIN.as_millis() as u64;
         self.slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| {
-                let at = s.owned_at.load(Ordering::Relaxed);
-                at != 0 && now.saturating_sub(at) <= window
-            })
+            .filter(|(_, s)| s.owned.load(Ordering::Relaxed))
             .map(|(i, _)| i)
             .collect()
     }
