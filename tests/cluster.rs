@@ -8,10 +8,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::amqp::{eventually, Names, Publisher};
+use common::amqp::{active_partition_consumers, eventually, Names, Publisher};
 use common::*;
 use serde_json::Value;
 
@@ -27,29 +26,6 @@ fn body(d: usize, i: usize) -> (String, Vec<u8>) {
     let lat = DEPOT.0 + 0.0001 * i as f64;
     let reading = reading(&device, i as i64, lat, DEPOT.1, temperature);
     (device, serde_json::to_vec(&reading).expect("JSON"))
-}
-
-/// Partition queue → consumer tag of its active consumer (`rabbitmqctl list_consumers`).
-fn active_consumers(names: &Names) -> BTreeMap<String, String> {
-    let out = Command::new("rabbitmqctl")
-        .args([
-            "list_consumers",
-            "-q",
-            "queue_name",
-            "consumer_tag",
-            "active",
-        ])
-        .output()
-        .expect("rabbitmqctl (RabbitMQ runs on this machine for these tests)");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split('\t');
-            let (queue, tag, active) = (fields.next()?, fields.next()?, fields.next()?);
-            (queue.starts_with(&format!("{}.p", names.queue)) && active == "true")
-                .then(|| (queue.to_owned(), tag.to_owned()))
-        })
-        .collect()
 }
 
 /// Stored events per device, in version order: (type, reading time).
@@ -126,7 +102,7 @@ async fn a_node_killed_mid_stream_hands_its_devices_over_and_nothing_is_lost_or_
     let owners = loop {
         publish_round(round).await;
         round += 1;
-        let active = active_consumers(&names);
+        let active = active_partition_consumers(&names.queue);
         let mut per_node: BTreeMap<&String, usize> = BTreeMap::new();
         for tag in active.values() {
             *per_node.entry(tag).or_default() += 1;
@@ -161,7 +137,7 @@ async fn a_node_killed_mid_stream_hands_its_devices_over_and_nothing_is_lost_or_
     let takeover = loop {
         publish_round(round).await;
         round += 1;
-        let active = active_consumers(&names);
+        let active = active_partition_consumers(&names.queue);
         if active.len() == PARTITIONS as usize && active.values().all(|t| *t != victim_tag) {
             break killed.elapsed();
         }

@@ -53,7 +53,11 @@ impl Partitions {
     /// Partition `i` delivered (or this node became its first consumer): it owns it now.
     pub(super) fn owned(&self, i: usize) {
         // Called for every delivery: written only when it changes.
-        if let Some(slot) = self.slots.get(i).filter(|s| !s.owned.load(Ordering::Relaxed)) {
+        if let Some(slot) = self
+            .slots
+            .get(i)
+            .filter(|s| !s.owned.load(Ordering::Relaxed))
+        {
             slot.owned.store(true, Ordering::Relaxed);
         }
     }

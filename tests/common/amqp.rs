@@ -196,3 +196,28 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Partition queue → consumer tag of its active consumer, for the partition queues of `queue`
+/// (`rabbitmqctl list_consumers`; the engine's tag is `fleetwatch-<pid>`).
+pub fn active_partition_consumers(queue: &str) -> std::collections::BTreeMap<String, String> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_consumers",
+            "-q",
+            "queue_name",
+            "consumer_tag",
+            "active",
+        ])
+        .output()
+        .expect("rabbitmqctl (RabbitMQ runs on this machine for these tests)");
+    let prefix = format!("{queue}.p");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split('\t');
+            let (queue, tag, active) = (fields.next()?, fields.next()?, fields.next()?);
+            (queue.starts_with(&prefix) && active == "true")
+                .then(|| (queue.to_owned(), tag.to_owned()))
+        })
+        .collect()
+}

@@ -235,6 +235,22 @@ impl Engine {
         self.wait_healthy().await
     }
 
+    /// SIGSTOP: the process stops where it is, its connections open (benchmarks queue a backlog
+    /// behind engines that already own their partitions).
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Engine::pause`].
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal the engine");
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
