@@ -49,10 +49,31 @@ struct Outcome {
     takeover: Option<Duration>,
 }
 
+/// Each node's `fleetwatch_amqp_processed_total`. On a fresh connection each time: one kept
+/// alive across a SIGSTOP may have been dropped meanwhile.
 async fn processed(nodes: &[Engine]) -> Vec<f64> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
     let mut counts = Vec::with_capacity(nodes.len());
     for node in nodes {
-        counts.push(node.metric("fleetwatch_amqp_processed_total").await);
+        let text = http
+            .get(format!("{}/metrics", node.base))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status());
+        let text = match text {
+            Ok(r) => r.text().await.expect("metrics text"),
+            Err(e) => panic!("GET /metrics: {e}"),
+        };
+        let value = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some("fleetwatch_amqp_processed_total"))
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or(0.0);
+        counts.push(value);
     }
     counts
 }
