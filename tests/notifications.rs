@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::amqp::{eventually, Names};
+use common::relay::Relay;
 use common::*;
 use futures_util::StreamExt;
 use hmac::{Hmac, Mac};
@@ -823,66 +824,20 @@ async fn every_alarm_change_is_published_to_the_alarms_exchange() {
     consumer.close().await;
 }
 
-/// A TCP relay to the real broker that the test can cut: every connection through it is dropped
-/// and new ones are refused until it is restored. The broker itself is shared and left alone.
-#[derive(Clone)]
-struct Relay {
-    port: u16,
-    up: Arc<Mutex<bool>>,
-    cut: Arc<tokio::sync::Notify>,
-}
-
-impl Relay {
-    async fn start() -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let relay = Relay {
-            port: listener.local_addr().unwrap().port(),
-            up: Arc::new(Mutex::new(true)),
-            cut: Arc::default(),
-        };
-        let serving = relay.clone();
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if !*serving.up.lock().unwrap() {
-                    continue;
-                }
-                let cut = serving.cut.clone();
-                tokio::spawn(async move {
-                    let Ok(mut broker) = TcpStream::connect("127.0.0.1:5672").await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut broker) => {}
-                        _ = cut.notified() => {}
-                    }
-                });
-            }
-        });
-        relay
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
-    }
-
-    fn cut(&self) {
-        *self.up.lock().unwrap() = false;
-        self.cut.notify_waiters();
-    }
-
-    fn restore(&self) {
-        *self.up.lock().unwrap() = true;
-    }
-}
-
 #[tokio::test]
 async fn the_alarm_publisher_reconnects_and_loses_nothing_while_the_broker_is_unreachable() {
     let names = Names::new("alarms-relay");
     let alarms_exchange = format!("{}.alarms", names.exchange);
     let mut consumer = AlarmsConsumer::bind(&alarms_exchange).await;
-    let relay = Relay::start().await;
+    let relay = Relay::start("127.0.0.1:5672").await;
     let dir = tempfile::tempdir().unwrap();
-    let engine = start_amqp_engine(dir.path(), &names, &alarms_exchange, Some(&relay.url())).await;
+    let engine = start_amqp_engine(
+        dir.path(),
+        &names,
+        &alarms_exchange,
+        Some(&relay.amqp_url()),
+    )
+    .await;
     engine.create_depot_and_cold_chain().await;
     let first = vec!["relay-truck-1".to_owned()];
     make_alarm_changes(&engine, &first[0]).await;

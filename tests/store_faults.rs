@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::amqp::{eventually, Names, Publisher};
+use common::relay::Relay;
 use common::*;
 use serde_json::Value;
 
@@ -277,4 +278,55 @@ async fn a_store_writer_that_dies_is_replaced_and_nothing_is_lost() {
         "died",
     )
     .await;
+}
+
+/// The engine's PostgreSQL store loses its database (every connection cut, through a relay, while
+/// readings are being published): ingest pauses, nothing is acknowledged or dead-lettered, and
+/// once the database is back every reading is stored once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_store_cut_from_its_database_pauses_ingest_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = Names::new("pgcut");
+    let publisher = Publisher::must_connect(&names.exchange).await;
+    let database = common::postgres::fresh_database().await;
+    let relay = Relay::start("127.0.0.1:5432").await;
+    let through_relay = database.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", relay.port));
+    assert_ne!(
+        through_relay, database,
+        "the test database is on 127.0.0.1:5432"
+    );
+    let mut args = names.engine_args();
+    args.extend([
+        "--store".into(),
+        "postgres".into(),
+        "--store-url".into(),
+        through_relay,
+    ]);
+    let engine = Engine::options()
+        .args(args)
+        .start(&dir.path().join("data"))
+        .await;
+    engine.wait_broker_connected().await;
+
+    let simulator = Simulator::start(&names.exchange).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    relay.cut();
+    let health = wait_failing(&engine, "").await;
+    assert_eq!(health["status"], "degraded", "{health}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_nothing_dead_lettered(&engine, &publisher, &names).await;
+    let refused = client()
+        .post(engine.url("/api/readings"))
+        .json(&reading("http-1", 0, DEPOT.0, DEPOT.1, 5.0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+
+    relay.restore();
+    wait_ok(&engine).await;
+    let rounds = simulator.stop().await;
+    assert_all_stored_once(&engine, rounds).await;
+    assert_nothing_dead_lettered(&engine, &publisher, &names).await;
+    assert!(engine.metric("fleetwatch_store_failures_total").await >= 1.0);
 }

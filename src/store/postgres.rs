@@ -1202,9 +1202,14 @@ async fn follow(
 ) {
     let mut notifications: Option<mpsc::UnboundedReceiver<u64>> = None;
     let mut poll = tokio::time::interval(FOLLOW_POLL);
+    let mut listening = true;
     loop {
         if notifications.is_none() {
-            notifications = listen(&config).await;
+            notifications = listen(&config, listening).await;
+            if notifications.is_some() && !listening {
+                tracing::info!("listening for other nodes' commits again");
+            }
+            listening = notifications.is_some();
         }
         tokio::select! {
             batch = own.recv() => {
@@ -1244,7 +1249,11 @@ async fn follow(
 
 /// A connection of its own that listens on [`CHANNEL`]; the heads it is notified of arrive on the
 /// receiver, which closes when the connection does.
-async fn listen(config: &tokio_postgres::Config) -> Option<mpsc::UnboundedReceiver<u64>> {
+/// `warn`: whether a failure is news (it was listening until now) or logged already.
+async fn listen(
+    config: &tokio_postgres::Config,
+    warn: bool,
+) -> Option<mpsc::UnboundedReceiver<u64>> {
     let listening = async {
         let (client, mut connection) = config.connect(NoTls).await?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -1277,7 +1286,11 @@ async fn listen(config: &tokio_postgres::Config) -> Option<mpsc::UnboundedReceiv
     match listening.await {
         Ok(rx) => Some(rx),
         Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for other nodes' commits; looking for them every second meanwhile");
+            if warn {
+                tracing::warn!(error = %e, "cannot listen for other nodes' commits; looking for them every second meanwhile");
+            } else {
+                tracing::debug!(error = %e, "still cannot listen for other nodes' commits");
+            }
             None
         }
     }
