@@ -166,6 +166,13 @@ const METRICS: &[Metric] = &[
         help: "Lost or refused RabbitMQ connections, each followed by a reconnect (count)",
         at_zero: NO_LABELS,
     },
+    Metric {
+        name: "fleetwatch_amqp_partitions_released_total",
+        kind: Kind::Counter,
+        unit: Unit::Count,
+        help: "Partition queues this node gave back to spread them over the nodes (--amqp-partitions) (count)",
+        at_zero: NO_LABELS,
+    },
     // Alarm notifications.
     Metric {
         name: "fleetwatch_notify_delivered_total",

@@ -15,6 +15,7 @@
 //! * payloads are opaque bytes: what they mean, in which schema version, is the codec's
 //!   (`crate::codec`). The store indexes an event's time (`at`) for lookups by time.
 
+mod command;
 mod health;
 mod postgres;
 mod read_only;

@@ -32,6 +32,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
+use super::command::{Staged, WriteCommand as Command};
 use super::health::HealthSignal;
 use super::{
     Appended, CommittedBatch, EventStore, NewEvent, Pruned, RecordedEvent, Retention, Snapshot,
@@ -69,47 +70,6 @@ impl Default for PostgresStoreOptions {
             connections: 8,
             live_capacity: 4096,
             linger: Duration::ZERO,
-        }
-    }
-}
-
-enum Command {
-    Append {
-        stream: String,
-        expected: u64,
-        events: Vec<NewEvent>,
-        condition: Option<StreamAt>,
-        wake: Wake,
-        reply: oneshot::Sender<StoreResult<Appended>>,
-    },
-    Snapshot {
-        snapshot: Snapshot,
-        reply: oneshot::Sender<StoreResult<()>>,
-    },
-    Flush {
-        reply: oneshot::Sender<StoreResult<()>>,
-    },
-    Prune {
-        event_types: &'static [&'static str],
-        before: DateTime<Utc>,
-        after: u64,
-        max_streams: usize,
-        reply: oneshot::Sender<StoreResult<Pruned>>,
-    },
-}
-
-impl Command {
-    fn fail(self, error: StoreError) {
-        match self {
-            Command::Append { reply, .. } => {
-                let _ = reply.send(Err(error));
-            }
-            Command::Snapshot { reply, .. } | Command::Flush { reply } => {
-                let _ = reply.send(Err(error));
-            }
-            Command::Prune { reply, .. } => {
-                let _ = reply.send(Err(error));
-            }
         }
     }
 }
@@ -680,14 +640,6 @@ struct Writer {
     types: HashMap<&'static str, i32>,
 }
 
-/// What staging did with one command of a batch.
-enum Staged {
-    Appended(Appended),
-    Conflict(StoreError),
-    Pruned(Pruned),
-    Done,
-}
-
 /// A stream as a batch sees it: its key (`None` until the batch creates it) and version.
 #[derive(Clone, Copy)]
 struct StreamState {
@@ -763,13 +715,7 @@ impl Writer {
     fn write_batch<'a>(&'a mut self, batch: &'a mut Vec<Command>) -> BoxFuture<'a, ()> {
         async move {
             let started = Instant::now();
-            let event_count: usize = batch
-                .iter()
-                .map(|c| match c {
-                    Command::Append { events, .. } => events.len(),
-                    _ => 0,
-                })
-                .sum();
+            let event_count: usize = batch.iter().map(Command::event_count).sum();
             let staged = self.stage(batch).await;
             if staged.is_err() {
                 // A failed transaction may have rolled back types it added.
@@ -782,7 +728,7 @@ impl Writer {
                         let _ = self.committed.send(Arc::new(committed));
                     }
                     for (command, staged) in batch.drain(..).zip(staged) {
-                        answer(command, staged);
+                        command.answer(staged);
                     }
                     metrics::counter!("fleetwatch_store_events_appended_total")
                         .increment(event_count as u64);
@@ -1164,29 +1110,6 @@ impl Writer {
                 .then(|| streams.last().map(|id| *id as u64))
                 .flatten(),
         })
-    }
-}
-
-fn answer(command: Command, staged: Staged) {
-    match (command, staged) {
-        (Command::Append { reply, .. }, Staged::Appended(a)) => {
-            let _ = reply.send(Ok(a));
-        }
-        (Command::Append { reply, .. }, Staged::Conflict(e)) => {
-            let _ = reply.send(Err(e));
-        }
-        (Command::Snapshot { reply, .. }, _) | (Command::Flush { reply }, _) => {
-            let _ = reply.send(Ok(()));
-        }
-        (Command::Prune { reply, .. }, Staged::Pruned(pruned)) => {
-            let _ = reply.send(Ok(pruned));
-        }
-        (Command::Prune { reply, .. }, _) => {
-            let _ = reply.send(Ok(Pruned::default()));
-        }
-        (Command::Append { reply, .. }, Staged::Done | Staged::Pruned(_)) => {
-            let _ = reply.send(Err(StoreError::Refused("internal: unstaged append".into())));
-        }
     }
 }
 

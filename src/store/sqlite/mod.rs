@@ -17,13 +17,14 @@ use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{broadcast, oneshot, watch};
 
+use super::command::WriteCommand;
 use super::health::HealthSignal;
 use super::{
     Appended, CommittedBatch, EventStore, NewEvent, Pruned, RecordedEvent, Retention, Snapshot,
     SnapshotAndTail, StoreError, StoreHealth, StoreResult, StreamAt, StreamInfo, Wake, WakeTime,
 };
 pub use schema::{format as store_format, FORMAT as STORE_FORMAT};
-use writer::{WriteCommand, Writer, WriterConfig};
+use writer::{Writer, WriterConfig};
 
 #[derive(Debug, Clone)]
 pub struct SqliteStoreOptions {

@@ -23,15 +23,13 @@ use chrono::{DateTime, Utc};
 use rusqlite::{
     params, Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior,
 };
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::broadcast;
 
 use super::configure;
 use super::schema::{self, SchemaError};
+use crate::store::command::{Staged, WriteCommand};
 use crate::store::health::HealthSignal;
-use crate::store::{
-    Appended, CommittedBatch, NewEvent, Pruned, RecordedEvent, Snapshot, StoreError, StoreResult,
-    StreamAt, Wake,
-};
+use crate::store::{Appended, CommittedBatch, Pruned, RecordedEvent, StoreError, Wake};
 
 /// How often a failing store tries a write to find out whether it works again.
 pub(super) const PROBE_INTERVAL: Duration = Duration::from_millis(250);
@@ -44,47 +42,6 @@ const STABLE_RUN: Duration = Duration::from_secs(60);
 const LINGER_BELOW: usize = 64;
 /// Streams the writer keeps in memory (key and version) before it starts over.
 const STREAM_CACHE_LIMIT: usize = 1_000_000;
-
-pub(super) enum WriteCommand {
-    Append {
-        stream: String,
-        expected: u64,
-        events: Vec<NewEvent>,
-        condition: Option<StreamAt>,
-        wake: Wake,
-        reply: oneshot::Sender<StoreResult<Appended>>,
-    },
-    Snapshot {
-        snapshot: Snapshot,
-        reply: oneshot::Sender<StoreResult<()>>,
-    },
-    Flush {
-        reply: oneshot::Sender<StoreResult<()>>,
-    },
-    Prune {
-        event_types: &'static [&'static str],
-        before: DateTime<Utc>,
-        after: u64,
-        max_streams: usize,
-        reply: oneshot::Sender<StoreResult<Pruned>>,
-    },
-}
-
-impl WriteCommand {
-    fn fail(self, error: StoreError) {
-        match self {
-            WriteCommand::Append { reply, .. } => {
-                let _ = reply.send(Err(error));
-            }
-            WriteCommand::Snapshot { reply, .. } | WriteCommand::Flush { reply } => {
-                let _ = reply.send(Err(error));
-            }
-            WriteCommand::Prune { reply, .. } => {
-                let _ = reply.send(Err(error));
-            }
-        }
-    }
-}
 
 /// What a writer needs to (re)open its connection.
 #[derive(Clone)]
@@ -351,14 +308,6 @@ fn type_key(
     Ok(id)
 }
 
-/// What one command in a batch came to, before the commit decides whether it stands.
-enum Staged {
-    Appended(Appended),
-    Conflict(StoreError),
-    Pruned(Pruned),
-    Done,
-}
-
 impl Writer {
     pub(super) fn open(config: WriterConfig) -> Result<Self, SchemaError> {
         let mut conn = Connection::open(&config.path)?;
@@ -448,13 +397,7 @@ impl Writer {
         // Test builds only: `FAILPOINTS=store-writer=N*off->M*panic` kills the writer here.
         fail::fail_point!("store-writer");
         let started = Instant::now();
-        let event_count: usize = batch
-            .iter()
-            .map(|c| match c {
-                WriteCommand::Append { events, .. } => events.len(),
-                _ => 0,
-            })
-            .sum();
+        let event_count: usize = batch.iter().map(WriteCommand::event_count).sum();
         match self.stage(batch) {
             Ok((staged, recorded_at)) => {
                 self.config.health.available();
@@ -467,28 +410,7 @@ impl Writer {
                     }
                 }
                 for (command, staged) in batch.drain(..).zip(staged) {
-                    match (command, staged) {
-                        (WriteCommand::Append { reply, .. }, Staged::Appended(a)) => {
-                            let _ = reply.send(Ok(a));
-                        }
-                        (WriteCommand::Append { reply, .. }, Staged::Conflict(e)) => {
-                            let _ = reply.send(Err(e));
-                        }
-                        (WriteCommand::Snapshot { reply, .. }, _)
-                        | (WriteCommand::Flush { reply }, _) => {
-                            let _ = reply.send(Ok(()));
-                        }
-                        (WriteCommand::Prune { reply, .. }, Staged::Pruned(pruned)) => {
-                            let _ = reply.send(Ok(pruned));
-                        }
-                        (WriteCommand::Prune { reply, .. }, _) => {
-                            let _ = reply.send(Ok(Pruned::default()));
-                        }
-                        (WriteCommand::Append { reply, .. }, Staged::Done | Staged::Pruned(_)) => {
-                            let _ = reply
-                                .send(Err(StoreError::Refused("internal: unstaged append".into())));
-                        }
-                    }
+                    command.answer(staged);
                 }
                 metrics::counter!("fleetwatch_store_events_appended_total")
                     .increment(event_count as u64);
