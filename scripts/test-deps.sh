@@ -4,7 +4,8 @@
 # page's libraries and the browser test), Chromium (headless browser test), RabbitMQ (ingest
 # tests; started if it is not answering), docker-compose (validates the compose file),
 # schemathesis (from PyPI: fuzzes the HTTP API against its OpenAPI document), PostgreSQL (the
-# store conformance suite and the engine on PostgreSQL; started if it is not answering).
+# store conformance suite and the engine on PostgreSQL; started if it is not answering), Pushpin
+# (the live stream through GRIP; the tests start their own instances).
 # Safe to run again: it only installs what is missing (scripts/test.sh runs it before every run).
 # Rust itself is not installed here (see the README's Requirements).
 set -euo pipefail
@@ -21,6 +22,7 @@ command -v chromium >/dev/null || missing+=(chromium)
 command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
 command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v psql >/dev/null || missing+=(postgresql-client)
+command -v pushpin >/dev/null || missing+=(pushpin)
 fresh_postgres=false
 if ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; then
   missing+=(postgresql)

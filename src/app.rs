@@ -209,7 +209,11 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
         ),
         shutdown: shutdown.clone(),
         access,
+        grip: config.grip,
     };
+    if let Some(url) = &config.grip_publish_url {
+        http::grip::spawn_publisher(state.engine.store().clone(), url.clone(), shutdown.clone());
+    }
     let retention = crate::retention::spawn(
         state.engine.store().clone(),
         config.reading_retention,

@@ -118,6 +118,16 @@ pub struct Config {
     #[arg(long, env = "FLEETWATCH_STORE_MAX_BATCH", default_value_t = 4096)]
     pub store_max_batch: usize,
 
+    /// Answer every unfiltered `/api/stream` request with GRIP instructions for Pushpin (without
+    /// it, only requests that come through Pushpin, which carry `Grip-Sig`, are).
+    #[arg(long, env = "FLEETWATCH_GRIP", default_value_t = false)]
+    pub grip: bool,
+
+    /// Pushpin's publish endpoint (e.g. `http://127.0.0.1:5561/publish/`): every committed event
+    /// is published there for the streams Pushpin holds.
+    #[arg(long, env = "FLEETWATCH_GRIP_PUBLISH_URL")]
+    pub grip_publish_url: Option<String>,
+
     /// RabbitMQ connection URL.
     #[arg(
         long,

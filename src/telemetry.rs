@@ -173,6 +173,13 @@ const METRICS: &[Metric] = &[
         help: "Partition queues this node gave back to spread them over the nodes (--amqp-partitions) (count)",
         at_zero: NO_LABELS,
     },
+    Metric {
+        name: "fleetwatch_grip_published_total",
+        kind: Kind::Counter,
+        unit: Unit::Count,
+        help: "Events published to Pushpin for the streams it holds (--grip-publish-url) (count)",
+        at_zero: NO_LABELS,
+    },
     // Alarm notifications.
     Metric {
         name: "fleetwatch_notify_delivered_total",

@@ -9,6 +9,7 @@ pub mod access;
 mod alarms;
 mod assets;
 mod devices;
+pub mod grip;
 mod history;
 pub mod observe;
 pub mod openapi;
@@ -53,6 +54,9 @@ pub struct AppState {
     pub shutdown: tokio_util::sync::CancellationToken,
     /// Tokens, origins and stream tickets (see [`access`]).
     pub access: std::sync::Arc<access::Access>,
+    /// `--grip`: every unfiltered stream request is answered with GRIP instructions (Pushpin in
+    /// front), not only those that carry `Grip-Sig`.
+    pub grip: bool,
 }
 
 /// The error of a request to a path and method the engine does not serve.

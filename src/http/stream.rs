@@ -108,6 +108,11 @@ struct ZoneIdOnly {
 }
 
 impl Filter {
+    /// Whether it lets every event through.
+    pub fn is_everything(&self) -> bool {
+        self.devices.is_none() && self.zones.is_none() && self.types.is_none()
+    }
+
     pub fn new(devices: &Option<String>, zones: &Option<String>, types: &Option<String>) -> Self {
         let types = list(types).map(|set| {
             set.into_iter()
@@ -263,6 +268,10 @@ pub async fn stream(
 ) -> Result<HttpResponse, ApiError> {
     let filter = Filter::new(&query.devices, &query.zones, &query.types);
     let resume = resume_position(&req, query.since)?;
+    // Held by Pushpin: it keeps the connection, not this engine (so no slot is taken).
+    if filter.is_everything() && query.limit.is_none() && super::grip::wanted(&req, state.grip) {
+        return super::grip::hold(&req, state.engine.store().as_ref(), resume).await;
+    }
     let slot = match state.streams.acquire(client_address(&req)) {
         Ok(slot) => slot,
         Err(refusal) => return Ok(refused(refusal)),

@@ -32,6 +32,7 @@ pub struct EngineOptions {
     log_level: String,
     health_timeout: Duration,
     host: String,
+    port: Option<u16>,
 }
 
 impl Default for EngineOptions {
@@ -43,6 +44,7 @@ impl Default for EngineOptions {
             log_level: "info".into(),
             health_timeout: Duration::from_secs(30),
             host: "127.0.0.1".into(),
+            port: None,
         }
     }
 }
@@ -86,6 +88,13 @@ impl EngineOptions {
         self
     }
 
+    /// The port to listen on (default: a free one), for what must know it before the engine
+    /// starts (a proxy in front of it).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
     /// Starts the engine on `data_dir` (its log beside it, `<data_dir>.log`) and waits until
     /// it is healthy.
     pub async fn start(self, data_dir: &Path) -> Engine {
@@ -104,7 +113,7 @@ impl EngineOptions {
 
     /// Starts the process and returns at once, healthy or not.
     pub fn spawn(self, data_dir: &Path) -> Engine {
-        let port = free_port();
+        let port = self.port.unwrap_or_else(free_port);
         let addr = format!("{}:{port}", self.host);
         Engine {
             child: spawn(&self, data_dir, &addr),

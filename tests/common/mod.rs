@@ -4,6 +4,7 @@
 
 pub mod amqp;
 pub mod postgres;
+pub mod pushpin;
 pub mod relay;
 pub mod sse;
 

@@ -1,0 +1,273 @@
+//! The live stream through a real Pushpin in front of two engine nodes on PostgreSQL and
+//! RabbitMQ: one SSE client connected to Pushpin receives every node's events in global order,
+//! and goes on without a gap or a repeat after the node it was first served by is SIGKILLed.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::amqp::{active_partition_consumers, eventually, Names, Publisher};
+use common::pushpin::Pushpin;
+use common::*;
+use futures_util::StreamExt;
+
+const DEVICES: usize = 40;
+const PARTITIONS: u16 = 4;
+
+/// The positions (`id:` lines of events) an SSE client received, in order.
+type Received = Arc<Mutex<Vec<u64>>>;
+
+/// Follows `url` as an SSE client (resuming after `last_event_id`, if given), recording each
+/// event's position.
+fn follow(url: String, last_event_id: Option<u64>) -> Received {
+    let received: Received = Arc::default();
+    let out = received.clone();
+    tokio::spawn(async move {
+        let mut request = reqwest::Client::new().get(&url);
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id.to_string());
+        }
+        let response = request
+            .send()
+            .await
+            .expect("GET the stream through Pushpin");
+        assert_eq!(response.status(), 200);
+        let mut body = response.bytes_stream();
+        let mut buffer = String::new();
+        while let Some(Ok(chunk)) = body.next().await {
+            buffer.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buffer.find("\n\n") {
+                let frame: String = buffer.drain(..end + 2).collect();
+                let id = frame.lines().find_map(|l| l.strip_prefix("id: "));
+                let is_event = frame.lines().any(|l| l.starts_with("data: "));
+                if let (Some(id), true) = (id, is_event) {
+                    out.lock()
+                        .unwrap()
+                        .push(id.trim().parse().expect("a position"));
+                }
+            }
+        }
+    });
+    received
+}
+
+async fn head(url: &str) -> u64 {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("PostgreSQL");
+    tokio::spawn(connection);
+    let row = client
+        .query_one("SELECT head FROM global_position", &[])
+        .await
+        .expect("head");
+    row.get::<_, i64>(0) as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_client_through_pushpin_gets_every_nodes_events_in_order_across_a_node_death() {
+    let url = common::postgres::fresh_database().await;
+    let names = Names::new("grip");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ports = [free_port(), free_port()];
+    let pushpin = Pushpin::start(&ports.map(|p| format!("127.0.0.1:{p}")));
+    let mut nodes: Vec<Engine> = Vec::new();
+    for (n, port) in ports.iter().enumerate() {
+        let node = Engine::options()
+            .port(*port)
+            .args(names.engine_args())
+            .args(["--store", "postgres", "--store-url", url.as_str()])
+            .args(["--amqp-partitions", &PARTITIONS.to_string()])
+            .args(["--grip-publish-url", pushpin.publish_url.as_str()])
+            .start(&dir.path().join(format!("node{n}")))
+            .await;
+        node.wait_broker_connected().await;
+        nodes.push(node);
+    }
+    let start = head(&url).await;
+    let received = follow(format!("{}/api/stream?since={start}", pushpin.base), None);
+
+    let publisher = Publisher::must_connect(&names.exchange).await;
+    let mut round = 0i64;
+    let mut publish_round = || {
+        let batch: Vec<_> = (0..DEVICES)
+            .map(|d| {
+                let device = format!("grip-{d}");
+                let body = reading(&device, round, DEPOT.0 + round as f64 * 1e-4, DEPOT.1, 5.0);
+                (device, serde_json::to_vec(&body).expect("JSON"))
+            })
+            .collect();
+        round += 1;
+        batch
+    };
+    // Until both nodes own partitions: the client then gets devices owned by each.
+    let spreading = Instant::now();
+    loop {
+        publisher
+            .publish_all(&publish_round())
+            .await
+            .expect("publish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let owners = active_partition_consumers(&names.queue);
+        let mut per_node: BTreeMap<&String, usize> = BTreeMap::new();
+        for tag in owners.values() {
+            *per_node.entry(tag).or_default() += 1;
+        }
+        if owners.len() == PARTITIONS as usize && per_node.len() == 2 {
+            break;
+        }
+        assert!(
+            spreading.elapsed() < Duration::from_secs(90),
+            "not spread: {owners:?}"
+        );
+    }
+    let everything_until = |until: u64| {
+        let received = received.clone();
+        async move {
+            eventually(
+                Duration::from_secs(30),
+                "the client to have every event",
+                || {
+                    let received = received.clone();
+                    async move {
+                        let got = received.lock().unwrap().clone();
+                        (got.last().copied() >= Some(until)).then_some(got)
+                    }
+                },
+            )
+            .await
+        }
+    };
+    let before = everything_until(head(&url).await).await;
+    assert!(!before.is_empty());
+
+    // The node that answered the client's request dies: Pushpin holds the connection, and the
+    // other node's publishes (and, for a gap, its answers to the next link) carry on.
+    let mut answered = Vec::new();
+    for node in &nodes {
+        answered.push(node.metric("fleetwatch_sse_connections_total").await);
+        assert!(
+            node.metric("fleetwatch_grip_published_total").await > 0.0,
+            "every node publishes"
+        );
+    }
+    let victim = answered
+        .iter()
+        .position(|n| *n >= 1.0)
+        .expect("a node answered the stream request");
+    nodes[victim].kill();
+    for _ in 0..20 {
+        publisher
+            .publish_all(&publish_round())
+            .await
+            .expect("publish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let end = eventually(Duration::from_secs(60), "every reading stored", || async {
+        let h = head(&url).await;
+        // Each round adds at least one event per device.
+        (h >= start + (round as u64) * DEVICES as u64).then_some(h)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let end = end.max(head(&url).await);
+    let got: Vec<u64> = everything_until(end)
+        .await
+        .into_iter()
+        .filter(|p| *p <= end)
+        .collect();
+    let expected: Vec<u64> = (start + 1..=end).collect();
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "every position once: first {:?}, last {:?}",
+        got.first(),
+        got.last()
+    );
+    assert_eq!(got, expected, "in global order, without a gap or a repeat");
+    // A client that lost its connection resumes through Pushpin with `Last-Event-ID`.
+    let middle = before[before.len() / 2];
+    let resumed = follow(format!("{}/api/stream", pushpin.base), Some(middle));
+    let resumed: Vec<u64> = eventually(Duration::from_secs(30), "the resumed client", || {
+        let resumed = resumed.clone();
+        async move {
+            let got = resumed.lock().unwrap().clone();
+            (got.last().copied() >= Some(end)).then_some(got)
+        }
+    })
+    .await
+    .into_iter()
+    .filter(|p| *p <= end)
+    .collect();
+    assert_eq!(
+        resumed,
+        (middle + 1..=end).collect::<Vec<u64>>(),
+        "resumed after {middle}"
+    );
+    println!(
+        "{} events through Pushpin, positions {start}..={end}, {} of them before the node died",
+        got.len(),
+        before.len()
+    );
+}
+
+/// What Pushpin is told, asked directly: the events after the position it reports, the channel
+/// with that prev-id, and the next link; filtered streams stay plain SSE.
+#[tokio::test]
+async fn a_request_through_pushpin_is_answered_with_grip_instructions() {
+    let engine = Engine::options()
+        .args(["--amqp-disabled"])
+        .start_temp()
+        .await;
+    let readings: Vec<_> = (0..3)
+        .map(|i| reading("grip-direct", i, DEPOT.0, DEPOT.1, 5.0))
+        .collect();
+    let (status, body) = engine
+        .post("/api/readings", &serde_json::json!(readings))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let head = engine.history("grip-direct").await.last().unwrap()["position"]
+        .as_u64()
+        .unwrap();
+
+    let held = reqwest::Client::new()
+        .get(engine.url("/api/stream"))
+        .header("Grip-Sig", "from-pushpin")
+        .header("Grip-Last", "fleetwatch; last-id=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), 200);
+    let header = |name: &str| {
+        held.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(header("Grip-Hold"), "stream");
+    assert_eq!(
+        header("Grip-Channel"),
+        format!("fleetwatch; prev-id={head}")
+    );
+    assert_eq!(
+        header("Grip-Link"),
+        format!("</api/stream?since={head}>; rel=next")
+    );
+    let text = held.text().await.unwrap();
+    let ids: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: ")?.parse().ok())
+        .collect();
+    assert_eq!(ids, (2..=head).collect::<Vec<u64>>(), "{text}");
+
+    // A filtered stream is not held: plain SSE, which Pushpin passes through.
+    let filtered = reqwest::Client::new()
+        .get(engine.url("/api/stream?devices=grip-direct&since=0&limit=1"))
+        .header("Grip-Sig", "from-pushpin")
+        .send()
+        .await
+        .unwrap();
+    assert!(filtered.headers().get("Grip-Hold").is_none());
+    assert!(filtered.text().await.unwrap().contains("id: 1\n"));
+}
