@@ -6,7 +6,7 @@ use fleetwatch_domain::{
     AlarmKind, RuleId, Severity, ShapeSpec, Temperature, TemperatureRange, Watched, Zone, ZoneShape,
 };
 use serde::Deserialize;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 use super::schemas::{
     Severity as SeveritySchema, Shape, TemperatureRange as RangeSchema, Zone as ZoneSchema,
@@ -158,6 +158,24 @@ fn rule_id(raw: &str) -> Result<RuleId, ApiError> {
     Ok(RuleId::parse(raw)?)
 }
 
+/// The zone a path names.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct ZonePath {
+    /// The zone's id: 1..=128 characters of `[A-Za-z0-9._:-]`
+    #[param(pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "depot")]
+    id: String,
+}
+
+/// The temperature range a path names.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct RangePath {
+    /// The range's id: 1..=128 characters of `[A-Za-z0-9._:-]`
+    #[param(pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "cold-chain")]
+    id: String,
+}
+
 /// The id from the path wins; a body id, if any, must match it.
 fn id_for_put(path_id: &str, body_id: Option<String>) -> Result<RuleId, ApiError> {
     let id = rule_id(path_id)?;
@@ -247,7 +265,7 @@ pub(super) async fn list_zones(state: web::Data<AppState>) -> HttpResponse {
     get,
     path = "/api/zones/{id}",
     tag = "zones",
-    params(("id" = String, Path, description = "The zone's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "depot")),
+    params(ZonePath),
     responses(
         (status = 200, description = "The zone", body = ZoneSchema),
         (status = 400, description = "The id is not valid", body = ApiError),
@@ -256,9 +274,9 @@ pub(super) async fn list_zones(state: web::Data<AppState>) -> HttpResponse {
 )]
 pub(super) async fn get_zone(
     state: web::Data<AppState>,
-    path: web::Path<String>,
+    path: web::Path<ZonePath>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = rule_id(&path)?;
+    let id = rule_id(&path.id)?;
     let rules = state.engine.rules().current();
     let zone = rules
         .zones
@@ -306,7 +324,7 @@ pub(super) async fn create_zone(
     put,
     path = "/api/zones/{id}",
     tag = "zones",
-    params(("id" = String, Path, description = "The zone's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "depot")),
+    params(ZonePath),
     request_body(content = ZoneBody, content_type = "application/json"),
     responses(
         (status = 200, description = "The zone as stored", body = ZoneSchema),
@@ -319,11 +337,11 @@ pub(super) async fn create_zone(
 )]
 pub(super) async fn put_zone(
     state: web::Data<AppState>,
-    path: web::Path<String>,
+    path: web::Path<ZonePath>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let body: ZoneBody = parse_json(&read_body(payload, state.max_body_bytes).await?)?;
-    let id = id_for_put(&path, body.id.clone())?;
+    let id = id_for_put(&path.id, body.id.clone())?;
     let stored = state
         .engine
         .rules()
@@ -338,7 +356,7 @@ pub(super) async fn put_zone(
     delete,
     path = "/api/zones/{id}",
     tag = "zones",
-    params(("id" = String, Path, description = "The zone's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "depot")),
+    params(ZonePath),
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "The id is not valid", body = ApiError),
@@ -350,9 +368,9 @@ pub(super) async fn put_zone(
 )]
 pub(super) async fn delete_zone(
     state: web::Data<AppState>,
-    path: web::Path<String>,
+    path: web::Path<ZonePath>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = rule_id(&path)?;
+    let id = rule_id(&path.id)?;
     state.engine.rules().remove_zone(&id).await?;
     settle_alarms_of(&state, AlarmKind::OutsideZone, &id).await;
     Ok(HttpResponse::NoContent().finish())
@@ -377,7 +395,7 @@ pub(super) async fn list_ranges(state: web::Data<AppState>) -> HttpResponse {
     get,
     path = "/api/temperature-ranges/{id}",
     tag = "temperature ranges",
-    params(("id" = String, Path, description = "The range's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "cold-chain")),
+    params(RangePath),
     responses(
         (status = 200, description = "The range", body = RangeSchema),
         (status = 400, description = "The id is not valid", body = ApiError),
@@ -386,9 +404,9 @@ pub(super) async fn list_ranges(state: web::Data<AppState>) -> HttpResponse {
 )]
 pub(super) async fn get_range(
     state: web::Data<AppState>,
-    path: web::Path<String>,
+    path: web::Path<RangePath>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = rule_id(&path)?;
+    let id = rule_id(&path.id)?;
     let rules = state.engine.rules().current();
     let range = rules
         .ranges
@@ -432,7 +450,7 @@ pub(super) async fn create_range(
     put,
     path = "/api/temperature-ranges/{id}",
     tag = "temperature ranges",
-    params(("id" = String, Path, description = "The range's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "cold-chain")),
+    params(RangePath),
     request_body(content = RangeBody, content_type = "application/json"),
     responses(
         (status = 200, description = "The range as stored", body = RangeSchema),
@@ -445,11 +463,11 @@ pub(super) async fn create_range(
 )]
 pub(super) async fn put_range(
     state: web::Data<AppState>,
-    path: web::Path<String>,
+    path: web::Path<RangePath>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let body: RangeBody = parse_json(&read_body(payload, state.max_body_bytes).await?)?;
-    let id = id_for_put(&path, body.id.clone())?;
+    let id = id_for_put(&path.id, body.id.clone())?;
     let stored = state
         .engine
         .rules()
@@ -464,7 +482,7 @@ pub(super) async fn put_range(
     delete,
     path = "/api/temperature-ranges/{id}",
     tag = "temperature ranges",
-    params(("id" = String, Path, description = "The range's id: 1..=128 characters of `[A-Za-z0-9._:-]`", pattern = "^[A-Za-z0-9._:-]{1,128}$", example = "cold-chain")),
+    params(RangePath),
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "The id is not valid", body = ApiError),
@@ -476,9 +494,9 @@ pub(super) async fn put_range(
 )]
 pub(super) async fn delete_range(
     state: web::Data<AppState>,
-    path: web::Path<String>,
+    path: web::Path<RangePath>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = rule_id(&path)?;
+    let id = rule_id(&path.id)?;
     state.engine.rules().remove_range(&id).await?;
     settle_alarms_of(&state, AlarmKind::TemperatureOutOfRange, &id).await;
     Ok(HttpResponse::NoContent().finish())
