@@ -123,6 +123,12 @@ pub struct Config {
     #[arg(long, env = "FLEETWATCH_GRIP", default_value_t = false)]
     pub grip: bool,
 
+    /// Pushpin's signing key (its `sig_key`): a stream request signed with it (`Grip-Sig`) that
+    /// follows a held stream's next link (`Grip-Last`) needs no token, since Pushpin sends the
+    /// client's token only with the first request.
+    #[arg(long, env = "FLEETWATCH_GRIP_KEY", hide_env_values = true)]
+    pub grip_key: Option<String>,
+
     /// Pushpin's publish endpoint (e.g. `http://127.0.0.1:5561/publish/`): every committed event
     /// is published there for the streams Pushpin holds.
     #[arg(long, env = "FLEETWATCH_GRIP_PUBLISH_URL")]

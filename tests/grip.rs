@@ -15,6 +15,7 @@ use futures_util::StreamExt;
 
 const DEVICES: usize = 40;
 const PARTITIONS: u16 = 4;
+const READ_TOKEN: &str = "grip-read-token";
 
 /// The positions (`id:` lines of events) an SSE client received, in order.
 type Received = Arc<Mutex<Vec<u64>>>;
@@ -25,7 +26,7 @@ fn follow(url: String, last_event_id: Option<u64>) -> Received {
     let received: Received = Arc::default();
     let out = received.clone();
     tokio::spawn(async move {
-        let mut request = reqwest::Client::new().get(&url);
+        let mut request = reqwest::Client::new().get(&url).bearer_auth(READ_TOKEN);
         if let Some(id) = last_event_id {
             request = request.header("Last-Event-ID", id.to_string());
         }
@@ -80,8 +81,17 @@ async fn one_client_through_pushpin_gets_every_nodes_events_in_order_across_a_no
             .args(["--store", "postgres", "--store-url", url.as_str()])
             .args(["--amqp-partitions", &PARTITIONS.to_string()])
             .args(["--grip-publish-url", pushpin.publish_url.as_str()])
+            // Reads need a token: Pushpin forwards the client's with the first request only, and
+            // signs its next-link requests with this key.
+            .args([
+                "--read-tokens",
+                READ_TOKEN,
+                "--grip-key",
+                pushpin.sig_key.as_str(),
+            ])
             .start(&dir.path().join(format!("node{n}")))
-            .await;
+            .await
+            .with_token(READ_TOKEN);
         node.wait_broker_connected().await;
         nodes.push(node);
     }
@@ -270,4 +280,50 @@ async fn a_request_through_pushpin_is_answered_with_grip_instructions() {
         .unwrap();
     assert!(filtered.headers().get("Grip-Hold").is_none());
     assert!(filtered.text().await.unwrap().contains("id: 1\n"));
+}
+
+/// With read tokens, Pushpin's next-link requests (which carry no client token) are let in only
+/// when `Grip-Sig` is signed with `--grip-key`.
+#[tokio::test]
+async fn next_link_requests_need_pushpins_signature_when_reads_need_a_token() {
+    let engine = Engine::options()
+        .args(["--amqp-disabled", "--read-tokens", READ_TOKEN])
+        .args(["--grip-key", "pushpin-key"])
+        .start_temp()
+        .await;
+    let sign = |key: &str| {
+        let claims =
+            serde_json::json!({"iss": "pushpin", "exp": chrono::Utc::now().timestamp() + 60});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(key.as_bytes()).expect("key"),
+        )
+        .expect("sign")
+    };
+    let next_link = |signature: Option<String>| {
+        let mut request = reqwest::Client::new()
+            .get(engine.url("/api/stream?since=0"))
+            .header("Grip-Last", "fleetwatch; last-id=0");
+        if let Some(signature) = signature {
+            request = request.header("Grip-Sig", signature);
+        }
+        request.send()
+    };
+    let signed = next_link(Some(sign("pushpin-key"))).await.unwrap();
+    assert_eq!(signed.status(), 200);
+    assert_eq!(signed.headers()["Grip-Hold"], "stream");
+    assert_eq!(
+        next_link(Some(sign("another-key"))).await.unwrap().status(),
+        401
+    );
+    assert_eq!(next_link(None).await.unwrap().status(), 401);
+    // A first request (no Grip-Last) needs the client's token even when signed.
+    let first = reqwest::Client::new()
+        .get(engine.url("/api/stream"))
+        .header("Grip-Sig", sign("pushpin-key"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 401);
 }

@@ -111,6 +111,8 @@ pub(super) fn documented_requirement(method: &Method, path: &str) -> (Option<&'s
 pub enum AccessError {
     #[error("--allowed-origins: {origin:?} is not an origin like https://host[:port] ({reason})")]
     InvalidOrigin { origin: String, reason: String },
+    #[error("--grip-key: {0}")]
+    InvalidGripKey(String),
 }
 
 /// Why a request was refused.
@@ -238,6 +240,8 @@ pub struct AuthRequired {
 /// The access settings in force, shared by the middleware and the ticket endpoint.
 pub struct Access {
     tokens: TokenTable,
+    /// Pushpin's signing key (`--grip-key`), to recognise its next-link requests.
+    grip_key: Option<jsonwebtoken::DecodingKey>,
     /// Normalised (`scheme://host[:port]`, default port left out).
     allowed_origins: Vec<String>,
     tickets: Tickets,
@@ -265,6 +269,12 @@ impl Access {
             .collect::<Result<_, _>>()?;
         Ok(Self {
             tokens,
+            grip_key: config
+                .grip_key
+                .as_deref()
+                .map(|key| jsonwebtoken::DecodingKey::from_secret(key.as_bytes()))
+                .transpose()
+                .map_err(|e| AccessError::InvalidGripKey(e.to_string()))?,
             allowed_origins,
             tickets: Tickets::new(config.stream_ticket_ttl),
         })
@@ -323,6 +333,25 @@ impl Access {
             Some(_) => Err((Denied::Unknown, true)),
             None => self.check(scope, bearer).map_err(|d| (d, false)),
         }
+    }
+
+    /// Whether a stream request is Pushpin following a held stream's next link: it carries
+    /// `Grip-Last` and a `Grip-Sig` signed with `--grip-key` (HS256, issuer `pushpin`, not
+    /// expired). Pushpin held that stream for a client whose token it forwarded the first time.
+    fn is_pushpin_next_link(&self, headers: &HeaderMap) -> bool {
+        let Some(key) = &self.grip_key else {
+            return false;
+        };
+        if !headers.contains_key("Grip-Last") {
+            return false;
+        }
+        let Some(signature) = headers.get("Grip-Sig").and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+        validation.set_issuer(&["pushpin"]);
+        validation.set_required_spec_claims(&["exp", "iss"]);
+        jsonwebtoken::decode::<serde_json::Value>(signature, key, &validation).is_ok()
     }
 
     fn origin_allowed(&self, origin: &str, host: Option<&str>) -> bool {
@@ -514,14 +543,19 @@ pub async fn authorize(
     // An open scope ignores whatever credentials come along.
     if let Some(scope) = need.scope.filter(|s| state.access.tokens.requires(*s)) {
         let is_stream = path == STREAM_PATH && req.method() == Method::GET;
-        state
-            .access
-            .authorize(scope, req.headers(), is_stream.then(|| req.query_string()))
-            .map_err(|(denied, ticket)| {
-                metrics::counter!("fleetwatch_http_refused_total", "reason" => denied.reason())
-                    .increment(1);
-                refusal(denied, ticket)
-            })?;
+        let pushpin = is_stream && state.access.is_pushpin_next_link(req.headers());
+        let authorized = if pushpin {
+            Ok(())
+        } else {
+            state
+                .access
+                .authorize(scope, req.headers(), is_stream.then(|| req.query_string()))
+        };
+        authorized.map_err(|(denied, ticket)| {
+            metrics::counter!("fleetwatch_http_refused_total", "reason" => denied.reason())
+                .increment(1);
+            refusal(denied, ticket)
+        })?;
     }
     if need.json_body && !is_json(req.headers()) {
         metrics::counter!("fleetwatch_http_refused_total", "reason" => "content_type").increment(1);
@@ -587,6 +621,7 @@ mod tests {
         tokens.add(&secrets(read), Scope::Read);
         Access {
             tokens,
+            grip_key: None,
             allowed_origins: origins
                 .iter()
                 .map(|o| parse_origin(o).unwrap().to_string())

@@ -295,8 +295,7 @@ impl Engine {
     /// The value of a metric without labels from `/metrics`; 0 when it has not been recorded yet.
     pub async fn metric(&self, name: &str) -> f64 {
         let text = self
-            .http
-            .get(self.url("/metrics"))
+            .request(reqwest::Method::GET, "/metrics")
             .send()
             .await
             .expect("GET /metrics")

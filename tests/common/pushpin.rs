@@ -12,6 +12,8 @@ pub struct Pushpin {
     pub base: String,
     /// Where engines publish (`--grip-publish-url`).
     pub publish_url: String,
+    /// The key Pushpin signs its requests with (`--grip-key`).
+    pub sig_key: String,
     pushpin: Child,
     zurl: Child,
     _dir: tempfile::TempDir,
@@ -47,6 +49,7 @@ impl Pushpin {
         std::fs::write(&routes, format!("* {}\n", origins.join(" "))).expect("routes");
         let defaults = std::fs::read_to_string("/etc/pushpin/pushpin.conf")
             .expect("Pushpin's configuration (/etc/pushpin/pushpin.conf): is pushpin installed?");
+        let sig_key = uuid::Uuid::new_v4().simple().to_string();
         let conf = pushpin_conf(
             &defaults,
             dir.path(),
@@ -54,7 +57,14 @@ impl Pushpin {
             http_port,
             publish_port,
             &ipc,
-        );
+        )
+        .lines()
+        .map(|line| match line.strip_prefix("sig_key=") {
+            Some(_) => format!("sig_key={sig_key}"),
+            None => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
         let conf_path = dir.path().join("pushpin.conf");
         std::fs::write(&conf_path, conf).expect("pushpin.conf");
         let zurl = Command::new("zurl")
@@ -81,6 +91,7 @@ impl Pushpin {
         Pushpin {
             base: format!("http://127.0.0.1:{http_port}"),
             publish_url: format!("http://127.0.0.1:{publish_port}/publish/"),
+            sig_key,
             pushpin,
             zurl,
             _dir: dir,
