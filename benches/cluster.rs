@@ -49,31 +49,11 @@ struct Outcome {
     takeover: Option<Duration>,
 }
 
-/// Each node's `fleetwatch_amqp_processed_total`. On a fresh connection each time: one kept
-/// alive across a SIGSTOP may have been dropped meanwhile.
+/// Each node's `fleetwatch_amqp_processed_total`.
 async fn processed(nodes: &[Engine]) -> Vec<f64> {
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("client");
     let mut counts = Vec::with_capacity(nodes.len());
     for node in nodes {
-        let text = http
-            .get(format!("{}/metrics", node.base))
-            .send()
-            .await
-            .and_then(|r| r.error_for_status());
-        let text = match text {
-            Ok(r) => r.text().await.expect("metrics text"),
-            Err(e) => panic!("GET /metrics: {e}"),
-        };
-        let value = text
-            .lines()
-            .find(|l| l.split_whitespace().next() == Some("fleetwatch_amqp_processed_total"))
-            .and_then(|l| l.split_whitespace().last()?.parse().ok())
-            .unwrap_or(0.0);
-        counts.push(value);
+        counts.push(node.metric("fleetwatch_amqp_processed_total").await);
     }
     counts
 }
@@ -104,15 +84,7 @@ async fn run(store: &str, n: usize, backlog: usize) -> Outcome {
         let url = common::postgres::fresh_database().await;
         options = options.args(["--store", "postgres", "--store-url", url.as_str()]);
     }
-    let mut nodes = Vec::new();
-    for i in 0..n {
-        let node = options
-            .clone()
-            .start(&dir.path().join(format!("node{i}")))
-            .await;
-        node.wait_broker_connected().await;
-        nodes.push(node);
-    }
+    let mut nodes = options.start_nodes(dir.path(), n).await;
     let publisher = Publisher::must_connect(&names.exchange).await;
 
     // Readings until the partitions are spread, as they are under load.
@@ -164,7 +136,7 @@ async fn run(store: &str, n: usize, backlog: usize) -> Outcome {
         round += 1;
     }
     let total = (rounds * DEVICES) as f64;
-    nodes.iter().for_each(Engine::resume);
+    nodes.iter_mut().for_each(Engine::resume);
     let started = Instant::now();
     let after = loop {
         let now = processed(&nodes).await;

@@ -64,15 +64,7 @@ async fn a_node_killed_mid_stream_hands_its_devices_over_and_nothing_is_lost_or_
         .args(names.engine_args())
         .args(["--store", "postgres", "--store-url", url.as_str()])
         .args(["--amqp-partitions", &PARTITIONS.to_string()]);
-    let mut nodes = Vec::new();
-    for n in 0..NODES {
-        let node = options
-            .clone()
-            .start(&dir.path().join(format!("node{n}")))
-            .await;
-        node.wait_broker_connected().await;
-        nodes.push(node);
-    }
+    let mut nodes = options.start_nodes(dir.path(), NODES).await;
     // Defined on one node; the others follow the shared store's `$rules`.
     nodes[0].create_depot_and_cold_chain().await;
     for node in &nodes {
@@ -254,15 +246,7 @@ async fn the_simulator_publishes_through_a_node_kill_and_every_confirmed_reading
         .args(names.engine_args())
         .args(["--store", "postgres", "--store-url", url.as_str()])
         .args(["--amqp-partitions", &PARTITIONS.to_string()]);
-    let mut nodes = Vec::new();
-    for n in 0..NODES {
-        let node = options
-            .clone()
-            .start(&dir.path().join(format!("node{n}")))
-            .await;
-        node.wait_broker_connected().await;
-        nodes.push(node);
-    }
+    let mut nodes = options.start_nodes(dir.path(), NODES).await;
     let simulator = std::process::Command::new(env!("CARGO_BIN_EXE_fleetwatch-sim"))
         .args(["--target", "amqp", "--amqp-url", common::amqp::URL])
         .args(["--amqp-exchange", names.exchange.as_str()])

@@ -60,14 +60,15 @@ pub async fn hold(
     store: &dyn EventStore,
     resume: Option<u64>,
 ) -> Result<HttpResponse, ApiError> {
-    let after = match grip_last(req).or(resume) {
+    let next_link = grip_last(req);
+    let after = match next_link.or(resume) {
         Some(position) => position,
         None => store.head_position().await?,
     };
     let events = store.read_all(after, PAGE).await?;
     let last = events.last().map_or(after, |e| e.position);
     let mut body = BytesMut::new();
-    if grip_last(req).is_none() {
+    if next_link.is_none() {
         body.put_slice(b"retry: 2000\n\n");
     }
     for event in &events {

@@ -81,6 +81,30 @@ impl WriteCommand {
     }
 }
 
+/// Why an append may not go ahead, if it may not: the stream its condition names is not at that
+/// version (`condition_actual` is where it is), or its own stream is not at `expected`
+/// (`actual`). Both writers check appends with this, each against its own view of the versions.
+pub(crate) fn append_conflict(
+    stream: &str,
+    expected: u64,
+    actual: u64,
+    condition: Option<&StreamAt>,
+    condition_actual: u64,
+) -> Option<StoreError> {
+    if let Some(condition) = condition.filter(|c| c.version != condition_actual) {
+        return Some(StoreError::Conflict {
+            stream: condition.stream.to_owned(),
+            expected: condition.version,
+            actual: condition_actual,
+        });
+    }
+    (actual != expected).then(|| StoreError::Conflict {
+        stream: stream.to_owned(),
+        expected,
+        actual,
+    })
+}
+
 /// What one command in a batch came to, before the commit decides whether it stands.
 pub(crate) enum Staged {
     Appended(Appended),

@@ -32,7 +32,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
-use super::command::{Staged, WriteCommand as Command};
+use super::command::{append_conflict, Staged, WriteCommand as Command};
 use super::health::HealthSignal;
 use super::{
     Appended, CommittedBatch, EventStore, NewEvent, Pruned, RecordedEvent, Retention, Snapshot,
@@ -866,24 +866,17 @@ impl Writer {
                     wake,
                     ..
                 } => {
-                    if let Some(condition) = condition {
-                        let actual = streams.get(condition.stream).map_or(0, |s| s.version);
-                        if actual != condition.version {
-                            staged.push(Staged::Conflict(StoreError::Conflict {
-                                stream: condition.stream.to_owned(),
-                                expected: condition.version,
-                                actual,
-                            }));
-                            continue;
-                        }
-                    }
-                    let actual = streams.get(stream.as_str()).map_or(0, |s| s.version);
-                    if actual != *expected {
-                        staged.push(Staged::Conflict(StoreError::Conflict {
-                            stream: stream.clone(),
-                            expected: *expected,
-                            actual,
-                        }));
+                    let version_of = |name: &str| streams.get(name).map_or(0, |s| s.version);
+                    let actual = version_of(stream);
+                    let condition_actual = condition.map_or(0, |c| version_of(c.stream));
+                    if let Some(conflict) = append_conflict(
+                        stream,
+                        *expected,
+                        actual,
+                        condition.as_ref(),
+                        condition_actual,
+                    ) {
+                        staged.push(Staged::Conflict(conflict));
                         continue;
                     }
                     if events.is_empty() {

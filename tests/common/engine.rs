@@ -111,6 +111,17 @@ impl EngineOptions {
         engine
     }
 
+    /// Starts `n` engines, on `dir/node0` …, each healthy and connected to RabbitMQ.
+    pub async fn start_nodes(self, dir: &Path, n: usize) -> Vec<Engine> {
+        let mut nodes = Vec::with_capacity(n);
+        for i in 0..n {
+            let node = self.clone().start(&dir.join(format!("node{i}"))).await;
+            node.wait_broker_connected().await;
+            nodes.push(node);
+        }
+        nodes
+    }
+
     /// Starts the process and returns at once, healthy or not.
     pub fn spawn(self, data_dir: &Path) -> Engine {
         let port = self.port.unwrap_or_else(free_port);
@@ -250,9 +261,11 @@ impl Engine {
         self.signal(nix::sys::signal::Signal::SIGSTOP);
     }
 
-    /// SIGCONT after [`Engine::pause`].
-    pub fn resume(&self) {
+    /// SIGCONT after [`Engine::pause`]. The helpers' client starts over: a connection it kept
+    /// alive may not have survived the pause.
+    pub fn resume(&mut self) {
         self.signal(nix::sys::signal::Signal::SIGCONT);
+        self.http = client();
     }
 
     fn signal(&self, signal: nix::sys::signal::Signal) {

@@ -27,7 +27,7 @@ use tokio::sync::broadcast;
 
 use super::configure;
 use super::schema::{self, SchemaError};
-use crate::store::command::{Staged, WriteCommand};
+use crate::store::command::{append_conflict, Staged, WriteCommand};
 use crate::store::health::HealthSignal;
 use crate::store::{Appended, CommittedBatch, Pruned, RecordedEvent, StoreError, Wake};
 
@@ -491,27 +491,21 @@ impl Writer {
                         wake,
                         ..
                     } => {
-                        if let Some(condition) = condition {
-                            let actual =
-                                stream_key(&mut self.streams, &pending, &tx, condition.stream)?
-                                    .map_or(0, |k| k.version);
-                            if actual != condition.version {
-                                staged.push(Staged::Conflict(StoreError::Conflict {
-                                    stream: condition.stream.to_owned(),
-                                    expected: condition.version,
-                                    actual,
-                                }));
-                                continue;
-                            }
-                        }
+                        let condition_actual = match condition {
+                            Some(c) => stream_key(&mut self.streams, &pending, &tx, c.stream)?
+                                .map_or(0, |k| k.version),
+                            None => 0,
+                        };
                         let key = stream_key(&mut self.streams, &pending, &tx, stream)?;
                         let actual = key.map_or(0, |k| k.version);
-                        if actual != *expected {
-                            staged.push(Staged::Conflict(StoreError::Conflict {
-                                stream: stream.clone(),
-                                expected: *expected,
-                                actual,
-                            }));
+                        if let Some(conflict) = append_conflict(
+                            stream,
+                            *expected,
+                            actual,
+                            condition.as_ref(),
+                            condition_actual,
+                        ) {
+                            staged.push(Staged::Conflict(conflict));
                             continue;
                         }
                         if events.is_empty() {
