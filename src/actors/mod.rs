@@ -229,29 +229,22 @@ impl Router {
                 rx
             })
         };
-        let mut stored_version = None;
-        if let Some(rx) = live {
-            if let Ok(device) = rx.await {
-                if !self.inner.store.is_shared() {
-                    return Ok(Some(device));
-                }
-                // Another node may own the device now and have moved it on since this actor
-                // last wrote: the store says.
-                stored_version = self.inner.store.stream_version(id.as_str()).await?;
-                if stored_version.is_none_or(|v| v <= device.version()) {
-                    return Ok(Some(device));
-                }
+        let live = match live {
+            Some(rx) => rx.await.ok(),
+            None => None,
+        };
+        // On a shared store another node may own the device now and have moved it on since
+        // this actor last wrote: the store's version says whether the actor is behind.
+        let stored = match &live {
+            Some(_) if !self.inner.store.is_shared() => None,
+            _ => self.inner.store.stream_version(id.as_str()).await?,
+        };
+        match (live, stored) {
+            (Some(device), stored) if stored.is_none_or(|v| v <= device.version()) => {
+                return Ok(Some(device))
             }
-        }
-        if stored_version.is_none()
-            && self
-                .inner
-                .store
-                .stream_version(id.as_str())
-                .await?
-                .is_none()
-        {
-            return Ok(None);
+            (None, None) => return Ok(None),
+            _ => {}
         }
         load_device(self.inner.store.as_ref(), id.clone())
             .await
