@@ -122,9 +122,27 @@ async fn open_store(config: &Config) -> Result<Arc<dyn EventStore>, StartupError
             )
             .await?,
         ),
+        #[cfg(feature = "kurrentdb")]
+        StoreKind::Kurrentdb => Arc::new(
+            crate::store::KurrentDbStore::open(
+                &url()?,
+                &config.data_dir,
+                crate::store::KurrentDbStoreOptions {
+                    replica: SqliteStoreOptions {
+                        max_batch: config.store_max_batch,
+                        linger: config.store_linger,
+                        queue_capacity: config.max_in_flight as usize * 2 + 1024,
+                        ..SqliteStoreOptions::default()
+                    },
+                    ..crate::store::KurrentDbStoreOptions::default()
+                },
+            )
+            .await?,
+        ),
+        #[cfg(not(feature = "kurrentdb"))]
         StoreKind::Kurrentdb => {
             return Err(StartupError::Config(
-                "--store kurrentdb: this build has no KurrentDB backend yet (see README, \"Event stores\")".into(),
+                "--store kurrentdb: this binary was built without the KurrentDB store; build it with `cargo build --release --features kurrentdb`".into(),
             ))
         }
     })

@@ -1,6 +1,8 @@
 //! The event store's contract (`fleetwatch::store::EventStore`), run against every backend:
 //! the embedded SQLite store, and PostgreSQL on the server at `FLEETWATCH_TEST_POSTGRES_URL`
 //! (a fresh database per test). Each test below runs once per backend (`sqlite::…`, `postgres::…`).
+//! Built with the `kurrentdb` feature, each also runs against the KurrentDB server at
+//! `FLEETWATCH_KURRENTDB_URL` (`kurrentdb::…`, a fresh namespace per test), and fails without one.
 
 mod common;
 
@@ -19,6 +21,9 @@ use fleetwatch::store::{
 enum Fixture {
     Sqlite(tempfile::TempDir),
     Postgres(String),
+    /// The server, the test's namespace on it, and where the nodes keep their replicas.
+    #[cfg(feature = "kurrentdb")]
+    Kurrentdb(String, String, tempfile::TempDir),
 }
 
 impl Fixture {
@@ -28,6 +33,31 @@ impl Fixture {
 
     async fn postgres() -> Self {
         Fixture::Postgres(common::postgres::fresh_database().await)
+    }
+
+    #[cfg(feature = "kurrentdb")]
+    fn kurrentdb() -> Self {
+        let url = std::env::var("FLEETWATCH_KURRENTDB_URL").expect(
+            "FLEETWATCH_KURRENTDB_URL must point at a KurrentDB server (e.g. kurrentdb://127.0.0.1:2113?tls=false)",
+        );
+        let namespace = format!("fwtest{}", uuid::Uuid::new_v4().simple());
+        Fixture::Kurrentdb(url, namespace, tempfile::tempdir().expect("temp dir"))
+    }
+
+    #[cfg(feature = "kurrentdb")]
+    async fn kurrentdb_node(&self, node: &str) -> Arc<dyn EventStore> {
+        let Fixture::Kurrentdb(url, namespace, dir) = self else {
+            unreachable!("only for the KurrentDB fixture")
+        };
+        let options = fleetwatch::store::KurrentDbStoreOptions {
+            namespace: namespace.clone(),
+            ..Default::default()
+        };
+        Arc::new(
+            fleetwatch::store::KurrentDbStore::open(url, &dir.path().join(node), options)
+                .await
+                .expect("open KurrentDB"),
+        )
     }
 
     /// A new handle on the store, as a (re)started engine opens it.
@@ -41,6 +71,8 @@ impl Fixture {
                     .await
                     .expect("open PostgreSQL"),
             ),
+            #[cfg(feature = "kurrentdb")]
+            Fixture::Kurrentdb(..) => self.kurrentdb_node("a").await,
         }
     }
 
@@ -50,6 +82,9 @@ impl Fixture {
         match self {
             Fixture::Sqlite(_) => first.clone(),
             Fixture::Postgres(_) => self.open().await,
+            // Another node has a replica of its own.
+            #[cfg(feature = "kurrentdb")]
+            Fixture::Kurrentdb(..) => self.kurrentdb_node("b").await,
         }
     }
 }
@@ -69,6 +104,15 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
                     super::$test(super::Fixture::postgres().await).await
+                }
+            )*
+        }
+        #[cfg(feature = "kurrentdb")]
+        mod kurrentdb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Fixture::kurrentdb()).await
                 }
             )*
         }

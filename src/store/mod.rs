@@ -17,6 +17,8 @@
 
 mod command;
 mod health;
+#[cfg(feature = "kurrentdb")]
+mod kurrentdb;
 mod postgres;
 mod read_only;
 mod sqlite;
@@ -29,6 +31,8 @@ use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
+#[cfg(feature = "kurrentdb")]
+pub use kurrentdb::{KurrentDbStore, KurrentDbStoreOptions};
 pub use postgres::{PostgresStore, PostgresStoreOptions};
 pub use read_only::{ReadOnlyStore, UnreadableRow};
 pub use sqlite::{SqliteStore, SqliteStoreOptions};
