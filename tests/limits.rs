@@ -519,3 +519,45 @@ fn a_prefetch_of_zero_is_refused_at_start() {
     assert!(stderr.contains("--amqp-prefetch"), "{stderr}");
     assert!(!std::path::Path::new("/nonexistent/never-created").exists());
 }
+
+#[test]
+fn a_store_this_binary_cannot_open_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let out = run_to_exit(
+        &[
+            "--store",
+            "postgres",
+            "--data-dir",
+            data_dir,
+            "--amqp-disabled",
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--store-url"), "{stderr}");
+
+    // Nothing answers on port 1: a KurrentDB build fails to reach it, any other build names the
+    // feature it lacks.
+    let out = run_to_exit(
+        &[
+            "--store",
+            "kurrentdb",
+            "--store-url",
+            "kurrentdb://127.0.0.1:1?tls=false",
+            "--data-dir",
+            data_dir,
+            "--amqp-disabled",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = if cfg!(feature = "kurrentdb") {
+        "KurrentDB"
+    } else {
+        "--features kurrentdb"
+    };
+    assert!(stderr.contains(expected), "{stderr}");
+}
