@@ -72,6 +72,20 @@ if ! psql "$pg_url" -qAtc 'SELECT 1' >/dev/null 2>&1 && $fresh_postgres; then
 fi
 psql "$pg_url" -qAtc 'SELECT 1' >/dev/null \
   || { echo "PostgreSQL does not accept $pg_url (set FLEETWATCH_TEST_POSTGRES_URL)" >&2; exit 1; }
+# TLS to the store (tests/store_conformance.rs): Debian's clusters serve it with the snakeoil
+# certificate; a server that does not is given that certificate.
+if [ "$(psql "$pg_url" -qAtc 'SHOW ssl')" != on ]; then
+  echo "turning on TLS in PostgreSQL"
+  if [ ! -f /etc/ssl/private/ssl-cert-snakeoil.key ]; then
+    command -v make-ssl-cert >/dev/null || DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq ssl-cert >/dev/null
+    $SUDO make-ssl-cert generate-default-snakeoil
+  fi
+  psql "$pg_url" -qc "ALTER SYSTEM SET ssl_cert_file = '/etc/ssl/certs/ssl-cert-snakeoil.pem'" \
+    -c "ALTER SYSTEM SET ssl_key_file = '/etc/ssl/private/ssl-cert-snakeoil.key'" \
+    -c "ALTER SYSTEM SET ssl = on" -c "SELECT pg_reload_conf()" >/dev/null
+  [ "$(psql "$pg_url" -qAtc 'SHOW ssl')" = on ] \
+    || { echo "PostgreSQL did not turn TLS on (can its user read the snakeoil key?)" >&2; exit 1; }
+fi
 # Databases earlier test runs created (tests/common/postgres.rs names them).
 psql "$pg_url" -qAtc "SELECT datname FROM pg_database WHERE datname LIKE 'fleetwatch\_test\_%'" \
   | while read -r db; do psql "$pg_url" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)"; done

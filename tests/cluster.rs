@@ -339,3 +339,145 @@ async fn publisher_depth_dead(names: &Names) -> u32 {
         .depth(&names.dead())
         .await
 }
+
+/// A node cut from the shared database (through a relay) while the broker still reaches it gives
+/// its partitions to the other node after `STORE_FAILURE_HANDOVER` (10 s), which goes on storing
+/// every reading; once the database is back the node takes its share again, and every reading is
+/// stored exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_cut_from_the_database_hands_its_partitions_over_and_takes_them_back() {
+    let url = common::postgres::fresh_database().await;
+    let relay = common::relay::Relay::start("127.0.0.1:5432").await;
+    let through_relay = url.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", relay.port));
+    assert_ne!(through_relay, url, "the test database is on 127.0.0.1:5432");
+    let names = Names::new("dbcut");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = |store_url: &str| {
+        Engine::options()
+            .args(names.engine_args())
+            .args(["--store", "postgres", "--store-url", store_url])
+            .args(["--amqp-partitions", &PARTITIONS.to_string()])
+    };
+    let cut_node = node(&through_relay).start(&dir.path().join("cut")).await;
+    let other = node(&url).start(&dir.path().join("other")).await;
+    cut_node.wait_broker_connected().await;
+    other.wait_broker_connected().await;
+    let cut_tag = format!("fleetwatch-{}", cut_node.pid());
+    let other_tag = format!("fleetwatch-{}", other.pid());
+
+    let publisher = Publisher::must_connect(&names.exchange).await;
+    let mut round = 0usize;
+    let publish_round = |i: usize| {
+        let publisher = &publisher;
+        async move {
+            let batch: Vec<_> = (0..DEVICES).map(|d| body(d, i)).collect();
+            publisher.publish_all(&batch).await.expect("publish");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let owned_by = |tag: &str| {
+        active_partition_consumers(&names.queue)
+            .values()
+            .filter(|t| *t == tag)
+            .count()
+    };
+    let spread_from = Instant::now();
+    while owned_by(&cut_tag) == 0 || owned_by(&other_tag) == 0 {
+        publish_round(round).await;
+        round += 1;
+        assert!(
+            spread_from.elapsed() < Duration::from_secs(90),
+            "partitions not spread: {:?}",
+            active_partition_consumers(&names.queue)
+        );
+    }
+
+    relay.cut();
+    let cut_at = Instant::now();
+    let handover = loop {
+        publish_round(round).await;
+        round += 1;
+        if owned_by(&other_tag) == PARTITIONS as usize {
+            break cut_at.elapsed();
+        }
+        assert!(
+            cut_at.elapsed() < Duration::from_secs(60),
+            "partitions not handed over: {:?}\nthe cut node's log: {}",
+            active_partition_consumers(&names.queue),
+            cut_node.log_tail()
+        );
+    };
+    println!("partitions of the node cut from the database handed over after {handover:?}");
+    assert!(
+        handover >= Duration::from_secs(9),
+        "not before the grace period: {handover:?}"
+    );
+    // Meanwhile the other node stores everything published, the cut node's devices included.
+    for _ in 0..20 {
+        publish_round(round).await;
+        round += 1;
+    }
+    let during_cut = round;
+    eventually(
+        Duration::from_secs(60),
+        "the readings published during the cut stored",
+        || async {
+            let devices = stored(&url).await;
+            (devices.len() == DEVICES
+                && devices.values().all(|events| {
+                    events
+                        .iter()
+                        .filter(|(t, _)| t == "ReadingRecorded")
+                        .count()
+                        >= during_cut
+                }))
+            .then_some(())
+        },
+    )
+    .await;
+
+    relay.restore();
+    let restored = Instant::now();
+    while owned_by(&cut_tag) == 0 {
+        publish_round(round).await;
+        round += 1;
+        assert!(
+            restored.elapsed() < Duration::from_secs(90),
+            "the node did not take its share again: {:?}",
+            active_partition_consumers(&names.queue)
+        );
+    }
+    for _ in 0..10 {
+        publish_round(round).await;
+        round += 1;
+    }
+    let devices = eventually(Duration::from_secs(120), "every reading stored", || async {
+        let devices = stored(&url).await;
+        (devices.len() == DEVICES
+            && devices.values().all(|events| {
+                events
+                    .iter()
+                    .filter(|(t, _)| t == "ReadingRecorded")
+                    .count()
+                    >= round
+            }))
+        .then_some(devices)
+    })
+    .await;
+    for (device, events) in &devices {
+        let readings: Vec<_> = events
+            .iter()
+            .filter(|(t, _)| t == "ReadingRecorded")
+            .map(|(_, at)| at.expect("a reading has a time"))
+            .collect();
+        let expected: Vec<_> = (0..round as i64)
+            .map(|i| t0() + chrono::Duration::seconds(i))
+            .collect();
+        assert_eq!(readings, expected, "{device}: once each, in order");
+    }
+    assert_eq!(
+        publisher.depth(&names.dead()).await,
+        0,
+        "nothing dead-lettered"
+    );
+}

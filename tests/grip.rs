@@ -1,6 +1,7 @@
 //! The live stream through a real Pushpin in front of two engine nodes on PostgreSQL and
 //! RabbitMQ: one SSE client connected to Pushpin receives every node's events in global order,
-//! and goes on without a gap or a repeat after the node it was first served by is SIGKILLed.
+//! and goes on without a gap or a repeat after the node it was first served by is SIGKILLed; a
+//! client filtered on two devices gets exactly their events, held on their streams' channels.
 
 mod common;
 
@@ -97,6 +98,15 @@ async fn one_client_through_pushpin_gets_every_nodes_events_in_order_across_a_no
     }
     let start = head(&url).await;
     let received = follow(format!("{}/api/stream?since={start}", pushpin.base), None);
+    const WATCHED: [&str; 2] = ["grip-3", "grip-17"];
+    let filtered = follow(
+        format!(
+            "{}/api/stream?devices={}&since={start}",
+            pushpin.base,
+            WATCHED.join(",")
+        ),
+        None,
+    );
 
     let publisher = Publisher::must_connect(&names.exchange).await;
     let mut round = 0i64;
@@ -196,6 +206,37 @@ async fn one_client_through_pushpin_gets_every_nodes_events_in_order_across_a_no
         got.last()
     );
     assert_eq!(got, expected, "in global order, without a gap or a repeat");
+    // The filtered client: every event of its two devices, in order, once.
+    let survivor = &nodes[1 - victim];
+    let mut watched: Vec<u64> = Vec::new();
+    for device in WATCHED {
+        watched.extend(
+            survivor
+                .history(device)
+                .await
+                .iter()
+                .filter_map(|e| e["position"].as_u64())
+                .filter(|p| (start + 1..=end).contains(p)),
+        );
+    }
+    watched.sort_unstable();
+    assert!(watched.len() >= 2 * round as usize, "{watched:?}");
+    let filtered: Vec<u64> = eventually(Duration::from_secs(30), "the filtered client", || {
+        let filtered = filtered.clone();
+        let until = *watched.last().unwrap();
+        async move {
+            let got = filtered.lock().unwrap().clone();
+            (got.last().copied() >= Some(until)).then_some(got)
+        }
+    })
+    .await
+    .into_iter()
+    .filter(|p| *p <= end)
+    .collect();
+    assert_eq!(
+        filtered, watched,
+        "the watched devices' events, in order, once"
+    );
     // A client that lost its connection resumes through Pushpin with `Last-Event-ID`.
     let middle = before[before.len() / 2];
     let resumed = follow(format!("{}/api/stream", pushpin.base), Some(middle));
@@ -237,9 +278,9 @@ async fn a_request_through_pushpin_is_answered_with_grip_instructions() {
         .post("/api/readings", &serde_json::json!(readings))
         .await;
     assert_eq!(status, 202, "{body}");
-    let head = engine.history("grip-direct").await.last().unwrap()["position"]
-        .as_u64()
-        .unwrap();
+    let history = engine.history("grip-direct").await;
+    let head = history.last().unwrap()["position"].as_u64().unwrap();
+    let version = history.len() as u64;
 
     let held = reqwest::Client::new()
         .get(engine.url("/api/stream"))
@@ -271,15 +312,85 @@ async fn a_request_through_pushpin_is_answered_with_grip_instructions() {
         .collect();
     assert_eq!(ids, (2..=head).collect::<Vec<u64>>(), "{text}");
 
-    // A filtered stream is not held: plain SSE, which Pushpin passes through.
+    // Filtered on devices only: held on each stream's channel (`$rules`'s too: a devices filter
+    // lets zone and range changes through), with versions as ids.
     let filtered = reqwest::Client::new()
-        .get(engine.url("/api/stream?devices=grip-direct&since=0&limit=1"))
+        .get(engine.url("/api/stream?devices=grip-direct,grip-other&since=1"))
         .header("Grip-Sig", "from-pushpin")
         .send()
         .await
         .unwrap();
-    assert!(filtered.headers().get("Grip-Hold").is_none());
-    assert!(filtered.text().await.unwrap().contains("id: 1\n"));
+    let header = |name: &str| {
+        filtered
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(header("Grip-Hold"), "stream");
+    assert_eq!(
+        header("Grip-Channel"),
+        format!(
+            "fleetwatch.system.rules; prev-id=0, fleetwatch.stream.grip-direct; prev-id={version}, \
+             fleetwatch.stream.grip-other; prev-id=0"
+        )
+    );
+    assert_eq!(
+        header("Grip-Link"),
+        format!("</api/stream?devices=grip-direct%2Cgrip-other&since={head}>; rel=next")
+    );
+    let ids: Vec<u64> = filtered
+        .text()
+        .await
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: ")?.parse().ok())
+        .collect();
+    assert_eq!(ids, (2..=head).collect::<Vec<u64>>());
+    // Pushpin following the next link: what each channel lacks after the version it reports.
+    let next = reqwest::Client::new()
+        .get(engine.url("/api/stream?devices=grip-direct&since=1"))
+        .header("Grip-Sig", "from-pushpin")
+        .header(
+            "Grip-Last",
+            format!(
+                "fleetwatch.system.rules; last-id=0, fleetwatch.stream.grip-direct; last-id={}",
+                version - 1
+            ),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(next.headers()["Grip-Channel"]
+        .to_str()
+        .unwrap()
+        .ends_with(&format!("fleetwatch.stream.grip-direct; prev-id={version}")));
+    let text = next.text().await.unwrap();
+    let ids: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: ")?.parse().ok())
+        .collect();
+    assert_eq!(ids, [head], "{text}");
+    assert!(
+        !text.contains("retry:"),
+        "a next link goes on the same stream"
+    );
+
+    // Other filters, and a limit, are plain SSE, which Pushpin passes through.
+    for query in [
+        "types=ReadingRecorded&since=0&limit=1",
+        "devices=grip-direct&since=0&limit=1",
+    ] {
+        let plain = reqwest::Client::new()
+            .get(engine.url(&format!("/api/stream?{query}")))
+            .header("Grip-Sig", "from-pushpin")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(plain.status(), 200, "{query}");
+        assert!(plain.headers().get("Grip-Hold").is_none(), "{query}");
+        assert!(plain.text().await.unwrap().contains("\ndata: "), "{query}");
+    }
 }
 
 /// With read tokens, Pushpin's next-link requests (which carry no client token) are let in only

@@ -639,3 +639,89 @@ async fn every_nodes_commits_reach_every_subscriber_in_order(f: Fixture) {
         assert_eq!(streams.len(), 2);
     }
 }
+
+/// The DNS name in a certificate's subject alternative names (`openssl x509`).
+fn certificate_name(pem_file: &str) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in", pem_file])
+        .output()
+        .expect("openssl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split([',', ' ', '\n'])
+        .find_map(|part| part.trim().strip_prefix("DNS:"))
+        .unwrap_or_else(|| panic!("no DNS name in {pem_file}: {text}"))
+        .to_owned()
+}
+
+/// `sslmode=require` encrypts every connection of the PostgreSQL store and verifies the server:
+/// against the certificate `sslrootcert` names it connects, and every connection of its database
+/// is encrypted; against certificate authorities that did not sign the server's certificate it is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls_encrypts_and_verifies_the_server() {
+    let url = common::postgres::fresh_database().await;
+    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("PostgreSQL");
+    tokio::spawn(connection);
+    let setting = |name: &'static str| {
+        let admin = &admin;
+        async move {
+            admin
+                .query_one(&format!("SHOW {name}"), &[])
+                .await
+                .expect("SHOW")
+                .get::<_, String>(0)
+        }
+    };
+    assert_eq!(
+        setting("ssl").await,
+        "on",
+        "the test PostgreSQL serves TLS (scripts/test-deps.sh turns it on)"
+    );
+    let certificate = setting("ssl_cert_file").await;
+    let name = certificate_name(&certificate);
+    let database = url.rsplit('/').next().expect("a database name").to_owned();
+    // The server's name for the certificate, its loopback address to connect to.
+    let tls_url = |extra: &str| {
+        format!(
+            "postgres://postgres@{name}:5432/{database}?hostaddr=127.0.0.1&sslmode=require{extra}"
+        )
+    };
+
+    let store = PostgresStore::open(
+        &tls_url(&format!("&sslrootcert={certificate}")),
+        PostgresStoreOptions::default(),
+    )
+    .await
+    .expect("open over TLS");
+    store.append("tls", 0, vec![event(1)], None).await.unwrap();
+    assert_eq!(store.read_stream("tls", 1, 10).await.unwrap().len(), 1);
+    let encrypted: Vec<bool> = admin
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.datname = $1 AND a.pid <> pg_backend_pid()",
+            &[&database],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        encrypted.len() >= 2,
+        "the store's pool and its listener: {encrypted:?}"
+    );
+    assert!(encrypted.iter().all(|ssl| *ssl), "{encrypted:?}");
+
+    // Public certificate authorities only: none of them signed the test server's certificate.
+    let public_roots = "/etc/ssl/certs/ca-certificates.crt";
+    let refused = PostgresStore::open(
+        &tls_url(&format!("&sslrootcert={public_roots}")),
+        PostgresStoreOptions::default(),
+    )
+    .await
+    .err()
+    .expect("a server whose certificate does not verify is refused");
+    assert!(refused.to_string().contains("certificate"), "{refused}");
+}

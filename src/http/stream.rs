@@ -113,6 +113,14 @@ impl Filter {
         self.devices.is_none() && self.zones.is_none() && self.types.is_none()
     }
 
+    /// The devices, when it filters on devices and nothing else.
+    pub fn devices_only(&self) -> Option<&HashSet<String>> {
+        match (&self.devices, &self.zones, &self.types) {
+            (Some(devices), None, None) if !devices.is_empty() => Some(devices),
+            _ => None,
+        }
+    }
+
     pub fn new(devices: &Option<String>, zones: &Option<String>, types: &Option<String>) -> Self {
         let types = list(types).map(|set| {
             set.into_iter()
@@ -269,8 +277,19 @@ pub async fn stream(
     let filter = Filter::new(&query.devices, &query.zones, &query.types);
     let resume = resume_position(&req, query.since)?;
     // Held by Pushpin: it keeps the connection, not this engine (so no slot is taken).
-    if filter.is_everything() && query.limit.is_none() && super::grip::wanted(&req, state.grip) {
-        return super::grip::hold(&req, state.engine.store().as_ref(), resume).await;
+    if query.limit.is_none() && super::grip::wanted(&req, state.grip) {
+        let store = state.engine.store().as_ref();
+        if filter.is_everything() {
+            return super::grip::hold(&req, store, resume).await;
+        }
+        if let Some(devices) = filter
+            .devices_only()
+            .filter(|d| d.len() <= super::grip::MAX_HELD_DEVICES)
+        {
+            if let Some(held) = super::grip::hold_devices(&req, store, resume, devices).await? {
+                return Ok(held);
+            }
+        }
     }
     let slot = match state.streams.acquire(client_address(&req)) {
         Ok(slot) => slot,

@@ -61,6 +61,9 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A dead letter the broker has not confirmed by then is given up on and its message requeued.
 const DEAD_LETTER_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// A node whose store has failed this long gives its partitions to the other nodes (whose store
+/// may still write), and takes its share again once it writes: a blip does not move devices.
+const STORE_FAILURE_HANDOVER: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerState {
@@ -383,6 +386,9 @@ enum SessionEnd {
     Shutdown,
     /// It gave its partition back (see `partitions`): subscribe again at once.
     Released,
+    /// Its store has failed for [`STORE_FAILURE_HANDOVER`]: it gave its partition to the other
+    /// nodes, and subscribes again once the store writes.
+    StoreFailing,
 }
 
 /// How a delivery was settled.
@@ -416,6 +422,15 @@ impl Consumer {
             match ended {
                 Ok(SessionEnd::Shutdown) => break,
                 Ok(SessionEnd::Released) => continue,
+                Ok(SessionEnd::StoreFailing) => {
+                    tracing::warn!(%queue, failing_for = ?STORE_FAILURE_HANDOVER, "the event store cannot write: this partition goes to the other nodes until it can");
+                    metrics::counter!("fleetwatch_amqp_partitions_released_total").increment(1);
+                    if !self.store_writes().await {
+                        break;
+                    }
+                    tracing::info!(%queue, "the event store writes again: consuming the partition");
+                    continue;
+                }
                 Err(e) => {
                     if connected {
                         backoff = MIN_BACKOFF;
@@ -513,6 +528,10 @@ impl Consumer {
         }
         drop(settle_tx);
 
+        // Armed once per session: a long store failure hands a partition over even while the
+        // workers, waiting for the store, have stopped taking deliveries.
+        let store_failing = self.store_failing_for(STORE_FAILURE_HANDOVER);
+        tokio::pin!(store_failing);
         let outcome = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -526,13 +545,18 @@ impl Consumer {
                     break Ok(SessionEnd::Shutdown);
                 }
                 _ = release_requested(&self.partitions, partition) => break Ok(SessionEnd::Released),
+                () = &mut store_failing, if partition.is_some() => break Ok(SessionEnd::StoreFailing),
                 next = deliveries.next() => match next {
                     Some(Ok(delivery)) => {
                         if let Some(i) = partition {
                             self.partitions.owned(i);
                         }
                         let worker = hasher.hash_one(delivery.routing_key.as_str()) as usize % workers.len();
-                        if workers[worker].send(delivery).await.is_err() {
+                        let sent = tokio::select! {
+                            sent = workers[worker].send(delivery) => sent.is_ok(),
+                            () = &mut store_failing, if partition.is_some() => break Ok(SessionEnd::StoreFailing),
+                        };
+                        if !sent {
                             break Err(SessionError::Cancelled);
                         }
                     }
@@ -541,10 +565,29 @@ impl Consumer {
                 },
             }
         };
-        // Workers finish their in-flight readings, then the acker sends the last acks.
-        drop(workers);
-        while worker_tasks.join_next().await.is_some() {}
-        let _ = acker.await;
+        let outcome = match outcome {
+            Ok(SessionEnd::StoreFailing) => outcome,
+            outcome => {
+                // Workers finish their in-flight readings, then the acker sends the last acks;
+                // unless the store fails meanwhile for the handover period.
+                drop(workers);
+                let finished = async { while worker_tasks.join_next().await.is_some() {} };
+                tokio::select! {
+                    () = finished => outcome,
+                    () = &mut store_failing, if partition.is_some() => Ok(SessionEnd::StoreFailing),
+                }
+            }
+        };
+        if matches!(outcome, Ok(SessionEnd::StoreFailing)) {
+            // What the workers hold cannot become durable now: nothing more is acknowledged,
+            // and closing the channel returns every unacknowledged delivery to the queue, for
+            // the next node in line. A reading this node's store still commits later is fenced
+            // by the expected-version check and then found to be a repeat.
+            worker_tasks.abort_all();
+            acker.abort();
+        } else {
+            let _ = acker.await;
+        }
         if outcome.is_ok() {
             // Deliveries received but not started go back to the queue, in order.
             let _ = channel.close(200, "shutdown".into()).await;
@@ -576,6 +619,24 @@ impl Consumer {
                 },
                 Some(settled) = in_flight.next(), if !in_flight.is_empty() => {
                     let _ = settle.send(settled);
+                }
+            }
+        }
+    }
+
+    /// Resolves once the store has been unable to write for `period` without a break.
+    async fn store_failing_for(&self, period: Duration) {
+        let mut health = self.engine.store_health();
+        loop {
+            if health.wait_for(|h| !h.is_available()).await.is_err() {
+                return std::future::pending().await;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(period) => return,
+                recovered = health.wait_for(|h| h.is_available()) => {
+                    if recovered.is_err() {
+                        return std::future::pending().await;
+                    }
                 }
             }
         }

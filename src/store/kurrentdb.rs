@@ -110,6 +110,8 @@ struct Inner {
     waiting: Mutex<HashMap<(String, u64), Vec<Replicated>>>,
     /// Counts replica writes the follower has finished, so waiters can wait for the next one.
     applied: watch::Sender<u64>,
+    /// Whether the replica has caught up with what `$all` held when the store opened.
+    ready: watch::Sender<bool>,
     stop: CancellationToken,
 }
 
@@ -512,7 +514,11 @@ impl KurrentDbStore {
             .position(StreamPosition::End)
             .max_count(1);
         let mut read = client.read_all(&probe).await.map_err(unavailable)?;
-        read.next().await.map_err(unavailable)?;
+        let head = read
+            .next()
+            .await
+            .map_err(unavailable)?
+            .map(|event| event.get_original_event().position);
 
         let dir = data_dir.join("kurrentdb-replica");
         let replica = SqliteStore::open(&dir, options.replica)?;
@@ -524,11 +530,29 @@ impl KurrentDbStore {
             turns: Arc::default(),
             waiting: Mutex::default(),
             applied: watch::channel(0).0,
+            ready: watch::channel(false).0,
             stop: CancellationToken::new(),
         });
         let from = read_checkpoint(&dir).await?;
-        tokio::spawn(follow(inner.clone(), dir, from));
+        let mut ready = inner.ready.subscribe();
+        tokio::spawn(follow(inner.clone(), dir, from, head));
         tokio::spawn(probe_while_failing(inner.clone()));
+        // The engine starts on a replica that has what KurrentDB had (devices, wake-up times, the
+        // read models' source): a new node's first start reads the whole history once.
+        let caught_up = async { ready.wait_for(|ready| *ready).await.map(|_| ()) };
+        tokio::pin!(caught_up);
+        loop {
+            tokio::select! {
+                done = &mut caught_up => {
+                    done.map_err(|_| StoreError::Closed)?;
+                    break;
+                }
+                () = tokio::time::sleep(Duration::from_secs(10)) => tracing::info!(
+                    applied = *inner.applied.borrow(),
+                    "the KurrentDB replica is still catching up"
+                ),
+            }
+        }
         Ok(Self { inner })
     }
 
@@ -598,7 +622,7 @@ async fn write_checkpoint(dir: &Path, position: Position) -> std::io::Result<()>
 type Applying = BoxFuture<'static, (Position, (String, u64), StoreResult<u64>)>;
 
 /// What a KurrentDB event becomes in the replica, queued in `$all` order.
-fn apply(inner: &Inner, event: &kurrentdb::RecordedEvent) -> Result<Option<Applying>, String> {
+fn apply(inner: &Arc<Inner>, event: &kurrentdb::RecordedEvent) -> Result<Option<Applying>, String> {
     let kurrent_stream = event.stream_id().to_owned();
     let position = event.position;
     let metadata = Metadata::decode(&event.custom_metadata)?;
@@ -615,14 +639,21 @@ fn apply(inner: &Inner, event: &kurrentdb::RecordedEvent) -> Result<Option<Apply
             inner
                 .replica
                 .append_waking(stream, event.revision, vec![new], None, metadata.wake()?);
+        let replica_stream = stream.to_owned();
+        let inner = inner.clone();
         let key = (kurrent_stream, version);
         return Ok(Some(Box::pin(async move {
             let result = match appended.await {
                 Ok(appended) => Ok(appended.last_position),
-                // Already applied before a restart (the checkpoint lags the replica).
+                // Already applied (the checkpoint lags the replica, or the subscription was
+                // resumed behind writes it had queued): where the replica has it.
                 Err(StoreError::Conflict {
                     expected, actual, ..
-                }) if actual > expected => Ok(0),
+                }) if actual > expected => inner
+                    .replica
+                    .read_stream(&replica_stream, version, 1)
+                    .await
+                    .map(|read| read.first().map_or(0, |e| e.position)),
                 Err(e) => Err(e),
             };
             (position, key, result)
@@ -648,9 +679,16 @@ fn apply(inner: &Inner, event: &kurrentdb::RecordedEvent) -> Result<Option<Apply
     Ok(None)
 }
 
-/// Follows `$all` into the replica, from `from`, for as long as the store is open.
-async fn follow(inner: Arc<Inner>, dir: PathBuf, mut from: Option<Position>) {
+/// Follows `$all` into the replica, from `from`, for as long as the store is open, and says when
+/// the replica has reached `target` (the head of `$all` when the store opened).
+async fn follow(
+    inner: Arc<Inner>,
+    dir: PathBuf,
+    mut from: Option<Position>,
+    target: Option<Position>,
+) {
     let mut checkpointed = from;
+    let mut reached = target.is_none();
     loop {
         let start = from.map_or(StreamPosition::Start, StreamPosition::Position);
         let options = SubscribeToAllOptions::default()
@@ -660,6 +698,9 @@ async fn follow(inner: Arc<Inner>, dir: PathBuf, mut from: Option<Position>) {
         let mut applying: FuturesOrdered<Applying> = FuturesOrdered::new();
         let mut checkpoint = tokio::time::interval(Duration::from_secs(1));
         let failure = loop {
+            if reached && applying.is_empty() && !*inner.ready.borrow() {
+                inner.ready.send_replace(true);
+            }
             tokio::select! {
                 () = inner.stop.cancelled() => {
                     while let Some((position, (stream, version), result)) = applying.next().await {
@@ -693,6 +734,7 @@ async fn follow(inner: Arc<Inner>, dir: PathBuf, mut from: Option<Position>) {
                     match event {
                         Ok(SubscriptionEvent::EventAppeared(resolved)) => {
                             let Some(event) = resolved.event.as_ref() else { continue };
+                            reached |= target.is_some_and(|target| event.position >= target);
                             match apply(&inner, event) {
                                 Ok(Some(write)) => applying.push_back(write),
                                 Ok(None) => {}
@@ -700,6 +742,10 @@ async fn follow(inner: Arc<Inner>, dir: PathBuf, mut from: Option<Position>) {
                                     "event {}@{} of KurrentDB: {e}", event.stream_id(), event.revision
                                 ),
                             }
+                        }
+                        Ok(SubscriptionEvent::CaughtUp(_)) => reached = true,
+                        Ok(SubscriptionEvent::Checkpoint(position)) => {
+                            reached |= target.is_some_and(|target| position >= target);
                         }
                         Ok(_) => {}
                         Err(e) => break format!("the $all subscription failed: {e}"),

@@ -17,6 +17,7 @@
 //!   start in one transaction under an advisory lock, so that nodes starting together do not race.
 //!   (tokio-postgres and a small migration runner rather than sqlx: sqlx's optional SQLite driver
 //!   links another libsqlite3 than the embedded store's, which Cargo refuses to build.)
+//! * **TLS** with `sslmode=require` in `--store-url` ([`connection_settings`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -30,7 +31,9 @@ use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, NoTls, Row};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::{AsyncMessage, Row};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::command::{append_conflict, Staged, WriteCommand as Command};
 use super::health::HealthSignal;
@@ -38,6 +41,92 @@ use super::{
     Appended, CommittedBatch, EventStore, NewEvent, Pruned, RecordedEvent, Retention, Snapshot,
     SnapshotAndTail, StoreError, StoreHealth, StoreResult, StreamAt, StreamInfo, Wake, WakeTime,
 };
+
+/// The connection settings and TLS of `--store-url`. With `sslmode=require` the connections are
+/// encrypted and the server's certificate and name are verified, against the system's root
+/// certificates or, with `sslrootcert=<PEM file>` in the URL, against that file's only (libpq's
+/// `require` does not verify; fleetwatch always does). Any other mode connects over plain TCP,
+/// as before TLS was supported.
+pub(crate) fn connection_settings(
+    url: &str,
+) -> Result<(tokio_postgres::Config, MakeRustlsConnect), String> {
+    let (url, root_file) = take_query_param(url, "sslrootcert")?;
+    let mut config: tokio_postgres::Config = url.parse().map_err(|e| format!("{e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    if config.get_ssl_mode() == SslMode::Require {
+        match root_file {
+            Some(path) => {
+                use rustls::pki_types::pem::PemObject;
+                let certs = rustls::pki_types::CertificateDer::pem_file_iter(&path)
+                    .map_err(|e| format!("sslrootcert {path}: {e}"))?;
+                for cert in certs {
+                    let cert = cert.map_err(|e| format!("sslrootcert {path}: {e}"))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("sslrootcert {path}: {e}"))?;
+                }
+            }
+            None => {
+                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            }
+        }
+        if roots.is_empty() {
+            return Err("sslmode=require, but there is no root certificate to verify the server with (give sslrootcert)".into());
+        }
+    } else {
+        // `prefer` (the default) would try TLS, and fail where the server's certificate does not
+        // verify: plain TCP as before, unless TLS is asked for.
+        config.ssl_mode(SslMode::Disable);
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok((config, MakeRustlsConnect::new(tls)))
+}
+
+/// An error and what caused it, down the chain: a failed TLS handshake says why.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let inner_text = inner.to_string();
+        if !text.contains(&inner_text) {
+            text = format!("{text}: {inner_text}");
+        }
+        cause = inner.source();
+    }
+    text
+}
+
+/// `url` without its query parameter `name` (which tokio-postgres does not know), and the
+/// parameter's value.
+fn take_query_param(url: &str, name: &str) -> Result<(String, Option<String>), String> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_owned(), None));
+    };
+    let mut value = None;
+    let mut kept = Vec::new();
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some((key, raw)) if key == name => {
+                let decoded = percent_encoding::percent_decode_str(raw)
+                    .decode_utf8()
+                    .map_err(|e| format!("{name}: {e}"))?;
+                value = Some(decoded.into_owned());
+            }
+            _ => kept.push(pair),
+        }
+    }
+    let url = match kept.is_empty() {
+        true => base.to_owned(),
+        false => format!("{base}?{}", kept.join("&")),
+    };
+    Ok((url, value))
+}
 
 /// The channel every commit notifies, with the new head position as its payload.
 const CHANNEL: &str = "fleetwatch_events";
@@ -162,12 +251,11 @@ async fn migrate(client: &mut deadpool_postgres::Client) -> Result<(), PgError> 
 impl PostgresStore {
     /// Connects to the database at `url` and brings its tables to this build's migrations.
     pub async fn open(url: &str, options: PostgresStoreOptions) -> StoreResult<Self> {
-        let config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| unavailable(format!("--store-url: {e}")))?;
+        let (config, tls) =
+            connection_settings(url).map_err(|e| unavailable(format!("--store-url: {e}")))?;
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -182,7 +270,7 @@ impl PostgresStore {
         let mut client = pool
             .get()
             .await
-            .map_err(|e| unavailable(format!("connecting to PostgreSQL: {e}")))?;
+            .map_err(|e| unavailable(format!("connecting to PostgreSQL: {}", with_causes(&e))))?;
         migrate(&mut client)
             .await
             .map_err(|e| unavailable(format!("migrating the PostgreSQL store: {e}")))?;
@@ -202,7 +290,13 @@ impl PostgresStore {
             types: HashMap::new(),
         };
         let writer_task = runtime.spawn(writer.run(rx));
-        runtime.spawn(follow(pool.clone(), config, live.clone(), own_rx, head));
+        runtime.spawn(follow(
+            pool.clone(),
+            (config, tls),
+            live.clone(),
+            own_rx,
+            head,
+        ));
         Ok(Self {
             pool,
             runtime,
@@ -1111,7 +1205,7 @@ impl Writer {
 /// notification arrives (or the periodic look finds them). Stops when the writer does.
 async fn follow(
     pool: Pool,
-    config: tokio_postgres::Config,
+    config: (tokio_postgres::Config, MakeRustlsConnect),
     live: broadcast::Sender<CommittedBatch>,
     mut own: mpsc::UnboundedReceiver<CommittedBatch>,
     mut last: u64,
@@ -1167,11 +1261,11 @@ async fn follow(
 /// receiver, which closes when the connection does.
 /// `warn`: whether a failure is news (it was listening until now) or logged already.
 async fn listen(
-    config: &tokio_postgres::Config,
+    (config, tls): &(tokio_postgres::Config, MakeRustlsConnect),
     warn: bool,
 ) -> Option<mpsc::UnboundedReceiver<u64>> {
     let listening = async {
-        let (client, mut connection) = config.connect(NoTls).await?;
+        let (client, mut connection) = config.connect(tls.clone()).await?;
         let (tx, rx) = mpsc::unbounded_channel();
         // The connection must be driven for the client to work, and it carries the notifications.
         let driver = tokio::spawn(async move {
@@ -1255,5 +1349,38 @@ async fn catch_up(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sslrootcert_is_taken_out_of_the_url() {
+        let (url, root) = take_query_param(
+            "postgres://u@db:5432/fw?sslmode=require&sslrootcert=%2Fetc%2Fca.pem&application_name=x",
+            "sslrootcert",
+        )
+        .unwrap();
+        assert_eq!(
+            url,
+            "postgres://u@db:5432/fw?sslmode=require&application_name=x"
+        );
+        assert_eq!(root.as_deref(), Some("/etc/ca.pem"));
+        let (url, root) = take_query_param("postgres://u@db/fw", "sslrootcert").unwrap();
+        assert_eq!((url.as_str(), root), ("postgres://u@db/fw", None));
+    }
+
+    #[test]
+    fn only_require_turns_tls_on() {
+        let (plain, _) = connection_settings("postgres://u@db/fw").unwrap();
+        assert_eq!(plain.get_ssl_mode(), SslMode::Disable);
+        let (tls, _) =
+            connection_settings("postgres://u@db/fw?sslmode=require&sslrootcert=/nonexistent")
+                .err()
+                .map(|e| (e, ()))
+                .expect("a missing sslrootcert is an error");
+        assert!(tls.contains("/nonexistent"), "{tls}");
     }
 }
