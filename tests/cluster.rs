@@ -28,10 +28,11 @@ fn body(d: usize, i: usize) -> (String, Vec<u8>) {
     (device, serde_json::to_vec(&reading).expect("JSON"))
 }
 
-/// Stored events per device, in version order: (type, reading time).
-async fn stored(
-    url: &str,
-) -> BTreeMap<String, Vec<(String, Option<chrono::DateTime<chrono::Utc>>)>> {
+/// A stored event: its type and reading time.
+type Stored = (String, Option<chrono::DateTime<chrono::Utc>>);
+
+/// Stored events per device, in version order.
+async fn stored(url: &str) -> BTreeMap<String, Vec<Stored>> {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
         .expect("PostgreSQL");
@@ -53,6 +54,40 @@ async fn stored(
             .push((row.get(1), row.get(2)));
     }
     devices
+}
+
+/// Waits until every device has at least `readings` readings stored, and returns the store.
+async fn all_stored(url: &str, readings: usize) -> BTreeMap<String, Vec<Stored>> {
+    eventually(Duration::from_secs(120), "every reading stored", || async {
+        let devices = stored(url).await;
+        let complete = devices.len() == DEVICES
+            && devices
+                .values()
+                .all(|events| reading_times(events).len() >= readings);
+        complete.then_some(devices)
+    })
+    .await
+}
+
+/// The reading times of a device's stored readings, in version order.
+fn reading_times(events: &[Stored]) -> Vec<chrono::DateTime<chrono::Utc>> {
+    events
+        .iter()
+        .filter(|(t, _)| t == "ReadingRecorded")
+        .map(|(_, at)| at.expect("a reading has a time"))
+        .collect()
+}
+
+/// Readings 0..`readings` of `device` stored once each, in reading order.
+fn assert_once_in_order(device: &str, events: &[Stored], readings: usize) {
+    let expected: Vec<_> = (0..readings as i64)
+        .map(|i| t0() + chrono::Duration::seconds(i))
+        .collect();
+    assert_eq!(
+        reading_times(events),
+        expected,
+        "{device}: readings stored once each, in order"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -157,19 +192,7 @@ async fn a_node_killed_mid_stream_hands_its_devices_over_and_nothing_is_lost_or_
     let readings_per_device = round;
 
     // Everything stored: every device has all its readings.
-    let devices = eventually(Duration::from_secs(120), "every reading stored", || async {
-        let devices = stored(&url).await;
-        let complete = devices.len() == DEVICES
-            && devices.values().all(|events| {
-                events
-                    .iter()
-                    .filter(|(t, _)| t == "ReadingRecorded")
-                    .count()
-                    >= readings_per_device
-            });
-        complete.then_some(devices)
-    })
-    .await;
+    let devices = all_stored(&url, readings_per_device).await;
     let hot = |i: usize| (i / 7) % 2 == 1;
     let excursions = (1..readings_per_device)
         .filter(|&i| hot(i) && !hot(i - 1))
@@ -178,19 +201,7 @@ async fn a_node_killed_mid_stream_hands_its_devices_over_and_nothing_is_lost_or_
         .filter(|&i| !hot(i) && hot(i - 1))
         .count();
     for (device, events) in &devices {
-        // Exactly once, in reading order.
-        let readings: Vec<_> = events
-            .iter()
-            .filter(|(t, _)| t == "ReadingRecorded")
-            .map(|(_, at)| at.expect("a reading has a time"))
-            .collect();
-        let expected: Vec<_> = (0..readings_per_device as i64)
-            .map(|i| t0() + chrono::Duration::seconds(i))
-            .collect();
-        assert_eq!(
-            readings, expected,
-            "{device}: readings stored once each, in order"
-        );
+        assert_once_in_order(device, events, readings_per_device);
         // One alarm per excursion above the range.
         let count = |kind: &str| events.iter().filter(|(t, _)| t == kind).count();
         assert_eq!(count("TemperatureOutOfRange"), excursions, "{device}");
@@ -292,12 +303,7 @@ async fn the_simulator_publishes_through_a_node_kill_and_every_confirmed_reading
             let devices = stored(&url).await;
             let readings: usize = devices
                 .values()
-                .map(|events| {
-                    events
-                        .iter()
-                        .filter(|(t, _)| t == "ReadingRecorded")
-                        .count()
-                })
+                .map(|events| reading_times(events).len())
                 .sum();
             (readings >= COUNT).then_some(devices)
         },
@@ -305,11 +311,7 @@ async fn the_simulator_publishes_through_a_node_kill_and_every_confirmed_reading
     .await;
     let mut readings = 0;
     for (device, events) in &devices {
-        let times: Vec<_> = events
-            .iter()
-            .filter(|(t, _)| t == "ReadingRecorded")
-            .map(|(_, at)| at.expect("a reading has a time"))
-            .collect();
+        let times = reading_times(events);
         assert!(
             times.windows(2).all(|w| w[0] < w[1]),
             "{device}: stored once each, in reading order"
@@ -404,7 +406,11 @@ async fn a_node_cut_from_the_database_hands_its_partitions_over_and_takes_them_b
             cut_at.elapsed() < Duration::from_secs(60),
             "partitions not handed over: {:?}\nthe cut node's log: {}",
             active_partition_consumers(&names.queue),
-            cut_node.log_tail()
+            {
+                let kept = std::env::temp_dir().join(format!("dbcut-{}.log", cut_node.pid()));
+                let _ = std::fs::write(&kept, cut_node.log_text());
+                kept.display().to_string()
+            }
         );
     };
     println!("partitions of the node cut from the database handed over after {handover:?}");
@@ -417,24 +423,7 @@ async fn a_node_cut_from_the_database_hands_its_partitions_over_and_takes_them_b
         publish_round(round).await;
         round += 1;
     }
-    let during_cut = round;
-    eventually(
-        Duration::from_secs(60),
-        "the readings published during the cut stored",
-        || async {
-            let devices = stored(&url).await;
-            (devices.len() == DEVICES
-                && devices.values().all(|events| {
-                    events
-                        .iter()
-                        .filter(|(t, _)| t == "ReadingRecorded")
-                        .count()
-                        >= during_cut
-                }))
-            .then_some(())
-        },
-    )
-    .await;
+    all_stored(&url, round).await;
 
     relay.restore();
     let restored = Instant::now();
@@ -451,29 +440,8 @@ async fn a_node_cut_from_the_database_hands_its_partitions_over_and_takes_them_b
         publish_round(round).await;
         round += 1;
     }
-    let devices = eventually(Duration::from_secs(120), "every reading stored", || async {
-        let devices = stored(&url).await;
-        (devices.len() == DEVICES
-            && devices.values().all(|events| {
-                events
-                    .iter()
-                    .filter(|(t, _)| t == "ReadingRecorded")
-                    .count()
-                    >= round
-            }))
-        .then_some(devices)
-    })
-    .await;
-    for (device, events) in &devices {
-        let readings: Vec<_> = events
-            .iter()
-            .filter(|(t, _)| t == "ReadingRecorded")
-            .map(|(_, at)| at.expect("a reading has a time"))
-            .collect();
-        let expected: Vec<_> = (0..round as i64)
-            .map(|i| t0() + chrono::Duration::seconds(i))
-            .collect();
-        assert_eq!(readings, expected, "{device}: once each, in order");
+    for (device, events) in &all_stored(&url, round).await {
+        assert_once_in_order(device, events, round);
     }
     assert_eq!(
         publisher.depth(&names.dead()).await,

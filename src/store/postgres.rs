@@ -52,6 +52,15 @@ pub(crate) fn connection_settings(
 ) -> Result<(tokio_postgres::Config, MakeRustlsConnect), String> {
     let (url, root_file) = take_query_param(url, "sslrootcert")?;
     let mut config: tokio_postgres::Config = url.parse().map_err(|e| format!("{e}"))?;
+    // A database that vanishes without closing its connections (a network partition, a host
+    // gone) must still fail the store within seconds, so that ingest pauses and the node hands
+    // its partitions over, rather than waiting on a silent socket for TCP's hours.
+    config
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(2))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(15));
     let mut roots = rustls::RootCertStore::empty();
     if config.get_ssl_mode() == SslMode::Require {
         match root_file {
@@ -174,6 +183,9 @@ pub struct PostgresStore {
     writer_task: Mutex<Option<JoinHandle<()>>>,
     live: broadcast::Sender<CommittedBatch>,
     health: watch::Receiver<StoreHealth>,
+    /// Told by reads that cannot reach the database too: an engine whose actors only read (a
+    /// restore, a lookup) must still find out, pause ingest and hand its partitions over.
+    signal: HealthSignal,
 }
 
 /// What went wrong talking to PostgreSQL.
@@ -304,6 +316,7 @@ impl PostgresStore {
             writer_task: Mutex::new(Some(writer_task)),
             live,
             health: health.subscribe(),
+            signal: health,
         })
     }
 
@@ -345,9 +358,19 @@ impl PostgresStore {
         F: Future<Output = Result<T, PgError>> + Send + 'static,
     {
         let pool = self.pool.clone();
+        let signal = self.signal.clone();
         let task = self.runtime.spawn(async move {
-            let client = pool.get().await?;
-            query(client).await
+            let read = async {
+                let client = pool.get().await?;
+                query(client).await
+            };
+            let result = read.await;
+            if let Err(e) = &result {
+                if is_store_fault(e) {
+                    signal.failing(format!("reading: {e}"));
+                }
+            }
+            result
         });
         async move { task.await.map_err(unavailable)?.map_err(unavailable) }.boxed()
     }
@@ -747,11 +770,21 @@ struct StreamState {
 impl Writer {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let mut batch = Vec::with_capacity(self.max_batch);
+        // A read can find the database gone first: the writer then probes until it answers.
+        let mut health_changes = self.health.subscribe();
         loop {
             let first = if self.health.is_available() {
-                match commands.recv().await {
-                    Some(command) => command,
-                    None => return,
+                tokio::select! {
+                    command = commands.recv() => match command {
+                        Some(command) => command,
+                        None => return,
+                    },
+                    changed = health_changes.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                 }
             } else {
                 match tokio::time::timeout(PROBE_INTERVAL, commands.recv()).await {

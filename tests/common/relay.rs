@@ -2,15 +2,17 @@
 //! connection through it is dropped and new ones are refused until it is restored. The service
 //! itself is shared by every test and left alone.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 #[derive(Clone)]
 pub struct Relay {
     pub port: u16,
-    up: Arc<Mutex<bool>>,
-    cut: Arc<tokio::sync::Notify>,
+    /// Whether connections may pass. A state, not an event: a connection being set up when the
+    /// relay is cut sees it as soon as it looks, so none outlives a cut.
+    up: Arc<watch::Sender<bool>>,
 }
 
 impl Relay {
@@ -19,25 +21,25 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let relay = Relay {
             port: listener.local_addr().expect("address").port(),
-            up: Arc::new(Mutex::new(true)),
-            cut: Arc::default(),
+            up: Arc::new(watch::channel(true).0),
         };
         let serving = relay.clone();
         let target = target.to_owned();
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
-                if !*serving.up.lock().expect("relay state") {
+                let mut up = serving.up.subscribe();
+                if !*up.borrow_and_update() {
                     continue;
                 }
-                let cut = serving.cut.clone();
                 let target = target.clone();
                 tokio::spawn(async move {
-                    let Ok(mut service) = TcpStream::connect(&target).await else {
-                        return;
+                    let relayed = async {
+                        let mut service = TcpStream::connect(&target).await?;
+                        tokio::io::copy_bidirectional(&mut client, &mut service).await
                     };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut service) => {}
-                        _ = cut.notified() => {}
+                        _ = relayed => {}
+                        _ = up.wait_for(|up| !*up) => {}
                     }
                 });
             }
@@ -52,11 +54,10 @@ impl Relay {
 
     /// Drops every connection and refuses new ones.
     pub fn cut(&self) {
-        *self.up.lock().expect("relay state") = false;
-        self.cut.notify_waiters();
+        self.up.send_replace(false);
     }
 
     pub fn restore(&self) {
-        *self.up.lock().expect("relay state") = true;
+        self.up.send_replace(true);
     }
 }
