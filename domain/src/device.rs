@@ -241,7 +241,6 @@ impl Device {
 
         match (self.reported_location, self.reported_temperature) {
             (Some(from), Some(previous)) => {
-                let distance_m = from.distance_m(&location);
                 let delta = temperature.celsius() - previous.celsius();
                 events.push(DeviceEvent::ReadingRecorded {
                     device_id: id.clone(),
@@ -249,7 +248,11 @@ impl Device {
                     location,
                     temperature,
                     rules_version: rules.version,
-                    moved: distance_m > 0.0 && distance_m >= rules.thresholds.min_move_m,
+                    // Never moved in place, even with a threshold of 0.
+                    moved: from.is_at_least_m(
+                        &location,
+                        rules.thresholds.min_move_m.max(f64::MIN_POSITIVE),
+                    ),
                     temperature_changed: delta != 0.0
                         && delta.abs() >= rules.thresholds.min_temperature_delta,
                     late: false,

@@ -158,6 +158,22 @@ impl Location {
         Geodesic.distance(self.point(), other.point())
     }
 
+    /// Whether `other` is at least `metres` away (geodesic), decided by the cheap spherical
+    /// distance when it is clearly on one side: the sphere is within 0.6 % of the ellipsoid, so
+    /// outside a 1 % band the answer is the same, and only inside it is Karney's algorithm run.
+    /// Per reading, the geodesic was the domain's largest cost.
+    pub fn is_at_least_m(&self, other: &Location, metres: f64) -> bool {
+        use geo::{Distance, Haversine};
+        let approx = Haversine.distance(self.point(), other.point());
+        if approx < metres * 0.99 {
+            false
+        } else if approx > metres * 1.01 {
+            true
+        } else {
+            self.distance_m(other) >= metres
+        }
+    }
+
     /// The heading from here to `other`, in degrees clockwise from north, within [0, 360).
     pub fn bearing_deg(&self, other: &Location) -> f64 {
         use geo::{Bearing, Geodesic};
@@ -301,6 +317,33 @@ mod tests {
         );
         assert!((here.bearing_deg(&east) - 90.0).abs() < 0.1);
         assert!((here.bearing_deg(&south) - 180.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn the_cheap_threshold_test_agrees_with_the_geodesic() {
+        let here = Location::new(52.37, 4.89).unwrap();
+        // Around the threshold, in every direction, at several latitudes.
+        for lat in [-80.0, -45.0, 0.0, 30.0, 52.37, 70.0, 89.0] {
+            let from = Location::new(lat, 4.89).unwrap();
+            for step in 0..72 {
+                let bearing = f64::from(step) * 5.0_f64;
+                for metres in [0.5, 10.0, 24.7, 24.9, 25.0, 25.1, 25.3, 100.0, 5_000.0] {
+                    let (dlat, dlon) = (
+                        metres * bearing.to_radians().cos() / 111_000.0,
+                        metres * bearing.to_radians().sin() / 111_000.0,
+                    );
+                    let to = Location::new((lat + dlat).clamp(-90.0, 90.0), 4.89 + dlon).unwrap();
+                    for threshold in [1.0, 25.0, 100.0] {
+                        assert_eq!(
+                            from.is_at_least_m(&to, threshold),
+                            from.distance_m(&to) >= threshold,
+                            "{from:?} -> {to:?}, {threshold} m"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(!here.is_at_least_m(&here, 1.0));
     }
 
     #[test]
