@@ -260,6 +260,24 @@ pub(super) async fn list_zones(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(rules.zones.values().collect::<Vec<_>>())
 }
 
+/// What every write of a zone or range may answer besides its own responses (documentation only:
+/// the handlers answer with [`ApiError`]).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum RuleWriteFailures {
+    #[response(
+        status = 500,
+        description = "The stored zones and ranges cannot be read"
+    )]
+    Unreadable(ApiError),
+    #[response(
+        status = 503,
+        description = "The event store cannot write now; nothing was changed",
+        headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))
+    )]
+    Unavailable(ApiError),
+}
+
 /// One zone.
 #[utoipa::path(
     get,
@@ -298,9 +316,7 @@ pub(super) async fn get_zone(
         (status = 400, description = "The body is not a valid zone: `field` names the offending field (`shape.points` beyond `--max-zone-vertices`, `devices` beyond `--max-rule-devices`); without `field` when `--max-rules` zones and ranges exist", body = ApiError),
         (status = 409, description = "A zone with this id exists", body = ApiError),
         (status = 413, description = "The body is larger than `--max-body-bytes`", body = ApiError),
-        (status = 500, description = "The stored zones and ranges cannot be read", body = ApiError),
-        (status = 503, description = "The event store cannot write now; nothing was changed", body = ApiError,
-            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+        RuleWriteFailures,
     )
 )]
 pub(super) async fn create_zone(
@@ -330,9 +346,7 @@ pub(super) async fn create_zone(
         (status = 200, description = "The zone as stored", body = ZoneSchema),
         (status = 400, description = "The body is not a valid zone: `field` names the offending field (`shape.points` beyond `--max-zone-vertices`, `devices` beyond `--max-rule-devices`); without `field` when `--max-rules` zones and ranges exist", body = ApiError),
         (status = 413, description = "The body is larger than `--max-body-bytes`", body = ApiError),
-        (status = 500, description = "The stored zones and ranges cannot be read", body = ApiError),
-        (status = 503, description = "The event store cannot write now; nothing was changed", body = ApiError,
-            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+        RuleWriteFailures,
     )
 )]
 pub(super) async fn put_zone(
@@ -361,9 +375,7 @@ pub(super) async fn put_zone(
         (status = 204, description = "Deleted"),
         (status = 400, description = "The id is not valid", body = ApiError),
         (status = 404, description = "No such zone", body = ApiError),
-        (status = 500, description = "The stored zones and ranges cannot be read", body = ApiError),
-        (status = 503, description = "The event store cannot write now; nothing was changed", body = ApiError,
-            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+        RuleWriteFailures,
     )
 )]
 pub(super) async fn delete_zone(
@@ -426,9 +438,7 @@ pub(super) async fn get_range(
         (status = 400, description = "The body is not a valid range (`min` must be less than `max`): `field` names the offending field (`devices` beyond `--max-rule-devices`); without `field` when `--max-rules` zones and ranges exist", body = ApiError),
         (status = 409, description = "A range with this id exists", body = ApiError),
         (status = 413, description = "The body is larger than `--max-body-bytes`", body = ApiError),
-        (status = 500, description = "The stored zones and ranges cannot be read", body = ApiError),
-        (status = 503, description = "The event store cannot write now; nothing was changed", body = ApiError,
-            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+        RuleWriteFailures,
     )
 )]
 pub(super) async fn create_range(
@@ -456,9 +466,7 @@ pub(super) async fn create_range(
         (status = 200, description = "The range as stored", body = RangeSchema),
         (status = 400, description = "The body is not a valid range (`min` must be less than `max`): `field` names the offending field (`devices` beyond `--max-rule-devices`); without `field` when `--max-rules` zones and ranges exist", body = ApiError),
         (status = 413, description = "The body is larger than `--max-body-bytes`", body = ApiError),
-        (status = 500, description = "The stored zones and ranges cannot be read", body = ApiError),
-        (status = 503, description = "The event store cannot write now; nothing was changed", body = ApiError,
-            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+        RuleWriteFailures,
     )
 )]
 pub(super) async fn put_range(
@@ -487,9 +495,7 @@ pub(super) async fn put_range(
         (status = 204, description = "Deleted"),
         (status = 400, description = "The id is not valid", body = ApiError),
         (status = 404, description = "No such range", body = ApiError),
-        (status = 500, description = "The stored zones and ranges cannot be read", body = ApiError),
-        (status = 503, description = "The event store cannot write now; nothing was changed", body = ApiError,
-            headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))),
+        RuleWriteFailures,
     )
 )]
 pub(super) async fn delete_range(
