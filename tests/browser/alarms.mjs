@@ -16,18 +16,11 @@
 // Exit code 0 = pass; a screenshot of a failure is written next to <screenshot_path>.
 
 import path from 'node:path';
-import { chromium } from 'playwright-core';
-import { assert, fail, poller, reportFailure, run, step } from './lib.mjs';
+import { args, assert, fail, launchChromium, poller, reportFailure, run, step } from './lib.mjs';
 
-const [baseArg, shotArg] = process.argv.slice(2);
-if (!baseArg || !shotArg) {
-  console.error('usage: node alarms.mjs <base_url> <screenshot_path>');
-  process.exit(2);
-}
-const BASE = baseArg.replace(/\/+$/, '');
-const SHOT = path.resolve(shotArg);
-const CHROMIUM = process.env.FLEETWATCH_CHROMIUM || '/usr/bin/chromium';
-const HEADED = process.env.FLEETWATCH_HEADED === '1';
+const ARGS = args('base_url', 'screenshot_path');
+const BASE = ARGS.base_url;
+const SHOT = ARGS.screenshot_path;
 const WAIT_MS = 15_000;
 const OVERALL_TIMEOUT_MS = 150_000;
 
@@ -190,12 +183,7 @@ async function main() {
   console.log(`[alarms.mjs]    seeded: ${seeded.map((a) => `${a.id} ${a.kind} ${a.severity}`).join('; ')}`);
 
   step('launch chromium');
-  const browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: !HEADED,
-    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+  const browser = await launchChromium();
   const problems = [];
   const expected409 = (url) => /\/api\/alarms\/[^/]+\/ack$/.test(new URL(url).pathname);
   let page;

@@ -12,17 +12,12 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
-import { assert, fail, poller, reportFailure, run, step } from './lib.mjs';
+import { args, assert, fail, launchChromium, poller, reportFailure, run, step } from './lib.mjs';
 
-const [baseArg, shotArg, READ_TOKEN, ADMIN_TOKEN] = process.argv.slice(2);
-if (!baseArg || !shotArg || !READ_TOKEN || !ADMIN_TOKEN) {
-  console.error('usage: node auth.mjs <base_url> <screenshot_path> <read_token> <admin_token>');
-  process.exit(2);
-}
-const BASE = baseArg.replace(/\/+$/, '');
-const SHOT = path.resolve(shotArg);
-const CHROMIUM = process.env.FLEETWATCH_CHROMIUM || '/usr/bin/chromium';
+const ARGS = args('base_url', 'screenshot_path', 'read_token', 'admin_token');
+const { read_token: READ_TOKEN, admin_token: ADMIN_TOKEN } = ARGS;
+const BASE = ARGS.base_url;
+const SHOT = ARGS.screenshot_path;
 const WAIT_MS = 10_000;
 const OVERALL_TIMEOUT_MS = 120_000;
 const DEVICE = 'auth-truck';
@@ -91,12 +86,7 @@ async function main() {
   const p1 = { lat: 52.372, lon: 4.893 };
   await postReading(p1.lat, p1.lon, 4.0);
 
-  const browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: process.env.FLEETWATCH_HEADED !== '1',
-    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+  const browser = await launchChromium();
   const problems = [];
   const refusals = [];
   const urls = [];

@@ -11,17 +11,12 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
-import { assert, fail, reportFailure, run, step } from './lib.mjs';
+import { args, assert, fail, launchChromium, reportFailure, run, step } from './lib.mjs';
 
-const [baseArg, shotArg, READ_TOKEN] = process.argv.slice(2);
-if (!baseArg || !shotArg || !READ_TOKEN) {
-  console.error('usage: node explorer.mjs <base_url> <screenshot_path> <read_token>');
-  process.exit(2);
-}
-const BASE = baseArg.replace(/\/+$/, '');
-const SHOT = path.resolve(shotArg);
-const CHROMIUM = process.env.FLEETWATCH_CHROMIUM || '/usr/bin/chromium';
+const ARGS = args('base_url', 'screenshot_path', 'read_token');
+const { read_token: READ_TOKEN } = ARGS;
+const BASE = ARGS.base_url;
+const SHOT = ARGS.screenshot_path;
 const WAIT_MS = 15_000;
 const OVERALL_TIMEOUT_MS = 120_000;
 
@@ -32,12 +27,7 @@ async function main() {
   const refused = await fetch(`${BASE}/api/devices`);
   assert(refused.status === 401, `GET /api/devices without a token answered ${refused.status}`);
 
-  const browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: process.env.FLEETWATCH_HEADED !== '1',
-    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+  const browser = await launchChromium();
   const problems = [];
   const urls = [];
   const devicesRequests = [];

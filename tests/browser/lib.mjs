@@ -3,6 +3,7 @@
 // Output lines are prefixed with the script's file name, e.g. "[map.mjs]".
 
 import path from 'node:path';
+import { chromium } from 'playwright-core';
 
 const NAME = path.basename(process.argv[1] || 'browser-test');
 let currentStep = 'start';
@@ -60,5 +61,31 @@ export function run(main, overallTimeoutMs) {
     clearTimeout(timer);
     console.error(`[${NAME}] FAIL in step "${currentStep}": ${e instanceof TestFailure ? e.message : (e && e.stack) || e}`);
     process.exit(1);
+  });
+}
+
+/** The script's arguments, named in order (all required; `node <script> <name> ...` is printed and
+ * the script exits 2 when one is missing). `base_url` loses any trailing slash and
+ * `screenshot_path` is made absolute. */
+export function args(...names) {
+  const values = process.argv.slice(2);
+  if (names.some((_, i) => !values[i])) {
+    console.error(`usage: node ${NAME} ${names.map((n) => `<${n}>`).join(' ')}`);
+    process.exit(2);
+  }
+  const named = Object.fromEntries(names.map((name, i) => [name, values[i]]));
+  if (named.base_url) named.base_url = named.base_url.replace(/\/+$/, '');
+  if (named.screenshot_path) named.screenshot_path = path.resolve(named.screenshot_path);
+  return named;
+}
+
+/** Debian's Chromium (`FLEETWATCH_CHROMIUM` overrides the path), headless unless
+ * `FLEETWATCH_HEADED=1`, without anything that reaches out to the network by itself. */
+export function launchChromium() {
+  return chromium.launch({
+    executablePath: process.env.FLEETWATCH_CHROMIUM || '/usr/bin/chromium',
+    headless: process.env.FLEETWATCH_HEADED !== '1',
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });
 }

@@ -16,18 +16,11 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
-import { assert, fail, poller, reportFailure, run, step } from './lib.mjs';
+import { args, assert, fail, launchChromium, poller, reportFailure, run, step } from './lib.mjs';
 
-const [baseArg, shotArg] = process.argv.slice(2);
-if (!baseArg || !shotArg) {
-  console.error('usage: node map.mjs <base_url> <screenshot_path>');
-  process.exit(2);
-}
-const BASE = baseArg.replace(/\/+$/, '');
-const SHOT = path.resolve(shotArg);
-const CHROMIUM = process.env.FLEETWATCH_CHROMIUM || '/usr/bin/chromium';
-const HEADED = process.env.FLEETWATCH_HEADED === '1';
+const ARGS = args('base_url', 'screenshot_path');
+const BASE = ARGS.base_url;
+const SHOT = ARGS.screenshot_path;
 const WAIT_MS = 10_000;
 const OVERALL_TIMEOUT_MS = 120_000;
 
@@ -219,12 +212,7 @@ async function main() {
   assert(created.json && created.json.id === ZONE_ID, `POST /api/zones returned ${created.text}`);
 
   step('launch chromium');
-  const browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: !HEADED,
-    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+  const browser = await launchChromium();
   const problems = [];
   let page;
   try {

@@ -18,19 +18,13 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
-import { assert, fail, poller, reportFailure, run, step } from './lib.mjs';
+import { args, assert, fail, launchChromium, poller, reportFailure, run, step } from './lib.mjs';
 
-const [baseArg, shotArg, devicesArg, rateArg] = process.argv.slice(2);
-if (!baseArg || !shotArg || !devicesArg || !rateArg) {
-  console.error('usage: node scale.mjs <base_url> <screenshot_path> <devices> <readings_per_second>');
-  process.exit(2);
-}
-const BASE = baseArg.replace(/\/+$/, '');
-const SHOT = path.resolve(shotArg);
-const DEVICES = Number(devicesArg);
-const RATE = Number(rateArg);
-const CHROMIUM = process.env.FLEETWATCH_CHROMIUM || '/usr/bin/chromium';
+const ARGS = args('base_url', 'screenshot_path', 'devices', 'readings_per_second');
+const BASE = ARGS.base_url;
+const SHOT = ARGS.screenshot_path;
+const DEVICES = Number(ARGS.devices);
+const RATE = Number(ARGS.readings_per_second);
 const OVERALL_TIMEOUT_MS = 240_000;
 /** How long the steady state is measured. */
 const WINDOW_MS = Number(process.env.FLEETWATCH_SCALE_WINDOW_MS || 10_000);
@@ -224,12 +218,7 @@ async function main() {
   const engineStats = (await api('/api/stats')).json;
   console.log(`[scale.mjs]    engine: ${round(engineStats.readings_per_second.last_minute)} readings/s over the last minute, ${engineStats.devices.known} devices`);
 
-  const browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: process.env.FLEETWATCH_HEADED !== '1',
-    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+  const browser = await launchChromium();
   const problems = [];
   let page;
   const result = { devices: DEVICES, offered_readings_per_s: RATE };
