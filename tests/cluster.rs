@@ -28,6 +28,13 @@ fn body(d: usize, i: usize) -> (String, Vec<u8>) {
     (device, serde_json::to_vec(&reading).expect("JSON"))
 }
 
+/// Reading `i` of every device, published; then a pause, as a fleet reporting in rounds.
+async fn publish_round(publisher: &Publisher, i: usize) {
+    let batch: Vec<_> = (0..DEVICES).map(|d| body(d, i)).collect();
+    publisher.publish_all(&batch).await.expect("publish");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
 /// A stored event: its type and reading time.
 type Stored = (String, Option<chrono::DateTime<chrono::Utc>>);
 
@@ -115,19 +122,11 @@ async fn a_node_killed_mid_stream_hands_its_devices_over_and_nothing_is_lost_or_
     }
     let publisher = Publisher::must_connect(&names.exchange).await;
     let mut round = 0usize;
-    let publish_round = |i: usize| {
-        let publisher = &publisher;
-        async move {
-            let batch: Vec<_> = (0..DEVICES).map(|d| body(d, i)).collect();
-            publisher.publish_all(&batch).await.expect("publish");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
 
     // The first node to subscribe owns every partition; under load the nodes spread them.
     let spread_from = Instant::now();
     let owners = loop {
-        publish_round(round).await;
+        publish_round(&publisher, round).await;
         round += 1;
         let active = active_partition_consumers(&names.queue);
         let mut per_node: BTreeMap<&String, usize> = BTreeMap::new();
@@ -162,7 +161,7 @@ async fn a_node_killed_mid_stream_hands_its_devices_over_and_nothing_is_lost_or_
     nodes[victim].kill();
     let killed = Instant::now();
     let takeover = loop {
-        publish_round(round).await;
+        publish_round(&publisher, round).await;
         round += 1;
         let active = active_partition_consumers(&names.queue);
         if active.len() == PARTITIONS as usize && active.values().all(|t| *t != victim_tag) {
@@ -179,14 +178,14 @@ async fn a_node_killed_mid_stream_hands_its_devices_over_and_nothing_is_lost_or_
         "takeover took {takeover:?}"
     );
     for _ in 0..10 {
-        publish_round(round).await;
+        publish_round(&publisher, round).await;
         round += 1;
     }
 
     nodes[victim].restart().await;
     nodes[victim].wait_broker_connected().await;
     for _ in 0..20 {
-        publish_round(round).await;
+        publish_round(&publisher, round).await;
         round += 1;
     }
     let readings_per_device = round;
@@ -369,14 +368,6 @@ async fn a_node_cut_from_the_database_hands_its_partitions_over_and_takes_them_b
 
     let publisher = Publisher::must_connect(&names.exchange).await;
     let mut round = 0usize;
-    let publish_round = |i: usize| {
-        let publisher = &publisher;
-        async move {
-            let batch: Vec<_> = (0..DEVICES).map(|d| body(d, i)).collect();
-            publisher.publish_all(&batch).await.expect("publish");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
     let owned_by = |tag: &str| {
         active_partition_consumers(&names.queue)
             .values()
@@ -385,7 +376,7 @@ async fn a_node_cut_from_the_database_hands_its_partitions_over_and_takes_them_b
     };
     let spread_from = Instant::now();
     while owned_by(&cut_tag) == 0 || owned_by(&other_tag) == 0 {
-        publish_round(round).await;
+        publish_round(&publisher, round).await;
         round += 1;
         assert!(
             spread_from.elapsed() < Duration::from_secs(90),
@@ -397,7 +388,7 @@ async fn a_node_cut_from_the_database_hands_its_partitions_over_and_takes_them_b
     relay.cut();
     let cut_at = Instant::now();
     let handover = loop {
-        publish_round(round).await;
+        publish_round(&publisher, round).await;
         round += 1;
         if owned_by(&other_tag) == PARTITIONS as usize {
             break cut_at.elapsed();
@@ -420,7 +411,7 @@ async fn a_node_cut_from_the_database_hands_its_partitions_over_and_takes_them_b
     );
     // Meanwhile the other node stores everything published, the cut node's devices included.
     for _ in 0..20 {
-        publish_round(round).await;
+        publish_round(&publisher, round).await;
         round += 1;
     }
     all_stored(&url, round).await;
@@ -428,7 +419,7 @@ async fn a_node_cut_from_the_database_hands_its_partitions_over_and_takes_them_b
     relay.restore();
     let restored = Instant::now();
     while owned_by(&cut_tag) == 0 {
-        publish_round(round).await;
+        publish_round(&publisher, round).await;
         round += 1;
         assert!(
             restored.elapsed() < Duration::from_secs(90),
@@ -437,7 +428,7 @@ async fn a_node_cut_from_the_database_hands_its_partitions_over_and_takes_them_b
         );
     }
     for _ in 0..10 {
-        publish_round(round).await;
+        publish_round(&publisher, round).await;
         round += 1;
     }
     for (device, events) in &all_stored(&url, round).await {

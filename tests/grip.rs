@@ -55,6 +55,15 @@ fn follow(url: String, last_event_id: Option<u64>) -> Received {
     received
 }
 
+/// What a client has received once it has a position at or past `until`.
+async fn received_until(received: &Received, until: u64, what: &str) -> Vec<u64> {
+    eventually(Duration::from_secs(30), what, || async {
+        let got = received.lock().unwrap().clone();
+        (got.last().copied() >= Some(until)).then_some(got)
+    })
+    .await
+}
+
 async fn head(url: &str) -> u64 {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
@@ -90,6 +99,7 @@ async fn one_client_through_pushpin_gets_every_nodes_events_in_order_across_a_no
                 "--grip-key",
                 pushpin.sig_key.as_str(),
             ])
+            .log_level("info,fleetwatch::http::grip=debug")
             .start(&dir.path().join(format!("node{n}")))
             .await
             .with_token(READ_TOKEN);
@@ -142,24 +152,12 @@ async fn one_client_through_pushpin_gets_every_nodes_events_in_order_across_a_no
             "not spread: {owners:?}"
         );
     }
-    let everything_until = |until: u64| {
-        let received = received.clone();
-        async move {
-            eventually(
-                Duration::from_secs(30),
-                "the client to have every event",
-                || {
-                    let received = received.clone();
-                    async move {
-                        let got = received.lock().unwrap().clone();
-                        (got.last().copied() >= Some(until)).then_some(got)
-                    }
-                },
-            )
-            .await
-        }
-    };
-    let before = everything_until(head(&url).await).await;
+    let before = received_until(
+        &received,
+        head(&url).await,
+        "the client to have every event",
+    )
+    .await;
     assert!(!before.is_empty());
 
     // The node that answered the client's request dies: Pushpin holds the connection, and the
@@ -192,7 +190,7 @@ async fn one_client_through_pushpin_gets_every_nodes_events_in_order_across_a_no
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let end = end.max(head(&url).await);
-    let got: Vec<u64> = everything_until(end)
+    let got: Vec<u64> = received_until(&received, end, "the client to have every event")
         .await
         .into_iter()
         .filter(|p| *p <= end)
@@ -221,18 +219,18 @@ async fn one_client_through_pushpin_gets_every_nodes_events_in_order_across_a_no
     }
     watched.sort_unstable();
     assert!(watched.len() >= 2 * round as usize, "{watched:?}");
-    let filtered: Vec<u64> = eventually(Duration::from_secs(30), "the filtered client", || {
-        let filtered = filtered.clone();
-        let until = *watched.last().unwrap();
-        async move {
-            let got = filtered.lock().unwrap().clone();
-            (got.last().copied() >= Some(until)).then_some(got)
+    let filtered = received_until(&filtered, *watched.last().unwrap(), "the filtered client")
+        .await
+        .into_iter()
+        .filter(|p| *p <= end)
+        .collect::<Vec<u64>>();
+    if filtered != watched {
+        for node in &nodes {
+            for line in node.log_text().lines().filter(|l| l.contains("grip")) {
+                eprintln!("{line}");
+            }
         }
-    })
-    .await
-    .into_iter()
-    .filter(|p| *p <= end)
-    .collect();
+    }
     assert_eq!(
         filtered, watched,
         "the watched devices' events, in order, once"
@@ -240,17 +238,11 @@ async fn one_client_through_pushpin_gets_every_nodes_events_in_order_across_a_no
     // A client that lost its connection resumes through Pushpin with `Last-Event-ID`.
     let middle = before[before.len() / 2];
     let resumed = follow(format!("{}/api/stream", pushpin.base), Some(middle));
-    let resumed: Vec<u64> = eventually(Duration::from_secs(30), "the resumed client", || {
-        let resumed = resumed.clone();
-        async move {
-            let got = resumed.lock().unwrap().clone();
-            (got.last().copied() >= Some(end)).then_some(got)
-        }
-    })
-    .await
-    .into_iter()
-    .filter(|p| *p <= end)
-    .collect();
+    let resumed: Vec<u64> = received_until(&resumed, end, "the resumed client")
+        .await
+        .into_iter()
+        .filter(|p| *p <= end)
+        .collect();
     assert_eq!(
         resumed,
         (middle + 1..=end).collect::<Vec<u64>>(),

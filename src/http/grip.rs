@@ -61,14 +61,13 @@ pub fn wanted(req: &HttpRequest, always: bool) -> bool {
     always || req.headers().contains_key("Grip-Sig")
 }
 
-/// The id Pushpin last had on each channel (`Grip-Last: fleetwatch; last-id=N, …`), when it
-/// follows the next link.
+/// The id Pushpin last had on each channel (`Grip-Last: fleetwatch; last-id=N`), when it follows
+/// the next link: one header per channel, or several channels in one, comma-separated.
 fn grip_last(req: &HttpRequest) -> HashMap<String, u64> {
-    let Some(value) = req.headers().get("Grip-Last").and_then(|v| v.to_str().ok()) else {
-        return HashMap::new();
-    };
-    value
-        .split(',')
+    req.headers()
+        .get_all("Grip-Last")
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|value| value.split(','))
         .filter_map(|entry| {
             let mut params = entry.split(';').map(str::trim);
             let channel = params.next()?;
@@ -150,6 +149,12 @@ pub async fn hold_devices(
     let recovering = streams
         .iter()
         .any(|s| last_ids.contains_key(&stream_channel(s)));
+    tracing::debug!(
+        ?last_ids,
+        recovering,
+        ?resume,
+        "held stream filtered on devices"
+    );
     let caught_up = if recovering {
         after_versions(store, &streams, &last_ids).await?
     } else {
@@ -165,6 +170,7 @@ pub async fn hold_devices(
         .iter()
         .map(|s| (stream_channel(s), caught_up.versions[s]))
         .collect();
+    tracing::debug!(?channels, sent = caught_up.events.len(), "held on");
     Ok(Some(held(
         &caught_up.events,
         &channels,
@@ -383,6 +389,17 @@ pub fn spawn_publisher(
 mod tests {
     use super::*;
     use actix_web::test::TestRequest;
+
+    #[test]
+    fn grip_last_reads_one_header_per_channel() {
+        let req = TestRequest::default()
+            .append_header(("Grip-Last", "fleetwatch.stream.d-1; last-id=7"))
+            .append_header(("Grip-Last", "fleetwatch.system.rules; last-id=2"))
+            .to_http_request();
+        let last = grip_last(&req);
+        assert_eq!(last.get("fleetwatch.stream.d-1"), Some(&7));
+        assert_eq!(last.get("fleetwatch.system.rules"), Some(&2));
+    }
 
     #[test]
     fn grip_last_reads_every_channels_id() {
