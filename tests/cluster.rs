@@ -28,6 +28,14 @@ fn body(d: usize, i: usize) -> (String, Vec<u8>) {
     (device, serde_json::to_vec(&reading).expect("JSON"))
 }
 
+/// A node of the cluster: the run's RabbitMQ names, PostgreSQL at `store_url`, partitioned.
+fn node_options(names: &Names, store_url: &str) -> EngineOptions {
+    Engine::options()
+        .args(names.engine_args())
+        .args(["--store", "postgres", "--store-url", store_url])
+        .args(["--amqp-partitions", &PARTITIONS.to_string()])
+}
+
 /// Reading `i` of every device, published; then a pause, as a fleet reporting in rounds.
 async fn publish_round(publisher: &Publisher, i: usize) {
     let batch: Vec<_> = (0..DEVICES).map(|d| body(d, i)).collect();
@@ -102,10 +110,7 @@ async fn a_node_killed_mid_stream_hands_its_devices_over_and_nothing_is_lost_or_
     let url = common::postgres::fresh_database().await;
     let names = Names::new("cluster");
     let dir = tempfile::tempdir().expect("temp dir");
-    let options = Engine::options()
-        .args(names.engine_args())
-        .args(["--store", "postgres", "--store-url", url.as_str()])
-        .args(["--amqp-partitions", &PARTITIONS.to_string()]);
+    let options = node_options(&names, &url);
     let mut nodes = options.start_nodes(dir.path(), NODES).await;
     // Defined on one node; the others follow the shared store's `$rules`.
     nodes[0].create_depot_and_cold_chain().await;
@@ -252,10 +257,7 @@ async fn the_simulator_publishes_through_a_node_kill_and_every_confirmed_reading
     let url = common::postgres::fresh_database().await;
     let names = Names::new("cluster-sim");
     let dir = tempfile::tempdir().expect("temp dir");
-    let options = Engine::options()
-        .args(names.engine_args())
-        .args(["--store", "postgres", "--store-url", url.as_str()])
-        .args(["--amqp-partitions", &PARTITIONS.to_string()]);
+    let options = node_options(&names, &url);
     let mut nodes = options.start_nodes(dir.path(), NODES).await;
     let simulator = std::process::Command::new(env!("CARGO_BIN_EXE_fleetwatch-sim"))
         .args(["--target", "amqp", "--amqp-url", common::amqp::URL])
@@ -349,18 +351,15 @@ async fn publisher_depth_dead(names: &Names) -> u32 {
 async fn a_node_cut_from_the_database_hands_its_partitions_over_and_takes_them_back() {
     let url = common::postgres::fresh_database().await;
     let relay = common::relay::Relay::start("127.0.0.1:5432").await;
-    let through_relay = url.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", relay.port));
-    assert_ne!(through_relay, url, "the test database is on 127.0.0.1:5432");
+    let through_relay = relay.postgres_url(&url);
     let names = Names::new("dbcut");
     let dir = tempfile::tempdir().expect("temp dir");
-    let node = |store_url: &str| {
-        Engine::options()
-            .args(names.engine_args())
-            .args(["--store", "postgres", "--store-url", store_url])
-            .args(["--amqp-partitions", &PARTITIONS.to_string()])
-    };
-    let cut_node = node(&through_relay).start(&dir.path().join("cut")).await;
-    let other = node(&url).start(&dir.path().join("other")).await;
+    let cut_node = node_options(&names, &through_relay)
+        .start(&dir.path().join("cut"))
+        .await;
+    let other = node_options(&names, &url)
+        .start(&dir.path().join("other"))
+        .await;
     cut_node.wait_broker_connected().await;
     other.wait_broker_connected().await;
     let cut_tag = format!("fleetwatch-{}", cut_node.pid());

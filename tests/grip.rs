@@ -64,6 +64,22 @@ async fn received_until(received: &Received, until: u64, what: &str) -> Vec<u64>
     .await
 }
 
+/// A response header's value ("" when absent).
+fn header(response: &reqwest::Response, name: &str) -> String {
+    response
+        .headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+/// The positions (`id:` lines) of an SSE body.
+fn event_ids(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("id: ")?.parse().ok())
+        .collect()
+}
+
 async fn head(url: &str) -> u64 {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
@@ -282,26 +298,17 @@ async fn a_request_through_pushpin_is_answered_with_grip_instructions() {
         .await
         .unwrap();
     assert_eq!(held.status(), 200);
-    let header = |name: &str| {
-        held.headers()
-            .get(name)
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default()
-    };
-    assert_eq!(header("Grip-Hold"), "stream");
+    assert_eq!(header(&held, "Grip-Hold"), "stream");
     assert_eq!(
-        header("Grip-Channel"),
+        header(&held, "Grip-Channel"),
         format!("fleetwatch; prev-id={head}")
     );
     assert_eq!(
-        header("Grip-Link"),
+        header(&held, "Grip-Link"),
         format!("</api/stream?since={head}>; rel=next")
     );
     let text = held.text().await.unwrap();
-    let ids: Vec<u64> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("id: ")?.parse().ok())
-        .collect();
+    let ids = event_ids(&text);
     assert_eq!(ids, (2..=head).collect::<Vec<u64>>(), "{text}");
 
     // Filtered on devices only: held on each stream's channel (`$rules`'s too: a devices filter
@@ -312,32 +319,19 @@ async fn a_request_through_pushpin_is_answered_with_grip_instructions() {
         .send()
         .await
         .unwrap();
-    let header = |name: &str| {
-        filtered
-            .headers()
-            .get(name)
-            .map(|v| v.to_str().unwrap().to_owned())
-            .unwrap_or_default()
-    };
-    assert_eq!(header("Grip-Hold"), "stream");
+    assert_eq!(header(&filtered, "Grip-Hold"), "stream");
     assert_eq!(
-        header("Grip-Channel"),
+        header(&filtered, "Grip-Channel"),
         format!(
             "fleetwatch.system.rules; prev-id=0, fleetwatch.stream.grip-direct; prev-id={version}, \
              fleetwatch.stream.grip-other; prev-id=0"
         )
     );
     assert_eq!(
-        header("Grip-Link"),
+        header(&filtered, "Grip-Link"),
         format!("</api/stream?devices=grip-direct%2Cgrip-other&since={head}>; rel=next")
     );
-    let ids: Vec<u64> = filtered
-        .text()
-        .await
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.strip_prefix("id: ")?.parse().ok())
-        .collect();
+    let ids = event_ids(&filtered.text().await.unwrap());
     assert_eq!(ids, (2..=head).collect::<Vec<u64>>());
     // Pushpin following the next link: what each channel lacks after the version it reports.
     let next = reqwest::Client::new()
@@ -358,10 +352,7 @@ async fn a_request_through_pushpin_is_answered_with_grip_instructions() {
         .unwrap()
         .ends_with(&format!("fleetwatch.stream.grip-direct; prev-id={version}")));
     let text = next.text().await.unwrap();
-    let ids: Vec<u64> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("id: ")?.parse().ok())
-        .collect();
+    let ids = event_ids(&text);
     assert_eq!(ids, [head], "{text}");
     assert!(
         !text.contains("retry:"),

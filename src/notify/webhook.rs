@@ -10,9 +10,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::change::AlarmChange;
 use super::state::{webhook_subscriber, WebhookRecord};
-use super::{backoff, error_chain, Inner, PAGE};
+use super::{backoff, Inner, PAGE};
 use crate::store::StoreError;
 use crate::subscription::Subscription;
+use crate::telemetry::error_chain;
 
 /// Longest one delivery may take, connecting included.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

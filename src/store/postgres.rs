@@ -97,20 +97,6 @@ pub(crate) fn connection_settings(
     Ok((config, MakeRustlsConnect::new(tls)))
 }
 
-/// An error and what caused it, down the chain: a failed TLS handshake says why.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        let inner_text = inner.to_string();
-        if !text.contains(&inner_text) {
-            text = format!("{text}: {inner_text}");
-        }
-        cause = inner.source();
-    }
-    text
-}
-
 /// `url` without its query parameter `name` (which tokio-postgres does not know), and the
 /// parameter's value.
 fn take_query_param(url: &str, name: &str) -> Result<(String, Option<String>), String> {
@@ -279,10 +265,12 @@ impl PostgresStore {
             .create_timeout(Some(Duration::from_secs(10)))
             .build()
             .map_err(unavailable)?;
-        let mut client = pool
-            .get()
-            .await
-            .map_err(|e| unavailable(format!("connecting to PostgreSQL: {}", with_causes(&e))))?;
+        let mut client = pool.get().await.map_err(|e| {
+            unavailable(format!(
+                "connecting to PostgreSQL: {}",
+                crate::telemetry::error_chain(&e)
+            ))
+        })?;
         migrate(&mut client)
             .await
             .map_err(|e| unavailable(format!("migrating the PostgreSQL store: {e}")))?;

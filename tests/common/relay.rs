@@ -52,6 +52,13 @@ impl Relay {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
+    /// `url` (a test database on 127.0.0.1:5432) through the relay.
+    pub fn postgres_url(&self, url: &str) -> String {
+        let through = url.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", self.port));
+        assert_ne!(through, url, "the test database is on 127.0.0.1:5432");
+        through
+    }
+
     /// Drops every connection and refuses new ones.
     pub fn cut(&self) {
         self.up.send_replace(false);
