@@ -99,25 +99,22 @@ fn seed_read_models(
     let mut rng = rand::rng();
     let mut changes = Changes::default();
     for i in 0..devices {
+        let rollups = changes.rollups.entry(device(i)).or_default();
         for m in 0..minutes {
             let start = (now - m * 60).div_euclid(60) * 60;
             let a = aggregate(&mut rng, 60, start * 1_000_000);
-            changes
-                .buckets
-                .insert((device(i), StoredBucket::Minute, start), a);
+            rollups.rows.push(((StoredBucket::Minute, start), a));
         }
         for h in 0..hours {
             let start = (now - h * 3600).div_euclid(3600) * 3600;
             let a = aggregate(&mut rng, 3600, start * 1_000_000);
-            changes
-                .buckets
-                .insert((device(i), StoredBucket::Hour, start), a);
+            rollups.rows.push(((StoredBucket::Hour, start), a));
         }
         changes
             .registered
             .insert(device(i), (now - 31 * 86_400) * 1_000_000);
         changes.events += 1;
-        if changes.buckets.len() > 200_000 {
+        if changes.rows() > 200_000 {
             storage.commit(&changes, checkpoint)?;
             changes = Changes::default();
         }

@@ -4,6 +4,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use fleetwatch::config::{Cli, Command};
 
+/// mimalloc instead of the system allocator: the engine allocates and frees small buffers per
+/// reading on several threads, and glibc's malloc was about a tenth of its CPU at a steady rate
+/// (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // Fault injection for the reliability tests: configured by FAILPOINTS, and compiled in only
     // with the `failpoints` feature (test builds); a no-op otherwise.

@@ -109,6 +109,35 @@ impl Aggregate {
     }
 }
 
+/// One device's bucket rows changed since the last commit: a few (the current minute and hour,
+/// and older ones only for late readings), so a list beats a map.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rollups {
+    /// (stored bucket, bucket start) → what to add to the row.
+    pub rows: Vec<((StoredBucket, i64), Aggregate)>,
+}
+
+impl Rollups {
+    fn bucket(&mut self, stored: StoredBucket, at: DateTime<Utc>) -> &mut Aggregate {
+        let key = (stored, stored.width().start_of(at));
+        let index = match self.rows.iter().rposition(|(k, _)| *k == key) {
+            Some(index) => index,
+            None => {
+                self.rows.push((key, Aggregate::default()));
+                self.rows.len() - 1
+            }
+        };
+        &mut self.rows[index].1
+    }
+
+    fn get(&self, stored: StoredBucket, start: i64) -> Option<&Aggregate> {
+        self.rows
+            .iter()
+            .find(|(k, _)| *k == (stored, start))
+            .map(|(_, a)| a)
+    }
+}
+
 /// The fleet's rows use this device name (not a valid device id, so it cannot collide).
 pub const FLEET: &str = "*";
 
@@ -176,8 +205,8 @@ pub enum AlarmChange {
 /// What changed since the last commit.
 #[derive(Debug, Default)]
 pub struct Changes {
-    /// (device, stored bucket, bucket start) → what to add to the row.
-    pub buckets: HashMap<(String, StoredBucket, i64), Aggregate>,
+    /// Per device (and [`FLEET`]): what to add to its bucket rows.
+    pub rollups: HashMap<String, Rollups>,
     /// Each device's latest reading (time in microseconds, position), for the distance of the
     /// next one; kept across commits.
     pub last_seen: HashMap<String, (i64, Location)>,
@@ -197,11 +226,27 @@ impl Changes {
         self.events == 0
     }
 
-    fn bucket(&mut self, device: &str, stored: StoredBucket, at: DateTime<Utc>) -> &mut Aggregate {
-        let start = stored.width().start_of(at);
-        self.buckets
-            .entry((device.to_owned(), stored, start))
-            .or_default()
+    /// A device's rollups; its name is copied only the first time since the last commit.
+    fn rollups(&mut self, device: &str) -> &mut Rollups {
+        if !self.rollups.contains_key(device) {
+            self.rollups.insert(device.to_owned(), Rollups::default());
+        }
+        self.rollups.get_mut(device).expect("inserted above")
+    }
+
+    /// Bucket rows to write.
+    pub fn rows(&self) -> usize {
+        self.rollups.values().map(|r| r.rows.len()).sum()
+    }
+
+    /// Whether an alarm or a condition changed: what people watch, shown without delay.
+    pub fn has_alarm_changes(&self) -> bool {
+        !(self.alarms.is_empty() && self.conditions.is_empty())
+    }
+
+    /// What to add to one bucket row, if anything.
+    pub fn bucket(&self, device: &str, stored: StoredBucket, start: i64) -> Option<&Aggregate> {
+        self.rollups.get(device)?.get(stored, start)
     }
 
     /// Folds a device event. `previous` gives a device's latest reading before this batch when
@@ -227,17 +272,20 @@ impl Changes {
                 let moved = if *late {
                     0.0
                 } else {
-                    let before = match self.last_seen.get(device) {
-                        Some(seen) => Some(*seen),
-                        None => previous(device),
+                    let before = match self.last_seen.get_mut(device) {
+                        Some(seen) => Some(std::mem::replace(seen, (micros, *location))),
+                        None => {
+                            self.last_seen
+                                .insert(device.to_owned(), (micros, *location));
+                            previous(device)
+                        }
                     };
-                    self.last_seen
-                        .insert(device.to_owned(), (micros, *location));
                     before.map_or(0.0, |(_, from)| from.distance_m(location))
                 };
-                for stored in StoredBucket::ALL {
-                    for name in [device, FLEET] {
-                        let aggregate = self.bucket(name, stored, *at);
+                for name in [device, FLEET] {
+                    let rollups = self.rollups(name);
+                    for stored in StoredBucket::ALL {
+                        let aggregate = rollups.bucket(stored, *at);
                         aggregate.add_reading(micros, *location, temperature.celsius());
                         aggregate.distance_m += moved;
                     }
@@ -309,8 +357,10 @@ impl Changes {
                 let folded = match change.detail {
                     AlarmChangeDetail::Opened { cause_version } => {
                         for name in [device, FLEET] {
-                            self.bucket(name, StoredBucket::Hour, change.at).alarms += 1;
-                            self.bucket(name, StoredBucket::Minute, change.at).alarms += 1;
+                            let rollups = self.rollups(name);
+                            for stored in StoredBucket::ALL {
+                                rollups.bucket(stored, change.at).alarms += 1;
+                            }
                         }
                         AlarmChange::Opened {
                             position,
@@ -387,7 +437,9 @@ mod tests {
         }
         changes.device_event(&reading("e", 10, 52.0, 1.0, false), 1, |_| None);
         let minute = |device: &str, start: i64| {
-            changes.buckets[&(device.to_owned(), StoredBucket::Minute, start)]
+            *changes
+                .bucket(device, StoredBucket::Minute, start)
+                .expect("a minute row")
         };
         let t = Utc
             .with_ymd_and_hms(2026, 11, 23, 12, 0, 0)
@@ -401,7 +453,9 @@ mod tests {
         assert_eq!(minute("d", t + 60).count, 1);
         let fleet = minute(FLEET, t);
         assert_eq!((fleet.count, fleet.min), (3, Some(1.0)));
-        let hour = changes.buckets[&("d".to_owned(), StoredBucket::Hour, t)];
+        let hour = *changes
+            .bucket("d", StoredBucket::Hour, t)
+            .expect("an hour row");
         assert_eq!((hour.count, hour.max), (3, Some(9.0)));
     }
 
@@ -418,7 +472,9 @@ mod tests {
             .with_ymd_and_hms(2026, 11, 23, 12, 0, 0)
             .unwrap()
             .timestamp();
-        let hour = changes.buckets[&("d".to_owned(), StoredBucket::Hour, t)];
+        let hour = *changes
+            .bucket("d", StoredBucket::Hour, t)
+            .expect("an hour row");
         assert_eq!(hour.count, 3);
         assert!(
             (hour.distance_m - 2.0 * 1112.0).abs() < 5.0,

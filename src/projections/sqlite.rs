@@ -329,17 +329,26 @@ impl Writer {
             )?;
             // In key order: rows of one device and bucket width sit together, so the writes
             // touch pages in order instead of all over the table.
-            let mut rows: Vec<_> = changes.buckets.iter().collect();
-            rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            for ((device, stored, start), a) in rows {
+            let mut rows: Vec<_> = changes
+                .rollups
+                .iter()
+                .flat_map(|(device, rollups)| {
+                    rollups
+                        .rows
+                        .iter()
+                        .map(move |((stored, start), a)| (device.as_str(), *stored, *start, a))
+                })
+                .collect();
+            rows.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+            for (device, stored, start, a) in rows {
                 let id = device_id(&tx, ids, device)?;
-                let (last_at, last_lat, last_lon) = match (device.as_str(), a.last) {
+                let (last_at, last_lat, last_lon) = match (device, a.last) {
                     (FLEET, _) | (_, None) => (None, None, None),
                     (_, Some((at, l))) => (Some(at), Some(l.lat()), Some(l.lon())),
                 };
                 upsert.execute(params![
                     id,
-                    *stored as i64,
+                    stored as i64,
                     start,
                     a.count as i64,
                     a.sum,
