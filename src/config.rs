@@ -109,9 +109,10 @@ pub struct Config {
     #[arg(long, env = "FLEETWATCH_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
-    /// How long the store waits for more appends before it commits a small batch (fewer commits and
-    /// fsyncs at a steady rate, at the cost of that much latency). `0` commits at once.
-    #[arg(long, env = "FLEETWATCH_STORE_LINGER", default_value = "2ms", value_parser = humantime::parse_duration)]
+    /// How long the store waits for more appends before it commits a small batch, when appends
+    /// arrive fast enough to fill it (fewer commits and fsyncs at a steady rate, at the cost of up
+    /// to that much latency; at a low rate it commits at once). `0` never waits.
+    #[arg(long, env = "FLEETWATCH_STORE_LINGER", default_value = "5ms", value_parser = humantime::parse_duration)]
     pub store_linger: Duration,
 
     /// Most appends and snapshots the store writes in one transaction.

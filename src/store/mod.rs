@@ -19,6 +19,7 @@ mod command;
 mod health;
 #[cfg(feature = "kurrentdb")]
 mod kurrentdb;
+mod linger;
 mod postgres;
 mod read_only;
 mod sqlite;

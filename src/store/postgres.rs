@@ -37,6 +37,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::command::{append_conflict, Staged, WriteCommand as Command};
 use super::health::HealthSignal;
+use super::linger::Linger;
 use super::{
     Appended, CommittedBatch, EventStore, NewEvent, Pruned, RecordedEvent, Retention, Snapshot,
     SnapshotAndTail, StoreError, StoreHealth, StoreResult, StreamAt, StreamInfo, Wake, WakeTime,
@@ -130,8 +131,6 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the follower looks for commits whose notification it may have missed (while its
 /// listening connection was being re-established).
 const FOLLOW_POLL: Duration = Duration::from_secs(1);
-/// Batches smaller than this wait up to the linger for more appends.
-const LINGER_BELOW: usize = 64;
 /// Events the follower reads per query while catching up.
 const CATCH_UP_PAGE: usize = 1000;
 
@@ -286,7 +285,7 @@ impl PostgresStore {
             health: health.clone(),
             committed: own_tx,
             max_batch: options.max_batch.max(1),
-            linger: options.linger,
+            linger: Linger::new(options.linger),
             types: HashMap::new(),
         };
         let writer_task = runtime.spawn(writer.run(rx));
@@ -740,7 +739,7 @@ struct Writer {
     /// Each commit's events, to the follower, which publishes them in position order.
     committed: mpsc::UnboundedSender<CommittedBatch>,
     max_batch: usize,
-    linger: Duration,
+    linger: Linger,
     /// Event type ids; types are only ever added.
     types: HashMap<&'static str, i32>,
 }
@@ -791,6 +790,25 @@ impl Writer {
     }
 
     async fn gather(
+        &mut self,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+        batch: &mut Vec<Command>,
+    ) {
+        self.take_queued(commands, batch);
+        if let Some(linger) = self.linger.wait(batch.len()) {
+            let deadline = tokio::time::Instant::now() + linger;
+            while !Linger::is_full(batch.len()) {
+                match tokio::time::timeout_at(deadline, commands.recv()).await {
+                    Ok(Some(command)) => batch.push(command),
+                    _ => break,
+                }
+            }
+            self.take_queued(commands, batch);
+        }
+        self.linger.record(batch.len(), Instant::now());
+    }
+
+    fn take_queued(
         &self,
         commands: &mut mpsc::UnboundedReceiver<Command>,
         batch: &mut Vec<Command>,
@@ -799,16 +817,6 @@ impl Writer {
             match commands.try_recv() {
                 Ok(command) => batch.push(command),
                 Err(_) => break,
-            }
-        }
-        if self.linger.is_zero() || batch.len() >= LINGER_BELOW {
-            return;
-        }
-        let deadline = tokio::time::Instant::now() + self.linger;
-        while batch.len() < LINGER_BELOW {
-            match tokio::time::timeout_at(deadline, commands.recv()).await {
-                Ok(Some(command)) => batch.push(command),
-                _ => return,
             }
         }
     }

@@ -29,6 +29,7 @@ use super::configure;
 use super::schema::{self, SchemaError};
 use crate::store::command::{append_conflict, Staged, WriteCommand};
 use crate::store::health::HealthSignal;
+use crate::store::linger::Linger;
 use crate::store::{Appended, CommittedBatch, Pruned, RecordedEvent, StoreError, Wake};
 
 /// How often a failing store tries a write to find out whether it works again.
@@ -38,8 +39,6 @@ const RESTART_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(10);
 /// A writer that ran this long before dying starts the backoff over.
 const STABLE_RUN: Duration = Duration::from_secs(60);
-/// A batch smaller than this waits up to the configured linger for more commands.
-const LINGER_BELOW: usize = 64;
 /// Streams the writer keeps in memory (key and version) before it starts over.
 const STREAM_CACHE_LIMIT: usize = 1_000_000;
 
@@ -63,6 +62,7 @@ pub(super) struct Writer {
     streams: HashMap<String, Option<StreamKey>>,
     /// Event type names' keys.
     types: HashMap<&'static str, i64>,
+    linger: Linger,
 }
 
 /// A stream's key in `streams` and its version.
@@ -315,6 +315,7 @@ impl Writer {
         schema::prepare(&mut conn)?;
         Ok(Self {
             conn,
+            linger: Linger::new(config.linger),
             config,
             streams: HashMap::new(),
             types: HashMap::new(),
@@ -346,28 +347,27 @@ impl Writer {
         }
     }
 
-    /// Adds what else has queued to `batch`. A small batch lingers up to `linger` for more, so that
-    /// a steady stream of appends shares commits (and their fsyncs) instead of paying one each.
-    fn gather(&self, commands: &mpsc::Receiver<WriteCommand>, batch: &mut Vec<WriteCommand>) {
-        let max = self.config.max_batch;
-        while batch.len() < max {
-            match commands.try_recv() {
-                Ok(command) => batch.push(command),
-                Err(_) => break,
+    /// Adds what else has queued to `batch`. At a high rate a small batch lingers up to `linger`
+    /// for more, so that a steady stream of appends shares commits (and their fsyncs, WAL pages
+    /// and wake-ups) instead of paying one each; at a low rate it commits at once.
+    fn gather(&mut self, commands: &mpsc::Receiver<WriteCommand>, batch: &mut Vec<WriteCommand>) {
+        self.take_queued(commands, batch);
+        if let Some(linger) = self.linger.wait(batch.len()) {
+            let deadline = Instant::now() + linger;
+            while !Linger::is_full(batch.len()) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match commands.recv_timeout(left) {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
             }
+            self.take_queued(commands, batch);
         }
-        if self.config.linger.is_zero() || batch.len() >= LINGER_BELOW {
-            return;
-        }
-        let deadline = Instant::now() + self.config.linger;
-        while batch.len() < LINGER_BELOW {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match commands.recv_timeout(left) {
-                Ok(command) => batch.push(command),
-                Err(_) => return,
-            }
-        }
-        while batch.len() < max {
+        self.linger.record(batch.len(), Instant::now());
+    }
+
+    fn take_queued(&self, commands: &mpsc::Receiver<WriteCommand>, batch: &mut Vec<WriteCommand>) {
+        while batch.len() < self.config.max_batch {
             match commands.try_recv() {
                 Ok(command) => batch.push(command),
                 Err(_) => break,

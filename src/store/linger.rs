@@ -1,0 +1,108 @@
+//! When a store writer waits for more appends before it commits a small batch.
+//!
+//! Every commit costs an fsync (or a database round trip), its written pages and the wake-ups of
+//! everyone waiting on it. At a steady high rate a short wait lets one commit carry many appends;
+//! at a low rate it would only add latency, so the writer waits only when the recent arrival rate
+//! promises enough more appends within the linger.
+
+use std::time::{Duration, Instant};
+
+/// A batch smaller than this may wait for more commands.
+const LINGER_BELOW: usize = 64;
+/// A small batch waits only when the recent arrival rate promises at least this many more
+/// commands within the linger.
+const LINGER_WORTH: f64 = 8.0;
+
+/// A writer's linger policy: the longest wait, and the rate commands have been arriving at.
+#[derive(Debug)]
+pub(crate) struct Linger {
+    max: Duration,
+    /// Commands a second, smoothed over the last batches.
+    per_second: f64,
+    last_batch: Instant,
+}
+
+impl Linger {
+    pub(crate) fn new(max: Duration) -> Self {
+        Self {
+            max,
+            per_second: 0.0,
+            last_batch: Instant::now(),
+        }
+    }
+
+    /// How long a batch of `len` commands should wait for more; `None`: commit at once.
+    pub(crate) fn wait(&self, len: usize) -> Option<Duration> {
+        let worth = self.per_second * self.max.as_secs_f64() >= LINGER_WORTH;
+        (len < LINGER_BELOW && worth).then_some(self.max)
+    }
+
+    /// Whether a batch of `len` commands is full enough to stop waiting.
+    pub(crate) fn is_full(len: usize) -> bool {
+        len >= LINGER_BELOW
+    }
+
+    /// A batch of `commands` was gathered at `now`: they arrived since the previous batch.
+    pub(crate) fn record(&mut self, commands: usize, now: Instant) {
+        let elapsed = now.duration_since(self.last_batch).as_secs_f64().max(1e-6);
+        self.last_batch = now;
+        let sample = commands as f64 / elapsed;
+        self.per_second = 0.8 * self.per_second + 0.2 * sample;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: Duration = Duration::from_millis(5);
+
+    /// The policy after `batches` batches of `size` commands, `every` apart.
+    fn after(max: Duration, size: usize, every: Duration, batches: u32) -> Linger {
+        let mut linger = Linger::new(max);
+        let start = linger.last_batch;
+        for i in 1..=batches {
+            linger.record(size, start + every * i);
+        }
+        linger
+    }
+
+    #[test]
+    fn a_steady_high_rate_waits_for_bigger_commits() {
+        // 10,000 appends a second, committed 20 at a time.
+        let high = after(MAX, 20, Duration::from_millis(2), 50);
+        assert!((high.per_second - 10_000.0).abs() < 100.0, "{high:?}");
+        assert_eq!(high.wait(20), Some(MAX));
+        assert_eq!(
+            high.wait(LINGER_BELOW),
+            None,
+            "a full batch commits at once"
+        );
+    }
+
+    #[test]
+    fn a_low_rate_commits_at_once() {
+        // 500 appends a second: a 5 ms wait would gather two or three more.
+        assert_eq!(after(MAX, 1, Duration::from_millis(2), 50).wait(1), None);
+        assert_eq!(after(MAX, 1, Duration::from_secs(1), 5).wait(1), None);
+    }
+
+    #[test]
+    fn the_rate_follows_a_drop_within_a_few_batches() {
+        let mut linger = after(MAX, 20, Duration::from_millis(2), 50);
+        let mut now = linger.last_batch;
+        for _ in 0..15 {
+            now += Duration::from_millis(100);
+            linger.record(1, now);
+        }
+        assert_eq!(linger.wait(1), None, "{linger:?}");
+    }
+
+    #[test]
+    fn no_linger_configured_never_waits() {
+        assert_eq!(
+            after(Duration::ZERO, 50, Duration::from_millis(1), 50).wait(1),
+            None
+        );
+    }
+}
