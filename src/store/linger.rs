@@ -12,6 +12,8 @@ const LINGER_BELOW: usize = 64;
 /// A small batch waits only when the recent arrival rate promises at least this many more
 /// commands within the linger.
 const LINGER_WORTH: f64 = 8.0;
+/// The time over which the arrival rate is smoothed.
+const RATE_WINDOW: Duration = Duration::from_millis(100);
 
 /// A writer's linger policy: the longest wait, and the rate commands have been arriving at.
 #[derive(Debug)]
@@ -46,8 +48,10 @@ impl Linger {
     pub(crate) fn record(&mut self, commands: usize, now: Instant) {
         let elapsed = now.duration_since(self.last_batch).as_secs_f64().max(1e-6);
         self.last_batch = now;
-        let sample = commands as f64 / elapsed;
-        self.per_second = 0.8 * self.per_second + 0.2 * sample;
+        // Weighted by the time each sample covers: bursts gathered while a commit ran count for
+        // their short time, not as a rate of their own.
+        let weight = 1.0 - (-elapsed / RATE_WINDOW.as_secs_f64()).exp();
+        self.per_second += weight * (commands as f64 / elapsed - self.per_second);
     }
 }
 
@@ -69,8 +73,8 @@ mod tests {
 
     #[test]
     fn a_steady_high_rate_waits_for_bigger_commits() {
-        // 10,000 appends a second, committed 20 at a time.
-        let high = after(MAX, 20, Duration::from_millis(2), 50);
+        // 10,000 appends a second, committed 20 at a time, for a second.
+        let high = after(MAX, 20, Duration::from_millis(2), 500);
         assert!((high.per_second - 10_000.0).abs() < 100.0, "{high:?}");
         assert_eq!(high.wait(20), Some(MAX));
         assert_eq!(
@@ -88,8 +92,24 @@ mod tests {
     }
 
     #[test]
+    fn bursts_count_at_their_average_rate() {
+        // 1,000 appends a second in bursts of 10 every 10 ms: one starts a batch, the other nine
+        // queue during its commit and make the next batch, half a millisecond later.
+        let mut linger = Linger::new(MAX);
+        let mut now = linger.last_batch;
+        for _ in 0..100 {
+            now += Duration::from_micros(9_500);
+            linger.record(1, now);
+            now += Duration::from_micros(500);
+            linger.record(9, now);
+        }
+        assert!((linger.per_second - 1_000.0).abs() < 150.0, "{linger:?}");
+        assert_eq!(linger.wait(9), None);
+    }
+
+    #[test]
     fn the_rate_follows_a_drop_within_a_few_batches() {
-        let mut linger = after(MAX, 20, Duration::from_millis(2), 50);
+        let mut linger = after(MAX, 20, Duration::from_millis(2), 500);
         let mut now = linger.last_batch;
         for _ in 0..15 {
             now += Duration::from_millis(100);
@@ -101,7 +121,7 @@ mod tests {
     #[test]
     fn no_linger_configured_never_waits() {
         assert_eq!(
-            after(Duration::ZERO, 50, Duration::from_millis(1), 50).wait(1),
+            after(Duration::ZERO, 50, Duration::from_millis(1), 500).wait(1),
             None
         );
     }
