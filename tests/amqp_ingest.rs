@@ -401,7 +401,17 @@ async fn a_reading_the_engine_keeps_failing_on_is_retried_a_bounded_number_of_ti
         2.0,
         "requeued twice (--amqp-max-retries 2), then dead-lettered"
     );
-    let failed = engine.get("/api/failed-messages").await;
+    // Recorded once the engine has the broker's confirm of the dead letter, which can be just
+    // after the dead letter itself reached the queue.
+    let failed = eventually(
+        Duration::from_secs(10),
+        "the dead-lettered reading to be listed as failed",
+        || async {
+            let failed = engine.get("/api/failed-messages").await;
+            (failed.as_array().is_some_and(|f| !f.is_empty())).then_some(failed)
+        },
+    )
+    .await;
     assert_eq!(failed[0]["routing_key"], "damaged-1", "{failed}");
     // Stopped, the engine hands back whatever it has not acked: nothing was left hanging.
     assert!(engine.terminate().success());
