@@ -33,15 +33,16 @@ impl Linger {
         }
     }
 
-    /// How long a batch of `len` commands should wait for more; `None`: commit at once.
+    /// How long a batch of `len` commands should wait for more; `None`: commit at once. The
+    /// writer sleeps that long, rather than waking for every command that arrives: at the
+    /// current rate the batch fills up in that time, and never waits longer than the linger.
     pub(crate) fn wait(&self, len: usize) -> Option<Duration> {
         let worth = self.per_second * self.max.as_secs_f64() >= LINGER_WORTH;
-        (len < LINGER_BELOW && worth).then_some(self.max)
-    }
-
-    /// Whether a batch of `len` commands is full enough to stop waiting.
-    pub(crate) fn is_full(len: usize) -> bool {
-        len >= LINGER_BELOW
+        if len >= LINGER_BELOW || !worth {
+            return None;
+        }
+        let to_fill = (LINGER_BELOW - len) as f64 / self.per_second;
+        Some(self.max.min(Duration::from_secs_f64(to_fill)))
     }
 
     /// A batch of `commands` was gathered at `now`: they arrived since the previous batch.
@@ -76,11 +77,26 @@ mod tests {
         // 10,000 appends a second, committed 20 at a time, for a second.
         let high = after(MAX, 20, Duration::from_millis(2), 500);
         assert!((high.per_second - 10_000.0).abs() < 100.0, "{high:?}");
-        assert_eq!(high.wait(20), Some(MAX));
+        // 44 more fill a batch of 64: 4.4 ms at this rate.
+        let wait = high.wait(20).expect("a wait").as_secs_f64();
+        assert!((wait - 0.0044).abs() < 0.0001, "{wait}");
         assert_eq!(
             high.wait(LINGER_BELOW),
             None,
             "a full batch commits at once"
+        );
+    }
+
+    #[test]
+    fn a_faster_rate_waits_only_until_the_batch_fills() {
+        let fast = after(MAX, 50, Duration::from_millis(1), 1_000);
+        let wait = fast.wait(14).expect("a wait").as_secs_f64();
+        assert!((wait - 0.001).abs() < 0.0001, "{wait}");
+        let slower = after(MAX, 8, Duration::from_millis(1), 1_000);
+        assert_eq!(
+            slower.wait(1),
+            Some(MAX),
+            "8,000/s brings 63 more in over 5 ms"
         );
     }
 

@@ -795,14 +795,8 @@ impl Writer {
         batch: &mut Vec<Command>,
     ) {
         self.take_queued(commands, batch);
-        if let Some(linger) = self.linger.wait(batch.len()) {
-            let deadline = tokio::time::Instant::now() + linger;
-            while !Linger::is_full(batch.len()) {
-                match tokio::time::timeout_at(deadline, commands.recv()).await {
-                    Ok(Some(command)) => batch.push(command),
-                    _ => break,
-                }
-            }
+        if let Some(wait) = self.linger.wait(batch.len()) {
+            tokio::time::sleep(wait).await;
             self.take_queued(commands, batch);
         }
         self.linger.record(batch.len(), Instant::now());

@@ -352,15 +352,8 @@ impl Writer {
     /// and wake-ups) instead of paying one each; at a low rate it commits at once.
     fn gather(&mut self, commands: &mpsc::Receiver<WriteCommand>, batch: &mut Vec<WriteCommand>) {
         self.take_queued(commands, batch);
-        if let Some(linger) = self.linger.wait(batch.len()) {
-            let deadline = Instant::now() + linger;
-            while !Linger::is_full(batch.len()) {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match commands.recv_timeout(left) {
-                    Ok(command) => batch.push(command),
-                    Err(_) => break,
-                }
-            }
+        if let Some(wait) = self.linger.wait(batch.len()) {
+            std::thread::sleep(wait);
             self.take_queued(commands, batch);
         }
         self.linger.record(batch.len(), Instant::now());
