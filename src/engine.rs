@@ -294,6 +294,12 @@ impl Engine {
     }
 
     /// Whether the store can write now; ingest pauses while it cannot.
+    /// The actor thread that consumers run on, so that handing a reading to its actor needs no
+    /// cross-thread wake-up for the devices it holds.
+    pub fn ingest_arbiter(&self) -> actix::prelude::ArbiterHandle {
+        self.inner.router.ingest_arbiter()
+    }
+
     pub fn store_health(&self) -> tokio::sync::watch::Receiver<StoreHealth> {
         self.inner.store.health()
     }

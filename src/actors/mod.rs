@@ -251,6 +251,11 @@ impl Router {
             .map(Some)
     }
 
+    /// The first actor thread.
+    pub fn ingest_arbiter(&self) -> ArbiterHandle {
+        self.inner.shards[0].arbiter.clone()
+    }
+
     pub fn active_devices(&self) -> usize {
         self.inner
             .shards
