@@ -293,13 +293,13 @@ impl Engine {
         &self.inner.store
     }
 
-    /// Whether the store can write now; ingest pauses while it cannot.
     /// The actor thread that consumers run on, so that handing a reading to its actor needs no
     /// cross-thread wake-up for the devices it holds.
     pub fn ingest_arbiter(&self) -> actix::prelude::ArbiterHandle {
         self.inner.router.ingest_arbiter()
     }
 
+    /// Whether the store can write now; ingest pauses while it cannot.
     pub fn store_health(&self) -> tokio::sync::watch::Receiver<StoreHealth> {
         self.inner.store.health()
     }

@@ -7,9 +7,8 @@
 //! readings within one commit land in the same minute and hour rows, so the rows written depend
 //! on the devices reporting, not on the rate; a busy fleet's rollups (more than
 //! [`ROLLUP_ROWS_AT_ONCE`] rows, no alarm or condition changed) wait up to
-//! [`ROLLUPS_COMMIT_EVERY`]. After a
-//! SIGKILL the read models resume from the checkpoint and never count an event twice. They answer
-//! up to a commit behind the events.
+//! [`ROLLUPS_COMMIT_EVERY`]. After a SIGKILL the read models resume from the checkpoint and never
+//! count an event twice. They answer up to a commit behind the events.
 //!
 //! Kept here:
 //! * temperature buckets per device and for the fleet, per minute and per hour (a day is its 24
