@@ -126,6 +126,7 @@ conformance!(
     a_condition_on_another_stream_fences_the_append,
     snapshots_keep_the_newest_and_system_streams_are_not_listed,
     the_latest_snapshot_comes_with_the_events_after_it,
+    a_fleet_of_loads_at_once_all_answer_correctly,
     streams_are_listed_in_id_order_page_by_page,
     events_are_found_by_time_both_ways_page_by_page,
     wake_times_are_written_with_the_events,
@@ -312,6 +313,31 @@ async fn the_latest_snapshot_comes_with_the_events_after_it(f: Fixture) {
     assert_eq!(versions(&latest), [3, 4]);
     let limited = s.read_latest("dev-1", 1).await.unwrap();
     assert_eq!(versions(&limited), [3]);
+}
+
+/// A fleet appearing at once asks for thousands of device loads together (the first reading of
+/// each): they queue for the store's connections and every one gets its own stream.
+async fn a_fleet_of_loads_at_once_all_answer_correctly(f: Fixture) {
+    let s = f.open().await;
+    for n in 0..50u32 {
+        let stream = format!("dev-{n}");
+        s.append(&stream, 0, (1..=n % 3 + 1).map(event).collect(), None)
+            .await
+            .unwrap();
+    }
+    let loads = (0..2_000u32).map(|n| {
+        let s = s.clone();
+        async move { (n, s.read_latest(&format!("dev-{}", n % 100), 10).await) }
+    });
+    for (n, latest) in futures_util::future::join_all(loads).await {
+        let latest = latest.unwrap_or_else(|e| panic!("load {n}: {e}"));
+        let expected: Vec<u64> = match n % 100 {
+            known @ 0..50 => (1..=u64::from(known % 3 + 1)).collect(),
+            _ => vec![],
+        };
+        let versions: Vec<u64> = latest.tail.iter().map(|e| e.version).collect();
+        assert_eq!(versions, expected, "load {n}");
+    }
 }
 
 async fn streams_are_listed_in_id_order_page_by_page(f: Fixture) {

@@ -684,7 +684,9 @@ impl Consumer {
                     }
                     Settle::Ack(delivery.delivery_tag)
                 }
-                Err(e) => self.after_failure(publisher, &delivery, e).await,
+                // Boxed apart: the failure path (a dead-letter publish) is far larger than the
+                // rest, and this future is allocated for every reading.
+                Err(e) => Box::pin(self.after_failure(publisher, &delivery, e)).await,
             }
         }))
     }

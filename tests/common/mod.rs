@@ -223,20 +223,26 @@ impl Engine {
         amqp::eventually(
             Duration::from_secs(30),
             "the engine to connect to RabbitMQ",
-            || async {
-                let health = self
-                    .http
-                    .get(self.url("/api/health"))
-                    .send()
-                    .await
-                    .ok()?
-                    .json::<Value>()
-                    .await
-                    .ok()?;
-                (health["broker"] == "connected").then_some(())
-            },
+            || async { self.broker_connected().await.then_some(()) },
         )
         .await
+    }
+
+    /// Whether `/api/health` says the engine is connected to RabbitMQ.
+    pub async fn broker_connected(&self) -> bool {
+        let health = async {
+            self.http
+                .get(self.url("/api/health"))
+                .send()
+                .await
+                .ok()?
+                .json::<Value>()
+                .await
+                .ok()
+        };
+        health
+            .await
+            .is_some_and(|health| health["broker"] == "connected")
     }
 
     /// Creates the tests' depot zone and cold-chain range, both watching every device.

@@ -6,7 +6,7 @@ mod schema;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, Connection, OptionalExtension};
-use tokio::sync::{broadcast, oneshot, watch};
+use tokio::sync::{broadcast, oneshot, watch, Semaphore};
 
 use super::command::WriteCommand;
 use super::health::HealthSignal;
@@ -56,6 +56,11 @@ pub struct SqliteStore {
     writer: Mutex<Option<mpsc::SyncSender<WriteCommand>>>,
     writer_thread: Mutex<Option<thread::JoinHandle<()>>>,
     readers: r2d2::Pool<SqliteConnectionManager>,
+    /// One per reader connection: a read waits here, as a future, for a free connection rather
+    /// than on a blocking thread of its own. A fleet appearing at once asks for thousands of
+    /// device loads together; unbounded, each took a blocking thread (over 200 of them,
+    /// spawned in the first half second of a drain) to wait on the pool.
+    read_slots: Arc<Semaphore>,
     live: broadcast::Sender<CommittedBatch>,
     health: watch::Receiver<StoreHealth>,
     path: PathBuf,
@@ -109,6 +114,7 @@ impl SqliteStore {
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(handle)),
             readers,
+            read_slots: Arc::new(Semaphore::new(options.readers.max(1) as usize)),
             live,
             health: health.subscribe(),
             path,
@@ -145,8 +151,11 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> BoxFuture<'static, StoreResult<T>> {
         let pool = self.readers.clone();
+        let slots = self.read_slots.clone();
         async move {
+            let slot = slots.acquire_owned().await.map_err(unavailable)?;
             tokio::task::spawn_blocking(move || {
+                let _slot = slot;
                 let conn = pool.get().map_err(unavailable)?;
                 f(&conn).map_err(unavailable)
             })
