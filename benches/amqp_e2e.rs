@@ -30,6 +30,7 @@
 //! to every round, right after this build's: before and after in one run (A B C A B C).
 //!
 //! Every run uses exchange and queue names of its own (`bench.<uuid8>`), deleted at the end.
+//! `FW_BARE_PREFETCH` sets the bare consumer's prefetch (default: the engine's default).
 //! `FW_BENCH_N` overrides N (default 100,000), `FW_BENCH_RATE` the latency test's readings/s
 //! (default 10,000), `FW_BENCH_SECONDS` its length (default 20); `FW_PHASES` picks the phases
 //! (default `drain,latency`; `latency` alone runs on a fresh engine). The latency test also reports
@@ -87,6 +88,8 @@ struct Plan {
     latency: bool,
     latency_rate: usize,
     latency_seconds: usize,
+    /// The bare consumer's prefetch.
+    bare_prefetch: u16,
 }
 
 fn main() -> Result<()> {
@@ -105,6 +108,9 @@ fn main() -> Result<()> {
         latency,
         latency_rate: env_or("FW_BENCH_RATE", DEFAULT_RATE)?,
         latency_seconds: env_or("FW_BENCH_SECONDS", DEFAULT_LATENCY_SECONDS)?,
+        bare_prefetch: env_or("FW_BARE_PREFETCH", PREFETCH.into())?
+            .try_into()
+            .context("FW_BARE_PREFETCH must fit in 16 bits")?,
     };
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -130,7 +136,7 @@ async fn run(plan: Plan) -> Result<()> {
     let mut used = Vec::new();
     let outcome = measure(&broker, &backlog, &plan, &mut used).await;
     drop(used);
-    print_report(plan.n, &backlog, &outcome?);
+    print_report(&plan, &backlog, &outcome?);
     Ok(())
 }
 
@@ -148,8 +154,12 @@ async fn measure(
         let bare = Names::with_prefix("bench");
         broker.declare(&bare).await?;
         let bare_publish = broker.publish_backlog(&bare, backlog).await?;
-        let (bare_drain, bare_broker_cpu, bare_consumer_cpu) =
-            with_cpu(bare_consume(&bare, backlog.len() as u64)).await?;
+        let (bare_drain, bare_broker_cpu, bare_consumer_cpu) = with_cpu(bare_consume(
+            &bare,
+            backlog.len() as u64,
+            plan.bare_prefetch,
+        ))
+        .await?;
         used.push(bare);
 
         eprintln!("round {round}: fleetwatch");
@@ -223,11 +233,11 @@ async fn with_cpu<T>(drain: impl std::future::Future<Output = Result<T>>) -> Res
 }
 
 /// Drains `n` deliveries with a consumer that only acks (every `ACK_EVERY`, `multiple`).
-async fn bare_consume(topology: &Names, n: u64) -> Result<Duration> {
+async fn bare_consume(topology: &Names, n: u64, prefetch: u16) -> Result<Duration> {
     let connection = Connection::connect(URL, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
     channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
     let started = Instant::now();
     let mut deliveries = channel
@@ -749,20 +759,22 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-fn print_report(n: usize, backlog: &[Message], report: &Report) {
+fn print_report(plan: &Plan, backlog: &[Message], report: &Report) {
     println!("\n{}\n", machine());
     if !report.rounds.is_empty() {
-        print_drains(n, backlog, &report.rounds);
+        print_drains(plan, backlog, &report.rounds);
     }
     if let Some(latency) = &report.latency {
         print_latency(latency);
     }
 }
 
-fn print_drains(n: usize, backlog: &[Message], rounds: &[Round]) {
+fn print_drains(plan: &Plan, backlog: &[Message], rounds: &[Round]) {
     let body_bytes = backlog.iter().map(|m| m.body.len()).sum::<usize>() / backlog.len().max(1);
     println!(
-        "N = {n} persistent readings (mean body {body_bytes} B), {DEVICES} devices, prefetch {PREFETCH}\n"
+        "N = {} persistent readings (mean body {body_bytes} B), {DEVICES} devices, prefetch: bare \
+         consumer {}, engine its own (default {PREFETCH})\n",
+        plan.n, plan.bare_prefetch
     );
     let header: Vec<String> = (1..=rounds.len()).map(|i| format!("run {i}")).collect();
     println!("| readings/s | {} | median |", header.join(" | "));
