@@ -100,8 +100,10 @@ impl SqliteStore {
             c.busy_timeout(Duration::from_secs(10))?;
             c.pragma_update(None, "query_only", true)
         });
+        // As many read slots as connections: a read that holds a slot never waits for the pool.
+        let reader_count = options.readers.max(1);
         let readers = r2d2::Pool::builder()
-            .max_size(options.readers.max(1))
+            .max_size(reader_count)
             .build(manager)
             .map_err(unavailable)?;
 
@@ -114,7 +116,7 @@ impl SqliteStore {
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(handle)),
             readers,
-            read_slots: Arc::new(Semaphore::new(options.readers.max(1) as usize)),
+            read_slots: Arc::new(Semaphore::new(reader_count as usize)),
             live,
             health: health.subscribe(),
             path,
