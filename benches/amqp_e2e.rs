@@ -809,7 +809,7 @@ fn print_drains(plan: &Plan, backlog: &[Message], rounds: &[Round]) {
     row("fleetwatch / bare consumer", &|r| r.engine / r.bare, &|v| {
         format!("{:.0} %", v * 100.0)
     });
-    let micros = |v: f64| format!("{v:.0} µs");
+    let micros = |v: f64| format!("{v:.1} µs");
     row(
         "CPU per reading: broker, bare run",
         &|r| r.bare_broker_us,

@@ -29,8 +29,7 @@ use chrono::{DateTime, Utc};
 use fleetwatch_domain::{Decision, Device, DeviceEvent, DeviceId};
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
-use super::deadlines::Deadlines;
-use super::{load_device, lock, ActorSettings, Command, EngineError, IngestOutcome, ShardMap};
+use super::{load_device, lock, Command, EngineError, IngestOutcome, ShardMap, Shared};
 use crate::codec;
 use crate::rules::{RuleBook, RULES_STREAM};
 use crate::store::{
@@ -129,10 +128,7 @@ impl Recovery {
 
 pub(super) struct DeviceActor {
     device: Device,
-    store: Arc<dyn EventStore>,
-    rules: RuleBook,
-    settings: ActorSettings,
-    deadlines: Arc<Deadlines>,
+    shared: Arc<Shared>,
     queued: Arc<AtomicUsize>,
     shard: ShardMap,
     /// Readings not decided yet, in arrival order.
@@ -153,6 +149,10 @@ pub(super) struct DeviceActor {
     /// A late reading's repeat check is on its way to the store: nothing else is decided meanwhile.
     looking_up: bool,
     events_since_snapshot: u64,
+    /// The deadline this actor last filed for its device in the index, which then holds the
+    /// device at that time or earlier (or the ticker took it out, and its tick files it again):
+    /// a reading that only moves the deadline later need not touch the index's lock and maps.
+    filed_deadline: Option<DateTime<Utc>>,
     /// When it last took a command other than a tick; `None`: only ticks so far. An actor
     /// started for a tick (a passivated device whose deadline came) passivates again at the next
     /// check instead of staying for the idle timeout: a million devices going offline must not
@@ -166,19 +166,13 @@ pub(super) struct DeviceActor {
 impl DeviceActor {
     pub(super) fn new(
         id: DeviceId,
-        store: Arc<dyn EventStore>,
-        rules: RuleBook,
-        settings: ActorSettings,
-        deadlines: Arc<Deadlines>,
+        shared: Arc<Shared>,
         queued: Arc<AtomicUsize>,
         shard: ShardMap,
     ) -> Self {
         Self {
             device: Device::new(id),
-            store,
-            rules,
-            settings,
-            deadlines,
+            shared,
             queued,
             shard,
             waiting: VecDeque::new(),
@@ -190,6 +184,7 @@ impl DeviceActor {
             reloading: false,
             looking_up: false,
             events_since_snapshot: 0,
+            filed_deadline: None,
             last_active: None,
             failure: None,
         }
@@ -202,7 +197,7 @@ impl DeviceActor {
     fn save_snapshot(&mut self, snapshot: Snapshot, ctx: &mut Context<Self>) {
         self.events_since_snapshot = 0;
         let device = self.device.id().clone();
-        let saving = self.store.save_snapshot(snapshot);
+        let saving = self.shared.store.save_snapshot(snapshot);
         ctx.spawn(actix::fut::wrap_future(async move {
             // A failing store is reported once, by the store; the next snapshot covers this one.
             if let Err(e) = saving.await {
@@ -223,7 +218,7 @@ impl DeviceActor {
         // Out of the map first, under the shard lock: nothing more is sent to us, so whoever
         // hears of the failure and retries reaches a fresh actor.
         if lock(&self.shard).remove(self.device.id()).is_some() {
-            metrics::gauge!("fleetwatch_active_devices").decrement(1.0);
+            self.shared.active_devices.decrement(1.0);
         }
         let held = self.failed.drain(..).chain(self.waiting.drain(..));
         let settling = self.in_flight.drain(..).map(|entry| entry.ingest);
@@ -252,7 +247,7 @@ impl DeviceActor {
             || self.busy()
             || self
                 .last_active
-                .is_some_and(|t| t.elapsed() < self.settings.idle_timeout)
+                .is_some_and(|t| t.elapsed() < self.shared.settings.idle_timeout)
         {
             return;
         }
@@ -264,11 +259,11 @@ impl DeviceActor {
             }
             devices.remove(self.device.id());
         }
-        metrics::gauge!("fleetwatch_active_devices").decrement(1.0);
+        self.shared.active_devices.decrement(1.0);
         if self.events_since_snapshot > 0 {
             let snapshot = self.snapshot();
             // Enqueued before we stop; it does not need us to complete.
-            drop(self.store.save_snapshot(snapshot));
+            drop(self.shared.store.save_snapshot(snapshot));
         }
         tracing::debug!(device = %self.device.id(), "passivated");
         ctx.stop();
@@ -318,8 +313,8 @@ impl Actor for DeviceActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         let restoring = reload(
-            self.store.clone(),
-            self.rules.clone(),
+            self.shared.store.clone(),
+            self.shared.rules.clone(),
             self.device.id().clone(),
             None,
             0,
@@ -333,7 +328,7 @@ impl Actor for DeviceActor {
                 },
             ),
         );
-        let check_every = (self.settings.idle_timeout / 4)
+        let check_every = (self.shared.settings.idle_timeout / 4)
             .clamp(Duration::from_millis(50), Duration::from_secs(30));
         ctx.run_interval(check_every, Self::passivate_if_idle);
     }
@@ -351,7 +346,7 @@ impl DeviceActor {
     }
 
     fn decide(&mut self, ingest: Ingest, ctx: &mut Context<Self>) {
-        let rules = self.rules.current();
+        let rules = self.shared.rules.current();
         let events = match &ingest.command {
             Command::Reading(reading) => match self.device.handle(reading, &rules) {
                 Decision::Duplicate => return self.duplicate(ingest),
@@ -363,7 +358,7 @@ impl DeviceActor {
                 if events.is_empty() {
                     // Filed early (a reading moved the deadline on since): file it where it is.
                     let next = self.device.next_deadline(&rules);
-                    self.deadlines.file(self.device.id(), next);
+                    self.file_deadline(next);
                     self.answer(ingest, IngestOutcome::Nothing);
                     return self.passivate_if_only_ticked(ctx);
                 }
@@ -386,7 +381,7 @@ impl DeviceActor {
     }
 
     fn duplicate(&mut self, ingest: Ingest) {
-        metrics::counter!("fleetwatch_readings_duplicate_total").increment(1);
+        self.shared.readings_duplicate.increment(1);
         self.answer(ingest, IngestOutcome::Duplicate)
     }
 
@@ -424,7 +419,8 @@ impl DeviceActor {
         }
         self.looking_up = true;
         let lookup =
-            self.store
+            self.shared
+                .store
                 .has_event_at(self.device.id().as_str(), codec::READING_RECORDED, at);
         ctx.wait(
             actix::fut::wrap_future(lookup).map(move |found, act: &mut Self, ctx| {
@@ -473,9 +469,9 @@ impl DeviceActor {
                 alarms: events.iter().filter(|e| e.raises_alarm()).count(),
             }
         };
-        let wake = self.device.next_deadline(&self.rules.current());
+        let wake = self.device.next_deadline(&self.shared.rules.current());
         // Queued now, in decision order; durable when the future resolves.
-        let append = self.store.append_waking(
+        let append = self.shared.store.append_waking(
             self.device.id().as_str(),
             expected,
             new_events,
@@ -486,10 +482,11 @@ impl DeviceActor {
             Wake::At(wake),
         );
         self.events_since_snapshot += events.len() as u64;
-        let snapshot = (self.events_since_snapshot >= self.settings.snapshot_every).then(|| {
-            self.events_since_snapshot = 0;
-            self.snapshot()
-        });
+        let snapshot =
+            (self.events_since_snapshot >= self.shared.settings.snapshot_every).then(|| {
+                self.events_since_snapshot = 0;
+                self.snapshot()
+            });
         self.next_seq += 1;
         let seq = self.next_seq;
         self.in_flight.push_back(InFlight {
@@ -567,16 +564,14 @@ impl DeviceActor {
             Ok(_) => {
                 self.recoveries = 0;
                 if matches!(ingest.command, Command::Reading(_)) {
-                    metrics::counter!("fleetwatch_readings_applied_total").increment(1);
+                    self.shared.readings_applied.increment(1);
                 }
                 match (&ingest.command, wake) {
                     // A reading only moves the offline deadline later: the entry filed stays
                     // (see `deadlines`), unless something is due earlier.
-                    (Command::Reading(_), Some(wake)) => {
-                        self.deadlines.file_no_later(self.device.id(), wake)
-                    }
+                    (Command::Reading(_), Some(wake)) => self.file_deadline_no_later(wake),
                     (Command::Reading(_), None) => {}
-                    (_, wake) => self.deadlines.file(self.device.id(), wake),
+                    (_, wake) => self.file_deadline(wake),
                 }
                 if let Some(snapshot) = snapshot {
                     self.save_snapshot(snapshot, ctx);
@@ -588,6 +583,21 @@ impl DeviceActor {
                 self.start_recovery(&e, ctx);
             }
         }
+    }
+
+    /// Files the device's deadline at `wake` unless it is filed at that time or earlier.
+    fn file_deadline_no_later(&mut self, wake: DateTime<Utc>) {
+        if self.filed_deadline.is_some_and(|filed| filed <= wake) {
+            return;
+        }
+        self.shared.deadlines.file_no_later(self.device.id(), wake);
+        self.filed_deadline = Some(wake);
+    }
+
+    /// Files the device's deadline at exactly `wake` (`None`: nothing is due).
+    fn file_deadline(&mut self, wake: Option<DateTime<Utc>>) {
+        self.shared.deadlines.file(self.device.id(), wake);
+        self.filed_deadline = wake;
     }
 
     /// Stops deciding until everything in flight has settled and the cause of `error` has passed.
@@ -621,8 +631,8 @@ impl DeviceActor {
             return self.fail(ctx, &error);
         }
         let reloading = reload(
-            self.store.clone(),
-            self.rules.clone(),
+            self.shared.store.clone(),
+            self.shared.rules.clone(),
             self.device.id().clone(),
             Some(recovery),
             self.recoveries - 1,

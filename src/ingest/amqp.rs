@@ -334,6 +334,7 @@ pub fn spawn(
             failures: Mutex::default(),
             shutdown: shutdown.clone(),
             partitions: Partitions::new(settings_partitions),
+            processed: metrics::counter!("fleetwatch_amqp_processed_total"),
         });
         let queues = consumer.settings.queues();
         let partitioned = consumer.settings.partitions > 0;
@@ -376,6 +377,8 @@ struct Consumer {
     shutdown: CancellationToken,
     /// Which partitions this node owns (with `--amqp-partitions`).
     partitions: Partitions,
+    /// Registered once, not looked up by name for every reading.
+    processed: metrics::Counter,
 }
 
 /// How a session ended without an error.
@@ -512,7 +515,7 @@ impl Consumer {
 
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
         let acker = tokio::spawn(acker(channel.clone(), settle_rx));
-        let hasher = std::collections::hash_map::RandomState::new();
+        let hasher = foldhash::fast::RandomState::default();
         let mut workers = Vec::with_capacity(self.settings.consumers);
         let mut worker_tasks = JoinSet::new();
         for _ in 0..self.settings.consumers {
@@ -677,7 +680,7 @@ impl Consumer {
         Some(Box::pin(async move {
             match ticket.await {
                 Ok(_) => {
-                    metrics::counter!("fleetwatch_amqp_processed_total").increment(1);
+                    self.processed.increment(1);
                     // Only a redelivered message can have failed before.
                     if delivery.redelivered {
                         self.forget_failures(&delivery);

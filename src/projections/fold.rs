@@ -1,8 +1,6 @@
 //! What the read models make of events, in memory, before a commit writes it: pure folding,
 //! tested without a database.
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Utc};
 use fleetwatch_domain::{
     AlarmChangeDetail, AlarmId, DeviceEvent, Location, RuleId, RulesEvent, Severity,
@@ -206,12 +204,12 @@ pub enum AlarmChange {
 #[derive(Debug, Default)]
 pub struct Changes {
     /// Per device (and [`FLEET`]): what to add to its bucket rows.
-    pub rollups: HashMap<String, Rollups>,
+    pub rollups: foldhash::HashMap<String, Rollups>,
     /// Each device's latest reading (time in microseconds, position), for the distance of the
     /// next one; kept across commits.
-    pub last_seen: HashMap<String, (i64, Location)>,
+    pub last_seen: foldhash::HashMap<String, (i64, Location)>,
     /// Devices first registered, with when.
-    pub registered: HashMap<String, i64>,
+    pub registered: foldhash::HashMap<String, i64>,
     pub crossings: Vec<Crossing>,
     /// Conditions begun and ended, and rules removed (ending their conditions), in event order.
     pub conditions: Vec<ConditionChange>,

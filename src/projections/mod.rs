@@ -184,7 +184,7 @@ pub fn start(
     let runner = Runner {
         writer,
         rates: rates.clone(),
-        seen: std::collections::HashMap::new(),
+        seen: foldhash::HashMap::default(),
     };
     let thread = std::thread::Builder::new()
         .name("read-models".into())
@@ -217,7 +217,7 @@ struct Runner {
     rates: Rates,
     /// Devices' latest live readings already written, so that the next one's distance needs no
     /// read; dropped when it grows past [`SEEN_CACHE`].
-    seen: std::collections::HashMap<String, (i64, Location)>,
+    seen: foldhash::HashMap<String, (i64, Location)>,
 }
 
 const SEEN_CACHE: usize = 1_000_000;

@@ -192,7 +192,7 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 /// The writer side: one connection, used by the projection thread only.
 pub struct Writer {
     conn: Connection,
-    device_ids: HashMap<String, i64>,
+    device_ids: foldhash::HashMap<String, i64>,
 }
 
 /// The read side: a pool of read-only connections.
@@ -231,7 +231,7 @@ pub fn open(dir: &Path) -> Result<(Writer, Readers), ReadModelError> {
     Ok((
         Writer {
             conn,
-            device_ids: HashMap::new(),
+            device_ids: foldhash::HashMap::default(),
         },
         Readers { pool },
     ))
@@ -239,7 +239,7 @@ pub fn open(dir: &Path) -> Result<(Writer, Readers), ReadModelError> {
 
 fn device_id(
     tx: &rusqlite::Transaction<'_>,
-    cache: &mut HashMap<String, i64>,
+    cache: &mut foldhash::HashMap<String, i64>,
     name: &str,
 ) -> rusqlite::Result<i64> {
     if let Some(id) = cache.get(name) {

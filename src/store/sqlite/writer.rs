@@ -13,13 +13,13 @@
 //! one on a new connection, after a backoff, with its queue intact: callers of the lost batch are
 //! answered `Unavailable` (their sender was dropped), nothing else is lost.
 
-use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use foldhash::{HashMap, HashMapExt};
 use rusqlite::{
     params, Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior,
 };
