@@ -1,21 +1,21 @@
 //! The embedded backend: SQLite in WAL mode, one writer thread that group-commits ([`writer`]),
-//! a small pool of reader connections. Its tables, and the migration of older stores, are in
+//! a few reader threads with a connection each ([`readers`]). Its tables, and the migration of older stores, are in
 //! [`schema`].
 
+mod readers;
 mod schema;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
-use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, Connection, OptionalExtension};
-use tokio::sync::{broadcast, oneshot, watch, Semaphore};
+use tokio::sync::{broadcast, oneshot, watch};
 
 use super::command::WriteCommand;
 use super::health::HealthSignal;
@@ -23,6 +23,7 @@ use super::{
     Appended, CommittedBatch, EventStore, NewEvent, Pruned, RecordedEvent, Retention, Snapshot,
     SnapshotAndTail, StoreError, StoreHealth, StoreResult, StreamAt, StreamInfo, Wake, WakeTime,
 };
+use readers::Readers;
 pub use schema::{format as store_format, FORMAT as STORE_FORMAT};
 use writer::{Writer, WriterConfig};
 
@@ -55,12 +56,7 @@ impl Default for SqliteStoreOptions {
 pub struct SqliteStore {
     writer: Mutex<Option<mpsc::SyncSender<WriteCommand>>>,
     writer_thread: Mutex<Option<thread::JoinHandle<()>>>,
-    readers: r2d2::Pool<SqliteConnectionManager>,
-    /// One per reader connection: a read waits here, as a future, for a free connection rather
-    /// than on a blocking thread of its own. A fleet appearing at once asks for thousands of
-    /// device loads together; unbounded, each took a blocking thread (over 200 of them,
-    /// spawned in the first half second of a drain) to wait on the pool.
-    read_slots: Arc<Semaphore>,
+    readers: Readers,
     live: broadcast::Sender<CommittedBatch>,
     health: watch::Receiver<StoreHealth>,
     path: PathBuf,
@@ -96,16 +92,7 @@ impl SqliteStore {
         let writer = Writer::open(config.clone())
             .map_err(|e| unavailable(format!("opening {}: {e}", path.display())))?;
 
-        let manager = SqliteConnectionManager::file(&path).with_init(|c| {
-            c.busy_timeout(Duration::from_secs(10))?;
-            c.pragma_update(None, "query_only", true)
-        });
-        // As many read slots as connections: a read that holds a slot never waits for the pool.
-        let reader_count = options.readers.max(1);
-        let readers = r2d2::Pool::builder()
-            .max_size(reader_count)
-            .build(manager)
-            .map_err(unavailable)?;
+        let readers = Readers::open(&path, options.readers)?;
 
         let (tx, rx) = mpsc::sync_channel(options.queue_capacity.max(1));
         let handle = thread::Builder::new()
@@ -116,7 +103,6 @@ impl SqliteStore {
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(handle)),
             readers,
-            read_slots: Arc::new(Semaphore::new(reader_count as usize)),
             live,
             health: health.subscribe(),
             path,
@@ -138,7 +124,8 @@ impl SqliteStore {
         sender.send(command).map_err(|_| StoreError::Closed)
     }
 
-    /// Stops accepting writes, lets the writer drain its queue and waits for it to finish.
+    /// Stops accepting writes, lets the writer drain its queue and waits for it to finish; then
+    /// closes the readers.
     pub fn close(&self) {
         if let Ok(mut sender) = self.writer.lock() {
             sender.take();
@@ -146,25 +133,14 @@ impl SqliteStore {
         if let Some(handle) = self.writer_thread.lock().ok().and_then(|mut h| h.take()) {
             let _ = handle.join();
         }
+        self.readers.close();
     }
 
     fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> BoxFuture<'static, StoreResult<T>> {
-        let pool = self.readers.clone();
-        let slots = self.read_slots.clone();
-        async move {
-            let slot = slots.acquire_owned().await.map_err(unavailable)?;
-            tokio::task::spawn_blocking(move || {
-                let _slot = slot;
-                let conn = pool.get().map_err(unavailable)?;
-                f(&conn).map_err(unavailable)
-            })
-            .await
-            .map_err(unavailable)?
-        }
-        .boxed()
+        self.readers.read(f).boxed()
     }
 }
 
