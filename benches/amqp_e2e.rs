@@ -326,9 +326,11 @@ async fn engine_run(
     let mut engine = start_engine(topology, binary).await;
     let connected = consumer_connected(&engine, spawned).await?;
     loop {
-        // `fleetwatch_amqp_processed_total`: readings durable and settled.
-        if engine.metric("fleetwatch_amqp_processed_total").await >= backlog.len() as f64
-            && broker.depth(topology).await? == 0
+        // `fleetwatch_amqp_processed_total`: readings durable and settled. Asked only once the
+        // broker has handed everything out: rendering the engine's metrics every poll took about
+        // 2 % of its CPU, work the bare consumer is not asked to do.
+        if broker.depth(topology).await? == 0
+            && engine.metric("fleetwatch_amqp_processed_total").await >= backlog.len() as f64
         {
             let (drain, drain_with_start) = (connected.elapsed(), spawned.elapsed());
             let engine_cpu = cpu_seconds(&engine.pid().to_string());

@@ -62,9 +62,9 @@ macro_rules! identifier {
         pub struct $name(Arc<str>);
 
         impl $name {
-            pub fn parse(value: impl Into<String>) -> Result<Self, ValidationError> {
-                let value = value.into();
-                validate_id($field, &value)?;
+            pub fn parse(value: impl AsRef<str>) -> Result<Self, ValidationError> {
+                let value = value.as_ref();
+                validate_id($field, value)?;
                 Ok(Self(value.into()))
             }
 
@@ -254,7 +254,7 @@ impl Reading {
     /// is kept to the microsecond, the precision events are stored and replayed at, so that a
     /// decision made live and one replayed from the store see the same times.
     pub fn new(
-        device_id: impl Into<String>,
+        device_id: impl AsRef<str>,
         timestamp: DateTime<Utc>,
         lat: f64,
         lon: f64,

@@ -58,6 +58,8 @@ fn values_the_scaled_form_cannot_hold_are_kept_in_full() {
     for event in [
         reading(52.370_716_31, 4.895_168_1, 5.1, 300, true),
         reading(52.370_716_3, 4.895_168_1, 5.123, u64::MAX, false),
+        // The longest payload: everything in full and a ten-byte rules version.
+        reading(52.370_716_31, 4.895_168_11, 5.123, u64::MAX, true),
         reading(-90.0, 180.0, 199.99, 0, false),
         reading(0.1 + 0.2, -0.0, -100.0, 1, false),
     ] {

@@ -3,6 +3,8 @@
 //! Errors name the offending field (and, in a batch, the index), whichever way the input is bad:
 //! not JSON, a missing field, a wrong type, or a value the domain refuses.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use fleetwatch_domain::{Reading, ValidationError};
 use serde::Deserialize;
@@ -37,9 +39,12 @@ impl From<ValidationError> for InvalidReading {
 }
 
 #[derive(Deserialize)]
-struct WireReading {
-    device_id: Option<String>,
-    timestamp: Option<String>,
+struct WireReading<'a> {
+    // Borrowed from the message unless they hold escapes: no allocation per reading.
+    #[serde(borrow)]
+    device_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    timestamp: Option<Cow<'a, str>>,
     lat: Option<f64>,
     lon: Option<f64>,
     temperature: Option<f64>,
