@@ -30,24 +30,41 @@ pub(super) struct Readers {
 }
 
 impl Readers {
-    /// Opens `count` read-only connections to `path`, each on a thread of its own, until
-    /// [`Readers::close`].
+    /// Opens `count` read-only connections to `path`, each on a thread of its own (in parallel:
+    /// a restart waits for them), until [`Readers::close`].
     pub(super) fn open(path: &Path, count: u32) -> StoreResult<Self> {
         let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
         let readers = Self {
             jobs,
             threads: Mutex::default(),
         };
+        let (opened_tx, opened) = crossbeam_channel::unbounded();
         for i in 0..count.max(1) {
-            // On an error, dropping `readers` stops the threads already started.
-            let conn = open_connection(path)
-                .map_err(|e| StoreError::Unavailable(format!("opening a reader: {e}")))?;
-            let queue = queue.clone();
+            let (path, queue, opened) = (path.to_owned(), queue.clone(), opened_tx.clone());
             let thread = thread::Builder::new()
                 .name(format!("store-reader-{i}"))
-                .spawn(move || serve(&conn, &queue))
+                .spawn(move || match open_connection(&path) {
+                    Ok(conn) => {
+                        let _ = opened.send(Ok(()));
+                        serve(&conn, &queue);
+                    }
+                    Err(e) => {
+                        let _ = opened.send(Err(e));
+                    }
+                })
                 .map_err(|e| StoreError::Unavailable(format!("starting a reader: {e}")))?;
+            // On an error, dropping `readers` stops the threads already started.
             readers.threads().push(thread);
+        }
+        drop(opened_tx);
+        for _ in 0..count.max(1) {
+            match opened.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    return Err(StoreError::Unavailable(format!("opening a reader: {e}")))
+                }
+                Err(_) => return Err(StoreError::Unavailable("a reader died opening".into())),
+            }
         }
         Ok(readers)
     }
