@@ -474,6 +474,60 @@ async fn a_passivated_device_goes_offline_on_time_and_its_next_reading_brings_it
     wait_for_alarms(&engine, "kind=offline&state=cleared", 1).await;
 }
 
+/// A device that keeps reporting past the deadline first filed for it is not taken offline by
+/// it (the tick finds nothing due and files the real deadline); once it falls silent it goes
+/// offline on time after its last reading, once.
+#[tokio::test]
+async fn a_device_reporting_past_its_first_deadline_goes_offline_only_after_its_last_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::start_with(
+        &dir.path().join("data"),
+        &["--amqp-disabled", "--offline-after", "2s"],
+    )
+    .await;
+    let device = "sensor-9";
+    // 5 s of readings, one every 250 ms: the first deadline (2 s after the first reading) and
+    // the ones filed after it come due while the device is still reporting.
+    for _ in 0..20 {
+        post_ok(
+            &engine,
+            &now_reading(device, Utc::now(), DEPOT.0, DEPOT.1, 5.0),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let offline = wait_for_event(
+        &engine,
+        device,
+        "DeviceWentOffline",
+        Duration::from_secs(10),
+    )
+    .await;
+    let last_seen = time(&offline["data"]["last_seen"]);
+    let deadline = time(&offline["data"]["at"]);
+    assert_eq!(deadline - last_seen, chrono::TimeDelta::seconds(2));
+    let noticed = time(&offline["recorded_at"]) - deadline;
+    assert!(
+        noticed >= chrono::TimeDelta::zero() && noticed <= PRECISION,
+        "decided {noticed} after the deadline"
+    );
+    let readings = events_of(&engine, device, &["ReadingRecorded"]).await;
+    assert_eq!(readings.len(), 20);
+    // Heard when the engine decided it: after it was taken, before it was committed.
+    let last = &readings[19];
+    assert!(
+        time(&last["data"]["at"]) <= last_seen && last_seen <= time(&last["recorded_at"]),
+        "offline counted from the last reading: {last_seen} against {last}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        events_of(&engine, device, &["DeviceWentOffline"])
+            .await
+            .len(),
+        1
+    );
+}
+
 /// A device whose deadline wakes it from the store passivates once it has written what the
 /// deadline meant, not after the idle timeout (here 10 minutes, checked every 30 s).
 #[tokio::test]

@@ -136,3 +136,61 @@ impl Drop for Readers {
         self.close();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn readers(dir: &Path, count: u32) -> Readers {
+        let path = dir.join("db.sqlite3");
+        Connection::open(&path)
+            .and_then(|c| c.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (x);"))
+            .expect("a database to read");
+        Readers::open(&path, count).expect("readers open")
+    }
+
+    #[tokio::test]
+    async fn close_answers_what_was_queued_and_refuses_what_comes_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let readers = readers(dir.path(), 2);
+        let queued: Vec<_> = (0..100)
+            .map(|i| {
+                readers.read(move |conn| {
+                    std::thread::sleep(Duration::from_micros(100));
+                    conn.query_row("SELECT ?1 + 1", [i], |row| row.get::<_, i64>(0))
+                })
+            })
+            .collect();
+        readers.close();
+        for (i, read) in queued.into_iter().enumerate() {
+            assert_eq!(read.await.unwrap(), i as i64 + 1);
+        }
+        let late = readers.read(|conn| conn.query_row("SELECT 1", [], |row| row.get::<_, i64>(0)));
+        assert!(matches!(late.await, Err(StoreError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_read_that_panics_fails_alone_and_its_reader_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let readers = readers(dir.path(), 1);
+        let panicking = readers.read(|_| -> rusqlite::Result<()> { panic!("a bug in a read") });
+        assert!(matches!(panicking.await, Err(StoreError::Unavailable(_))));
+        let next = readers.read(|conn| conn.query_row("SELECT 2", [], |row| row.get::<_, i64>(0)));
+        assert_eq!(next.await.unwrap(), 2);
+    }
+
+    #[test]
+    fn readers_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let readers = readers(dir.path(), 1);
+        let write = readers.read(|conn| conn.execute("INSERT INTO t VALUES (1)", []));
+        let result = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(write);
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{result:?}"
+        );
+    }
+}
