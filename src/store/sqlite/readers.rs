@@ -99,7 +99,8 @@ impl Readers {
             .map_err(|_| StoreError::Closed);
         async move {
             queued?;
-            // Dropped unanswered only if the read panicked (the reader goes on with the next).
+            // Dropped unanswered only if the read panicked (the reader goes on with the next),
+            // or if it was queued while the readers were closing.
             answered.await.unwrap_or_else(|_| {
                 Err(StoreError::Unavailable(
                     "a store read failed unexpectedly".into(),
