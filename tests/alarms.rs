@@ -410,6 +410,26 @@ async fn the_lifecycle_after_a_sigkill_and_a_restart_is_the_one_before() {
     );
 }
 
+/// Waits for `device`'s `DeviceWentOffline`; asserts it came `period` after the device was last
+/// heard from, and was decided on time. Returns (last seen, the deadline).
+async fn went_offline_on_time(
+    engine: &Engine,
+    device: &str,
+    period: chrono::TimeDelta,
+    within: Duration,
+) -> (DateTime<Utc>, DateTime<Utc>) {
+    let offline = wait_for_event(engine, device, "DeviceWentOffline", within).await;
+    let last_seen = time(&offline["data"]["last_seen"]);
+    let deadline = time(&offline["data"]["at"]);
+    assert_eq!(deadline - last_seen, period);
+    let noticed = time(&offline["recorded_at"]) - deadline;
+    assert!(
+        noticed >= chrono::TimeDelta::zero() && noticed <= PRECISION,
+        "decided {noticed} after the deadline"
+    );
+    (last_seen, deadline)
+}
+
 #[tokio::test]
 async fn a_passivated_device_goes_offline_on_time_and_its_next_reading_brings_it_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -436,21 +456,13 @@ async fn a_passivated_device_goes_offline_on_time_and_its_next_reading_brings_it
         || async { (engine.metric("fleetwatch_active_devices").await == 0.0).then_some(()) },
     )
     .await;
-    let offline = wait_for_event(
+    let (_, deadline) = went_offline_on_time(
         &engine,
         device,
-        "DeviceWentOffline",
+        chrono::TimeDelta::seconds(3),
         Duration::from_secs(15),
     )
     .await;
-    let last_seen = time(&offline["data"]["last_seen"]);
-    let deadline = time(&offline["data"]["at"]);
-    assert_eq!(deadline - last_seen, chrono::TimeDelta::seconds(3));
-    let noticed = time(&offline["recorded_at"]) - deadline;
-    assert!(
-        noticed >= chrono::TimeDelta::zero() && noticed <= PRECISION,
-        "decided {noticed} after the deadline"
-    );
     let open = wait_for_alarms(&engine, "kind=offline&state=open", 1).await;
     assert_eq!(open[0]["device_id"], device);
     let stats = engine.get("/api/stats").await;
@@ -496,21 +508,13 @@ async fn a_device_reporting_past_its_first_deadline_goes_offline_only_after_its_
         .await;
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let offline = wait_for_event(
+    let (last_seen, _) = went_offline_on_time(
         &engine,
         device,
-        "DeviceWentOffline",
+        chrono::TimeDelta::seconds(2),
         Duration::from_secs(10),
     )
     .await;
-    let last_seen = time(&offline["data"]["last_seen"]);
-    let deadline = time(&offline["data"]["at"]);
-    assert_eq!(deadline - last_seen, chrono::TimeDelta::seconds(2));
-    let noticed = time(&offline["recorded_at"]) - deadline;
-    assert!(
-        noticed >= chrono::TimeDelta::zero() && noticed <= PRECISION,
-        "decided {noticed} after the deadline"
-    );
     let readings = events_of(&engine, device, &["ReadingRecorded"]).await;
     assert_eq!(readings.len(), 20);
     // Heard when the engine decided it: after it was taken, before it was committed.
