@@ -127,6 +127,7 @@ conformance!(
     snapshots_keep_the_newest_and_system_streams_are_not_listed,
     the_latest_snapshot_comes_with_the_events_after_it,
     a_fleet_of_loads_at_once_all_answer_correctly,
+    concurrent_appends_answer_the_positions_they_were_stored_at,
     streams_are_listed_in_id_order_page_by_page,
     events_are_found_by_time_both_ways_page_by_page,
     wake_times_are_written_with_the_events,
@@ -313,6 +314,57 @@ async fn the_latest_snapshot_comes_with_the_events_after_it(f: Fixture) {
     assert_eq!(versions(&latest), [3, 4]);
     let limited = s.read_latest("dev-1", 1).await.unwrap();
     assert_eq!(versions(&limited), [3]);
+}
+
+/// Appends sent at once share commits (hundreds of events in one batch, of one to three events
+/// each, some refused as conflicts): each answers the position its last event was stored at, and
+/// a stream's events sit at consecutive positions.
+async fn concurrent_appends_answer_the_positions_they_were_stored_at(f: Fixture) {
+    let s = f.open().await;
+    let appends = (0..600u32).map(|n| {
+        let s = s.clone();
+        // Every tenth expects a version its stream does not have: a conflict inside the batch.
+        let expected = u64::from(n % 10 == 9);
+        let events = (0..n % 3 + 1).map(|i| event(n * 10 + i)).collect();
+        async move {
+            (
+                n,
+                s.append(&format!("dev-{n}"), expected, events, None).await,
+            )
+        }
+    });
+    let mut answered = Vec::new();
+    for (n, result) in futures_util::future::join_all(appends).await {
+        if n % 10 == 9 {
+            assert!(
+                matches!(result, Err(StoreError::Conflict { .. })),
+                "append {n}: {result:?}"
+            );
+            continue;
+        }
+        let appended = result.unwrap_or_else(|e| panic!("append {n}: {e}"));
+        assert_eq!(appended.version, u64::from(n % 3 + 1), "append {n}");
+        answered.push((n, appended.last_position));
+    }
+    for (n, last_position) in answered {
+        let stored = s.read_stream(&format!("dev-{n}"), 1, 10).await.unwrap();
+        let positions: Vec<u64> = stored.iter().map(|e| e.position).collect();
+        let first = last_position + 1 - stored.len() as u64;
+        assert_eq!(
+            positions,
+            (first..=last_position).collect::<Vec<_>>(),
+            "append {n}"
+        );
+        let payloads: Vec<&[u8]> = stored.iter().map(|e| &e.payload[..]).collect();
+        let expected: Vec<String> = (0..n % 3 + 1)
+            .map(|i| format!(r#"{{"n":{}}}"#, n * 10 + i))
+            .collect();
+        assert_eq!(
+            payloads,
+            expected.iter().map(|p| p.as_bytes()).collect::<Vec<_>>(),
+            "append {n}"
+        );
+    }
 }
 
 /// A fleet appearing at once asks for thousands of device loads together (the first reading of

@@ -9,7 +9,8 @@
 //! The index may hold a deadline *earlier* than the device's real one, never a later one: a
 //! reading only moves a device's offline deadline later, so the hot path leaves the entry alone
 //! and the tick at the old deadline finds nothing due and re-files the device at its real
-//! deadline. That keeps the index off the per-reading path: one map lookup, no allocation.
+//! deadline. That keeps the index off the per-reading path: each actor remembers the deadline it
+//! filed, so a reading that only moves it later takes no lock and makes no lookup here.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
