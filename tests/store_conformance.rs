@@ -356,14 +356,9 @@ async fn concurrent_appends_answer_the_positions_they_were_stored_at(f: Fixture)
             "append {n}"
         );
         let payloads: Vec<&[u8]> = stored.iter().map(|e| &e.payload[..]).collect();
-        let expected: Vec<String> = (0..n % 3 + 1)
-            .map(|i| format!(r#"{{"n":{}}}"#, n * 10 + i))
-            .collect();
-        assert_eq!(
-            payloads,
-            expected.iter().map(|p| p.as_bytes()).collect::<Vec<_>>(),
-            "append {n}"
-        );
+        let appended: Vec<NewEvent> = (0..n % 3 + 1).map(|i| event(n * 10 + i)).collect();
+        let expected: Vec<&[u8]> = appended.iter().map(|e| &e.payload[..]).collect();
+        assert_eq!(payloads, expected, "append {n}");
     }
 }
 
