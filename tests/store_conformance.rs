@@ -271,7 +271,9 @@ async fn a_condition_on_another_stream_fences_the_append(f: Fixture) {
 async fn snapshots_keep_the_newest_and_system_streams_are_not_listed(f: Fixture) {
     let s = f.open().await;
     s.append("$rules", 0, vec![event(0)], None).await.unwrap();
-    s.append("dev-1", 0, vec![event(1)], None).await.unwrap();
+    s.append("dev-1", 0, (1..=5).map(event).collect(), None)
+        .await
+        .unwrap();
     s.save_snapshot(snapshot("dev-1", 5)).await.unwrap();
     s.save_snapshot(snapshot("dev-1", 3)).await.unwrap();
     // A stream with no events has nothing to snapshot.
@@ -284,7 +286,7 @@ async fn snapshots_keep_the_newest_and_system_streams_are_not_listed(f: Fixture)
         streams,
         vec![StreamInfo {
             stream: "dev-1".into(),
-            version: 1
+            version: 5
         }]
     );
 }
@@ -504,9 +506,33 @@ async fn wake_times_are_written_with_the_events(f: Fixture) {
         .await
         .unwrap();
     assert_eq!(s.wake_times().await.unwrap(), vec![("dev-1".into(), t(60))]);
+    // Moved later by less than a minute: stored as it was or as it is now, never later; moved
+    // later by more, or earlier, it is exact.
+    s.append_waking("dev-1", 2, vec![event(3)], None, Wake::At(Some(t(90))))
+        .await
+        .unwrap();
+    let wakes = s.wake_times().await.unwrap();
+    assert!(
+        matches!(wakes.as_slice(), [(d, at)] if d == "dev-1" && (t(60)..=t(90)).contains(at)),
+        "{wakes:?}"
+    );
+    s.append_waking("dev-1", 3, vec![event(4)], None, Wake::At(Some(t(200))))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.wake_times().await.unwrap(),
+        vec![("dev-1".into(), t(200))]
+    );
+    s.append_waking("dev-1", 4, vec![event(5)], None, Wake::At(Some(t(150))))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.wake_times().await.unwrap(),
+        vec![("dev-1".into(), t(150))]
+    );
     // A conflicting append sets nothing.
     assert!(s
-        .append_waking("dev-1", 0, vec![event(3)], None, Wake::At(None))
+        .append_waking("dev-1", 0, vec![event(6)], None, Wake::At(None))
         .await
         .is_err());
     assert_eq!(s.wake_times().await.unwrap().len(), 1);
@@ -573,6 +599,16 @@ async fn retention_removes_only_what_a_snapshot_covers(f: Fixture) {
         .map(|e| e.event_type)
         .collect();
     assert_eq!(left, ["Alarm"]);
+    // The stream's version is still its newest event's, though the snapshot now holds it.
+    assert_eq!(s.stream_version("covered").await.unwrap(), Some(10));
+    let listed = s.list_streams(None, 10).await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|i| (i.stream.as_str(), i.version))
+            .collect::<Vec<_>>(),
+        [("covered", 10), ("uncovered", 10)]
+    );
     // Streams are visited in pages.
     s.save_snapshot(snapshot("uncovered", 1)).await.unwrap();
     let page = s.prune(READINGS, t(0), 0, 1).await.unwrap();
@@ -583,6 +619,20 @@ async fn retention_removes_only_what_a_snapshot_covers(f: Fixture) {
         .await
         .unwrap();
     assert_eq!((rest.streams, rest.next.is_some()), (1, true));
+    // Reopened, the store knows the version without the removed events: the next append goes
+    // on from it, and an append from an older version is a conflict.
+    s.shutdown().await;
+    drop(s);
+    let s = f.open().await;
+    assert_eq!(s.stream_version("covered").await.unwrap(), Some(10));
+    assert!(s.append("covered", 6, vec![event(11)], None).await.is_err());
+    assert_eq!(
+        s.append("covered", 10, vec![event(11)], None)
+            .await
+            .unwrap()
+            .version,
+        11
+    );
 }
 
 async fn committed_events_are_published_and_survive_reopen(f: Fixture) {

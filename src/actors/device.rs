@@ -194,8 +194,9 @@ impl DeviceActor {
         codec::encode_device_snapshot(&self.device)
     }
 
+    /// Saves a snapshot taken earlier (its events' count restarted then: appends issued since
+    /// count towards the next one).
     fn save_snapshot(&mut self, snapshot: Snapshot, ctx: &mut Context<Self>) {
-        self.events_since_snapshot = 0;
         let device = self.device.id().clone();
         let saving = self.shared.store.save_snapshot(snapshot);
         ctx.spawn(actix::fut::wrap_future(async move {

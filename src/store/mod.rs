@@ -199,7 +199,10 @@ pub trait EventStore: Send + Sync + 'static {
         wake: Wake,
     ) -> BoxFuture<'static, StoreResult<Appended>>;
 
-    /// Every stream with a wake-up time, and the time.
+    /// Every stream with a wake-up time, and the time. A backend may store a time that moved
+    /// later by less than a minute as the earlier one it had (the embedded store does, to spare
+    /// a write per reading): a time read here is never later than the one last set, never more
+    /// than a minute earlier, and exact when it moved earlier, appeared or went.
     fn wake_times(&self) -> BoxFuture<'static, StoreResult<Vec<WakeTime>>>;
 
     /// Events of `stream` with version >= `from_version`, in order, at most `limit`.

@@ -24,6 +24,7 @@ use super::{
     SnapshotAndTail, StoreError, StoreHealth, StoreResult, StreamAt, StreamInfo, Wake, WakeTime,
 };
 use readers::Readers;
+use schema::STREAM_VERSION;
 pub use schema::{format as store_format, FORMAT as STORE_FORMAT};
 use writer::{Writer, WriterConfig};
 
@@ -313,11 +314,11 @@ impl EventStore for SqliteStore {
     ) -> BoxFuture<'static, StoreResult<Vec<StreamInfo>>> {
         let after = after.unwrap_or("").to_owned();
         self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT name, version FROM streams
-                 WHERE name > ?1 AND substr(name, 1, 1) <> '$'
-                 ORDER BY name",
-            )?;
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT s.name, {STREAM_VERSION} FROM streams s
+                 WHERE s.name > ?1 AND substr(s.name, 1, 1) <> '$'
+                 ORDER BY s.name"
+            ))?;
             let rows = stmt.query_map(params![after], |row| {
                 Ok(StreamInfo {
                     stream: row.get(0)?,
@@ -331,10 +332,12 @@ impl EventStore for SqliteStore {
     fn stream_version(&self, stream: &str) -> BoxFuture<'static, StoreResult<Option<u64>>> {
         let stream = stream.to_owned();
         self.read(move |conn| {
-            conn.prepare_cached("SELECT version FROM streams WHERE name = ?1")?
-                .query_row([&stream], |row| row.get::<_, i64>(0))
-                .optional()
-                .map(|v| v.map(|v| v as u64))
+            conn.prepare_cached(&format!(
+                "SELECT {STREAM_VERSION} FROM streams s WHERE s.name = ?1"
+            ))?
+            .query_row([&stream], |row| row.get::<_, i64>(0))
+            .optional()
+            .map(|v| v.map(|v| v as u64))
         })
     }
 

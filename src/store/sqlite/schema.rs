@@ -10,6 +10,13 @@
 //! deadline), written with its events. A format-2 store gains the column in place, and every
 //! device stream is due at once, so that each device is judged once against the offline rule.
 //!
+//! Format 4 drops `streams.version`, which every append used to rewrite. A stream's version is
+//! the larger of its newest event's and its snapshot's: retention removes only events a snapshot
+//! covers, so that is exact, and it is one index seek (`events_by_stream`) on the rare paths that
+//! need it ([`STREAM_VERSION`]). The per-append update of the stream's row cost about 5 % of the
+//! RabbitMQ drain (docs/benchmarks.md). `wake_at` is written only when it moves enough to matter
+//! (see the writer). A format-2 or format-3 store is brought to format 4 in place.
+//!
 //! Format 1 (no `user_version`; written by fleetwatch before 2026-11-30) had text keys and JSON
 //! in every row. It is migrated in place, in one transaction, the first time a newer build opens
 //! it: positions, versions and payloads are kept as they were (the codec reads JSON payloads as
@@ -21,13 +28,12 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// The store format this build writes.
-pub const FORMAT: i64 = 3;
+pub const FORMAT: i64 = 4;
 
 const TABLES: &str = "
 CREATE TABLE streams (
     id      INTEGER PRIMARY KEY,
     name    TEXT    NOT NULL UNIQUE,
-    version INTEGER NOT NULL,
     -- Readings taken before this (microseconds) were removed by retention; NULL: none were.
     readings_removed_before INTEGER,
     -- When the stream's aggregate next needs time to pass (microseconds); NULL: nothing is due.
@@ -94,13 +100,16 @@ pub fn prepare(conn: &mut Connection) -> Result<(), SchemaError> {
             migrate_from_1(conn)?;
             Ok(())
         }
-        2 => {
+        older @ (2 | 3) => {
             let tx = conn.transaction()?;
-            tx.execute_batch("ALTER TABLE streams ADD COLUMN wake_at INTEGER")?;
-            wake_every_device(&tx)?;
+            if older == 2 {
+                tx.execute_batch("ALTER TABLE streams ADD COLUMN wake_at INTEGER")?;
+                wake_every_device(&tx)?;
+            }
+            tx.execute_batch("ALTER TABLE streams DROP COLUMN version")?;
             tx.pragma_update(None, "user_version", FORMAT)?;
             tx.commit()?;
-            tracing::info!("migrated the event store from format 2 to format {FORMAT}");
+            tracing::info!("migrated the event store from format {older} to format {FORMAT}");
             Ok(())
         }
         0 => {
@@ -124,7 +133,7 @@ fn wake_every_device(tx: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Format 1 → 3, in one transaction: a crash midway leaves format 1, migrated again at the next
+/// Format 1 → 4, in one transaction: a crash midway leaves format 1, migrated again at the next
 /// start.
 fn migrate_from_1(conn: &mut Connection) -> rusqlite::Result<()> {
     let started = std::time::Instant::now();
@@ -140,13 +149,12 @@ fn migrate_from_1(conn: &mut Connection) -> rusqlite::Result<()> {
 
     let mut stream_ids: HashMap<String, i64> = HashMap::new();
     {
-        let mut insert = tx.prepare("INSERT INTO streams (name, version) VALUES (?1, ?2)")?;
-        let mut rows =
-            tx.prepare("SELECT stream_id, version FROM v1_streams ORDER BY stream_id")?;
+        let mut insert = tx.prepare("INSERT INTO streams (name) VALUES (?1)")?;
+        let mut rows = tx.prepare("SELECT stream_id FROM v1_streams ORDER BY stream_id")?;
         let mut rows = rows.query([])?;
         while let Some(row) = rows.next()? {
             let name: String = row.get(0)?;
-            insert.execute(params![name, row.get::<_, i64>(1)?])?;
+            insert.execute([&name])?;
             stream_ids.insert(name, tx.last_insert_rowid());
         }
     }
@@ -248,6 +256,12 @@ fn json_at(data: &[u8]) -> Option<i64> {
         .ok()
         .map(|a| a.at.timestamp_micros())
 }
+
+/// A stream's version, as an SQL expression over `streams s`: its newest event's, or its
+/// snapshot's when retention removed the events up to it (never the other way round).
+pub const STREAM_VERSION: &str = "MAX(
+    COALESCE((SELECT MAX(version) FROM events WHERE stream = s.id), 0),
+    COALESCE((SELECT version FROM snapshots WHERE stream = s.id), 0))";
 
 /// The key of `name` in `event_types`, if it has one.
 pub fn event_type_id(conn: &Connection, name: &str) -> rusqlite::Result<Option<i64>> {

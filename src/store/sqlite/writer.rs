@@ -65,11 +65,32 @@ pub(super) struct Writer {
     linger: Linger,
 }
 
-/// A stream's key in `streams` and its version.
+/// How much later than the stored one a stream's new wake-up time may be before it is written.
+/// A device's offline deadline moves later with every reading; writing each move would rewrite
+/// the stream's row at every append. A stored time that is early is safe: it is only read at
+/// start-up, and a device ticked before its deadline finds nothing due and files the real one.
+/// So a restart costs a device at most one early tick, and the row is written about once a
+/// minute per device instead of once per reading.
+const WAKE_SLACK_MICROS: i64 = 60_000_000;
+
+/// A stream's key in `streams`, its version, and its wake-up time as stored.
 #[derive(Debug, Clone, Copy)]
 struct StreamKey {
     id: i64,
     version: u64,
+    wake_at: Option<i64>,
+}
+
+/// Whether a stream's wake-up time must be written, from `stored` to `wanted` (see
+/// [`WAKE_SLACK_MICROS`]).
+fn wake_needs_writing(stored: Option<i64>, wanted: Option<i64>) -> bool {
+    match (stored, wanted) {
+        (None, None) => false,
+        (Some(stored), Some(wanted)) => {
+            wanted < stored || wanted > stored.saturating_add(WAKE_SLACK_MICROS)
+        }
+        _ => true,
+    }
 }
 
 /// Whether a failed write is the store's fault (it cannot write now) rather than something in
@@ -271,11 +292,15 @@ fn stream_key(
         return Ok(*key);
     }
     let stored = tx
-        .prepare_cached("SELECT id, version FROM streams WHERE name = ?1")?
+        .prepare_cached(&format!(
+            "SELECT s.id, {}, s.wake_at FROM streams s WHERE s.name = ?1",
+            schema::STREAM_VERSION
+        ))?
         .query_row([stream], |row| {
             Ok(StreamKey {
                 id: row.get(0)?,
                 version: row.get::<_, i64>(1)? as u64,
+                wake_at: row.get(2)?,
             })
         })
         .optional()?;
@@ -463,11 +488,9 @@ impl Writer {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
             let mut insert_stream =
-                tx.prepare_cached("INSERT INTO streams (name, version) VALUES (?1, ?2)")?;
-            let mut update_stream =
-                tx.prepare_cached("UPDATE streams SET version = ?2 WHERE id = ?1")?;
-            let mut update_stream_waking =
-                tx.prepare_cached("UPDATE streams SET version = ?2, wake_at = ?3 WHERE id = ?1")?;
+                tx.prepare_cached("INSERT INTO streams (name, wake_at) VALUES (?1, ?2)")?;
+            let mut update_wake =
+                tx.prepare_cached("UPDATE streams SET wake_at = ?2 WHERE id = ?1")?;
             let mut upsert_snapshot = tx.prepare_cached(
                 "INSERT INTO snapshots (stream, version, schema, payload) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (stream) DO UPDATE SET version = excluded.version,
@@ -508,11 +531,20 @@ impl Writer {
                             }));
                             continue;
                         }
-                        let id = match key {
-                            Some(key) => key.id,
+                        let stored_wake = key.and_then(|k| k.wake_at);
+                        let wanted_wake = match wake {
+                            Wake::Keep => stored_wake,
+                            Wake::At(at) => at.map(|at| at.timestamp_micros()),
+                        };
+                        let (id, wake_at) = match key {
+                            Some(key) if wake_needs_writing(stored_wake, wanted_wake) => {
+                                update_wake.execute(params![key.id, wanted_wake])?;
+                                (key.id, wanted_wake)
+                            }
+                            Some(key) => (key.id, stored_wake),
                             None => {
-                                insert_stream.execute(params![stream, 0])?;
-                                tx.last_insert_rowid()
+                                insert_stream.execute(params![stream, wanted_wake])?;
+                                (tx.last_insert_rowid(), wanted_wake)
                             }
                         };
                         let mut version = actual;
@@ -531,23 +563,25 @@ impl Writer {
                             ])?;
                             position = tx.last_insert_rowid() as u64;
                         }
-                        match wake {
-                            Wake::Keep => update_stream.execute(params![id, version as i64])?,
-                            Wake::At(at) => update_stream_waking.execute(params![
+                        pending.insert(
+                            stream.as_str(),
+                            StreamKey {
                                 id,
-                                version as i64,
-                                at.map(|at| at.timestamp_micros())
-                            ])?,
-                        };
-                        pending.insert(stream.as_str(), StreamKey { id, version });
+                                version,
+                                wake_at,
+                            },
+                        );
                         staged.push(Staged::Appended(Appended {
                             version,
                             last_position: position,
                         }));
                     }
                     WriteCommand::Snapshot { snapshot, .. } => {
+                        // A snapshot never claims more than its stream holds: the stream's
+                        // version is derived from it once retention removed the events.
                         if let Some(key) =
                             stream_key(&mut self.streams, &pending, &tx, &snapshot.stream)?
+                                .filter(|key| snapshot.version <= key.version)
                         {
                             upsert_snapshot.execute(params![
                                 key.id,
