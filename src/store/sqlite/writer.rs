@@ -577,18 +577,25 @@ impl Writer {
                         }));
                     }
                     WriteCommand::Snapshot { snapshot, .. } => {
-                        // A snapshot never claims more than its stream holds: the stream's
-                        // version is derived from it once retention removed the events.
-                        if let Some(key) =
-                            stream_key(&mut self.streams, &pending, &tx, &snapshot.stream)?
-                                .filter(|key| snapshot.version <= key.version)
-                        {
-                            upsert_snapshot.execute(params![
-                                key.id,
-                                snapshot.version as i64,
-                                snapshot.schema_version,
-                                &snapshot.payload[..],
-                            ])?;
+                        match stream_key(&mut self.streams, &pending, &tx, &snapshot.stream)? {
+                            Some(key) if snapshot.version <= key.version => {
+                                upsert_snapshot.execute(params![
+                                    key.id,
+                                    snapshot.version as i64,
+                                    snapshot.schema_version,
+                                    &snapshot.payload[..],
+                                ])?;
+                            }
+                            // A snapshot never claims more than its stream holds: the stream's
+                            // version is derived from it once retention removed the events.
+                            Some(key) => tracing::warn!(
+                                stream = %snapshot.stream,
+                                snapshot = snapshot.version,
+                                version = key.version,
+                                "a snapshot ahead of its stream was not saved"
+                            ),
+                            // A stream with no events has nothing to snapshot.
+                            None => {}
                         }
                         staged.push(Staged::Done);
                     }
