@@ -516,20 +516,18 @@ async fn wake_times_are_written_with_the_events(f: Fixture) {
         matches!(wakes.as_slice(), [(d, at)] if d == "dev-1" && (t(60)..=t(90)).contains(at)),
         "{wakes:?}"
     );
-    s.append_waking("dev-1", 3, vec![event(4)], None, Wake::At(Some(t(200))))
+    for (version, wake) in [(3, t(200)), (4, t(150))] {
+        s.append_waking(
+            "dev-1",
+            version,
+            vec![event(version as u32 + 1)],
+            None,
+            Wake::At(Some(wake)),
+        )
         .await
         .unwrap();
-    assert_eq!(
-        s.wake_times().await.unwrap(),
-        vec![("dev-1".into(), t(200))]
-    );
-    s.append_waking("dev-1", 4, vec![event(5)], None, Wake::At(Some(t(150))))
-        .await
-        .unwrap();
-    assert_eq!(
-        s.wake_times().await.unwrap(),
-        vec![("dev-1".into(), t(150))]
-    );
+        assert_eq!(s.wake_times().await.unwrap(), vec![("dev-1".into(), wake)]);
+    }
     // A conflicting append sets nothing.
     assert!(s
         .append_waking("dev-1", 0, vec![event(6)], None, Wake::At(None))
@@ -820,17 +818,25 @@ async fn postgres_over_tls_encrypts_and_verifies_the_server() {
     .expect("open over TLS");
     store.append("tls", 0, vec![event(1)], None).await.unwrap();
     assert_eq!(store.read_stream("tls", 1, 10).await.unwrap().len(), 1);
-    let encrypted: Vec<bool> = admin
-        .query(
-            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
-             WHERE a.datname = $1 AND a.pid <> pg_backend_pid()",
-            &[&database],
-        )
-        .await
-        .expect("pg_stat_ssl")
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    // The listener connects in the background after `open`: wait for it (up to 10 s).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let encrypted: Vec<bool> = loop {
+        let sessions: Vec<bool> = admin
+            .query(
+                "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+                 WHERE a.datname = $1 AND a.pid <> pg_backend_pid()",
+                &[&database],
+            )
+            .await
+            .expect("pg_stat_ssl")
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        if sessions.len() >= 2 || tokio::time::Instant::now() > deadline {
+            break sessions;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(
         encrypted.len() >= 2,
         "the store's pool and its listener: {encrypted:?}"
