@@ -184,8 +184,15 @@ pub async fn run(config: Config) -> Result<(), StartupError> {
     }
     let broker = BrokerStatus::new(BrokerState::Disabled);
     let failed = FailedMessages::new(1000);
-    let (read_models, read_models_thread) =
-        crate::projections::start(engine.store().clone(), &config.data_dir, shutdown.clone())?;
+    let (read_models, read_models_thread) = crate::projections::start(
+        engine.store().clone(),
+        &config.data_dir,
+        crate::projections::RollupRetention {
+            minute: config.minute_rollup_retention,
+            hour: config.hour_rollup_retention,
+        },
+        shutdown.clone(),
+    )?;
     let (notifier, notify_thread) = crate::notify::start(
         engine.store().clone(),
         &config.data_dir,

@@ -69,6 +69,16 @@ pub struct Config {
     #[arg(long, env = "FLEETWATCH_READING_RETENTION", default_value = "30d", value_parser = humantime::parse_duration)]
     pub reading_retention: Duration,
 
+    /// Per-minute temperature rollups (of every device, and of the fleet) older than this
+    /// (by the minute's start) are removed in the background. `0` keeps them for ever.
+    #[arg(long, env = "FLEETWATCH_MINUTE_ROLLUP_RETENTION", default_value = "90d", value_parser = humantime::parse_duration)]
+    pub minute_rollup_retention: Duration,
+
+    /// Per-hour temperature rollups (which also answer per-day questions) older than this are
+    /// removed in the background. `0` (the default) keeps them for ever.
+    #[arg(long, env = "FLEETWATCH_HOUR_ROLLUP_RETENTION", default_value = "0", value_parser = humantime::parse_duration)]
+    pub hour_rollup_retention: Duration,
+
     /// A device actor that handled nothing for this long is stopped (its state stays in the store).
     #[arg(long, env = "FLEETWATCH_IDLE_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,

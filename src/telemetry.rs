@@ -274,6 +274,13 @@ const METRICS: &[Metric] = &[
         at_zero: NO_LABELS,
     },
     Metric {
+        name: "fleetwatch_rollups_removed_total",
+        kind: Kind::Counter,
+        unit: Unit::Count,
+        help: "Minute and hour rollup rows removed by --minute-rollup-retention and --hour-rollup-retention (count)",
+        at_zero: NO_LABELS,
+    },
+    Metric {
         name: "fleetwatch_retention_pass_seconds",
         kind: Kind::Histogram,
         unit: Unit::Seconds,

@@ -402,6 +402,97 @@ async fn stats_and_top_lists_count_what_was_sent() {
     );
 }
 
+/// The starts of the `bucket` rollups of `path` (a device's or the fleet's) from `from` on.
+async fn bucket_starts(engine: &Engine, path: &str, bucket: &str, from: DateTime<Utc>) -> Vec<i64> {
+    let to = Utc::now() + chrono::Duration::hours(1);
+    let page = engine
+        .get(&format!(
+            "{path}?bucket={bucket}&from={}&to={}",
+            urlencode(&from.to_rfc3339()),
+            urlencode(&to.to_rfc3339())
+        ))
+        .await;
+    page["buckets"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{page}"))
+        .iter()
+        .map(|b| {
+            b["start"]
+                .as_str()
+                .unwrap()
+                .parse::<DateTime<Utc>>()
+                .unwrap()
+                .timestamp()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_past_their_retention_are_removed_and_the_rest_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--minute-rollup-retention",
+        "3m",
+        "--hour-rollup-retention",
+        "90m",
+    ];
+    let engine = Engine::start_with(&dir.path().join("data"), &args).await;
+    let now = Utc::now() - chrono::Duration::seconds(1);
+    let ago = |minutes: i64| now - chrono::Duration::minutes(minutes);
+    let at = |t: DateTime<Utc>, temperature: f64| json!({"device_id": "aging", "timestamp": t.to_rfc3339(), "lat": DEPOT.0, "lon": DEPOT.1, "temperature": temperature});
+    post_all(
+        &engine,
+        &[at(ago(180), 1.0), at(ago(30), 2.0), at(now, 3.0)],
+    )
+    .await;
+    caught_up(&engine).await;
+    let minute = |t: DateTime<Utc>| t.timestamp().div_euclid(60) * 60;
+    let hour = |t: DateTime<Utc>| t.timestamp().div_euclid(3600) * 3600;
+    let from = ago(240);
+    // A pass every 18 s (a tenth of the shortest retention): minutes older than 3 min go, hours
+    // older than 90 min go, for the device and for the fleet alike.
+    let device = "/api/devices/aging/temperature";
+    eventually(
+        Duration::from_secs(60),
+        "old minute rollups to go",
+        || async {
+            (bucket_starts(&engine, device, "minute", from).await == [minute(now)]).then_some(())
+        },
+    )
+    .await;
+    let mut kept_hours = vec![hour(ago(30)), hour(now)];
+    kept_hours.dedup();
+    eventually(
+        Duration::from_secs(60),
+        "old hour rollups to go",
+        || async {
+            (bucket_starts(&engine, device, "hour", from).await == kept_hours).then_some(())
+        },
+    )
+    .await;
+    let fleet = "/api/stats/temperature";
+    assert_eq!(
+        bucket_starts(&engine, fleet, "minute", from).await,
+        [minute(now)]
+    );
+    assert_eq!(
+        bucket_starts(&engine, fleet, "hour", from).await,
+        kept_hours
+    );
+    // What is kept is whole: the newest minute still holds its reading.
+    let page = engine
+        .get(&format!(
+            "{device}?bucket=minute&from={}&to={}",
+            urlencode(&from.to_rfc3339()),
+            urlencode(&(now + chrono::Duration::minutes(1)).to_rfc3339())
+        ))
+        .await;
+    assert_eq!(page["buckets"][0]["count"], 1, "{page}");
+    assert_eq!(page["buckets"][0]["max"], 3.0, "{page}");
+    // Two minutes and one hour, each of the device and of the fleet.
+    assert_eq!(engine.metric("fleetwatch_rollups_removed_total").await, 6.0);
+}
+
 /// The nice value of the engine's thread named `name`, and of its main thread.
 fn thread_nice(pid: u32, name: &str) -> (i64, i64) {
     let nice = |task: &std::path::Path| -> i64 {

@@ -24,6 +24,7 @@
 
 pub mod fold;
 mod rates;
+mod retention;
 mod sqlite;
 
 use std::sync::Arc;
@@ -40,6 +41,7 @@ use crate::store::{EventStore, RecordedEvent, StoreError};
 use crate::subscription::Subscription;
 pub use fold::{Bucket, StoredBucket, FLEET};
 pub use rates::Rates;
+pub use retention::RollupRetention;
 pub use sqlite::{open as open_storage, Readers as Queries, Writer as Storage};
 
 /// Devices known, and devices by the condition they are in now.
@@ -177,6 +179,7 @@ impl ReadModels {
 pub fn start(
     store: Arc<dyn EventStore>,
     dir: &std::path::Path,
+    retention: RollupRetention,
     shutdown: CancellationToken,
 ) -> Result<(ReadModels, std::thread::JoinHandle<()>), ReadModelError> {
     let (writer, readers) = sqlite::open(dir)?;
@@ -185,6 +188,7 @@ pub fn start(
         writer,
         rates: rates.clone(),
         seen: foldhash::HashMap::default(),
+        pruner: retention::Pruner::new(retention),
     };
     let thread = std::thread::Builder::new()
         .name("read-models".into())
@@ -205,6 +209,14 @@ pub fn start(
     Ok((ReadModels { readers, rates }, thread))
 }
 
+/// Sleeps until `at`; for ever when there is no such time.
+async fn sleep_until_due(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Whether the changes folded `since` the last commit should be committed at this tick.
 fn commit_due(changes: &fold::Changes, since: Duration) -> bool {
     changes.has_alarm_changes()
@@ -218,6 +230,8 @@ struct Runner {
     /// Devices' latest live readings already written, so that the next one's distance needs no
     /// read; dropped when it grows past [`SEEN_CACHE`].
     seen: foldhash::HashMap<String, (i64, Location)>,
+    /// Removes rollups past their retention, a step at a time between commits.
+    pruner: retention::Pruner,
 }
 
 const SEEN_CACHE: usize = 1_000_000;
@@ -278,6 +292,7 @@ impl Runner {
                     }
                     due = tokio::time::Instant::now() + COMMIT_EVERY;
                 }
+                _ = sleep_until_due(self.pruner.due()) => self.pruner.step(&mut self.writer)?,
                 _ = shutdown.cancelled() => {
                     return self.commit(&mut changes, subscription.position());
                 }

@@ -293,6 +293,42 @@ impl Writer {
             .and_then(|(at, lat, lon)| Some((at?, Location::new(lat?, lon?).ok()?)))
     }
 
+    /// Removes the `width` rollups that start before `before` (Unix seconds) of up to `devices`
+    /// devices (the fleet's row counts as one) with a key above `after`, in one transaction.
+    /// Returns the rows removed, and the last key looked at: `None` once every device was.
+    pub fn remove_rollups(
+        &mut self,
+        width: StoredBucket,
+        before: i64,
+        after: i64,
+        devices: usize,
+    ) -> Result<(usize, Option<i64>), ReadModelError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let ids: Vec<i64> = tx
+            .prepare_cached("SELECT id FROM devices WHERE id > ?1 ORDER BY id LIMIT ?2")?
+            .query_map(params![after, devices as i64], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut removed = 0;
+        {
+            // The width is part of the text, not a bound value: SQLite re-prepares a statement
+            // whose bound values decide whether a partial index (the hourly ones) applies.
+            let mut delete = tx.prepare_cached(&format!(
+                "DELETE FROM buckets WHERE device = ?1 AND bucket = {} AND start < ?2",
+                width as i64
+            ))?;
+            for id in &ids {
+                removed += delete.execute(params![id, before])?;
+            }
+        }
+        tx.commit()?;
+        let next = (ids.len() == devices)
+            .then(|| ids.last().copied())
+            .flatten();
+        Ok((removed, next))
+    }
+
     /// Writes `changes` and moves the checkpoint to `position`, in one transaction. On failure
     /// nothing is written and the caller folds the same events again.
     pub fn commit(&mut self, changes: &Changes, position: u64) -> Result<(), ReadModelError> {
