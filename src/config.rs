@@ -70,12 +70,14 @@ pub struct Config {
     pub reading_retention: Duration,
 
     /// Per-minute temperature rollups (of every device, and of the fleet) older than this
-    /// (by the minute's start) are removed in the background. `0` keeps them for ever.
+    /// (by the minute's start) are removed in the background. `0` keeps them for ever. A device's
+    /// summary takes its last hour from them: less than an hour shortens it.
     #[arg(long, env = "FLEETWATCH_MINUTE_ROLLUP_RETENTION", default_value = "90d", value_parser = humantime::parse_duration)]
     pub minute_rollup_retention: Duration,
 
     /// Per-hour temperature rollups (which also answer per-day questions) older than this are
-    /// removed in the background. `0` (the default) keeps them for ever.
+    /// removed in the background. `0` (the default) keeps them for ever. A device's summary takes
+    /// its last day and today's distance from them: less than a day shortens those.
     #[arg(long, env = "FLEETWATCH_HOUR_ROLLUP_RETENTION", default_value = "0", value_parser = humantime::parse_duration)]
     pub hour_rollup_retention: Duration,
 
