@@ -32,7 +32,7 @@ impl RollupRetention {
         }
     }
 
-    /// The widths with a retention, shortest-lived first.
+    /// The widths with a retention: minutes, then hours.
     fn limited(&self) -> Vec<StoredBucket> {
         StoredBucket::ALL
             .into_iter()
